@@ -1,0 +1,1 @@
+"""Evaluation: metrics with the field's conventions, and the evaluation loop."""

@@ -1,0 +1,64 @@
+"""The `mllm-ris` command: help, planned subcommands, config printing, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mllm_ris.cli import _PLANNED, build_parser, main
+
+
+def test_console_script_runs() -> None:
+    out = subprocess.run(["mllm-ris", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("mllm-ris ")
+
+
+def test_module_entry_point_runs() -> None:  # `accelerate launch -m mllm_ris.cli ...` relies on it
+    out = subprocess.run([sys.executable, "-m", "mllm_ris.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("data", "make-synthref", "eval", "config", *_PLANNED):
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", sorted(_PLANNED))
+def test_planned_commands_refuse_without_faking(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "anything"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"mllm-ris: error: {command}: not available yet")
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_config_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "train.lr=0.5", "model.head=lts"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["train"]["lr"] == 0.5
+    assert tree["model"]["head"] == "lts"
+
+
+def test_config_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "train.lr=x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mllm-ris: error: train.lr: expected a float, got 'x'\n"
+
+
+def test_unknown_dataset_is_rejected_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["data", "check", "--dataset", "coco", "--root", "."])
+    assert info.value.code == 2
+    assert "invalid choice: 'coco'" in capsys.readouterr().err
+
+
+def test_eval_requires_checkpoint_or_predictor(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--dataset", "refcoco", "--root", "."])
+    assert "one of the arguments --checkpoint --predictor is required" in capsys.readouterr().err
+
+
+def test_eval_checkpoint_is_not_faked(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", "--dataset", "refcoco", "--root", str(tmp_path), "--checkpoint", str(tmp_path)])
+    assert code == 2
+    assert "not available yet" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""Config tree: YAML + dotted overrides, typed conversion, errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mllm_ris.config import Config, load_config, parse_overrides, save_config
+from mllm_ris.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/*.yaml"))
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.data.train[0].name == "synthref"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path)
+
+
+def test_shipped_configs_exist() -> None:
+    assert len(CONFIGS) >= 3
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3.0e-4\n  batch_size: 4\ndata:\n  train:\n    - {name: refcoco, root: /a}\n")
+    cfg = load_config(path, ["train.lr=1e-4", "data.train.0.root=/b", "eval.limit=5", "model.checkpoint=null"])
+    assert cfg.train.lr == pytest.approx(1e-4)  # "1e-4" is a YAML 1.1 string; converted to float
+    assert cfg.train.batch_size == 4
+    assert cfg.data.train[0].name == "refcoco"
+    assert cfg.data.train[0].root == "/b"
+    assert cfg.data.train[0].split == "train"  # default filled in for a partial list item
+    assert cfg.eval.limit == 5
+    assert cfg.model.checkpoint is None
+
+
+def test_list_override_replaces_the_list() -> None:
+    cfg = load_config(None, ["data.train=[{name: grefcoco, weight: 2}, {name: jsonl, root: x.jsonl}]"])
+    assert [d.name for d in cfg.data.train] == ["grefcoco", "jsonl"]
+    assert cfg.data.train[0].weight == 2.0
+
+
+def test_save_and_reload_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.max_steps=7", "model.head=cmsa"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "train.lrr: unknown config field (did you mean 'lr'?)"),
+        (["train.lr=abc"], "train.lr: expected a float, got 'abc'"),
+        (["train.lr=-1"], "train.lr: must be > 0"),
+        (["train.batch_size=1.5"], "train.batch_size: expected an integer"),
+        (["train.batch_size=0"], "train.batch_size: must be >= 1"),
+        (["model.mode=llm"], "model.mode: must be one of ['classic', 'mllm']"),
+        (["data.train.0.name=coco"], "data.train.0.name: unknown dataset 'coco'"),
+        (["data.train.3.root=x"], "data.train.3: list index out of range"),
+        (["data.image_size=8"], "data.image_size: must be >= 16"),
+        (["eval.predictor=oracle"], "eval.predictor"),
+        (["train.lr"], "expected key.sub=value"),
+        (["nope.x=1"], "nope: unknown config field"),
+    ],
+)
+def test_errors_name_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def test_parse_overrides_reads_yaml_values() -> None:
+    assert parse_overrides(["a=1", "b=null", "c=[1, 2]", "d=true", "e=text"]) == [
+        ("a", 1),
+        ("b", None),
+        ("c", [1, 2]),
+        ("d", True),
+        ("e", "text"),
+    ]
