@@ -43,11 +43,23 @@ def _dataset_names() -> tuple[str, ...]:
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, *, split_default: str | None) -> None:
-    p.add_argument("--dataset", required=True, choices=_dataset_names(), metavar="NAME",
-                   help=f"one of: {', '.join(_dataset_names())}")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=_dataset_names(),
+        metavar="NAME",
+        help=f"one of: {', '.join(_dataset_names())}",
+    )
     p.add_argument("--root", required=True, help="dataset root folder (jsonl: the .jsonl file or its folder)")
-    p.add_argument("--split", default=split_default, help="split name (default: %(default)s = all)")
+    p.add_argument(
+        "--split", default=split_default, help="split name, or 'all' for every split (default: %(default)s)"
+    )
     p.add_argument("--split-by", default=None, help="refer layout annotation source: unc|google|umd|berkeley")
+
+
+def _split(args: argparse.Namespace) -> str | None:
+    """``--split all`` (or none given) means every split."""
+    return None if args.split in (None, "all") else args.split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
-    ev = sub.add_parser("eval", help="evaluate on a dataset; prints a table, writes metrics.json + metrics.md")
+    ev = sub.add_parser(
+        "eval", help="evaluate on a dataset; prints a table, writes metrics.json + metrics.md"
+    )
     _add_dataset_args(ev, split_default="val")
     who = ev.add_mutually_exclusive_group(required=True)
     who.add_argument("--checkpoint", help="a trained model directory")
@@ -91,25 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from mllm_ris.data.check import COUNT_KEYS, check_dataset
 
-    report = check_dataset(args.dataset, args.root, args.split, split_by=args.split_by, progress=not args.json)
+    report = check_dataset(
+        args.dataset, args.root, args.split, split_by=args.split_by, progress=not args.json
+    )
     if args.json:
         print(json.dumps(report.to_json()))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{args.dataset} @ {args.root} (split: {args.split or 'all'})")
+        table = Table(title=f"{args.dataset} @ {args.root} (split: {_split(args) or 'all'})")
         for key in COUNT_KEYS:
             table.add_column(key, justify="right")
         table.add_row(*(str(getattr(report, k)) for k in COUNT_KEYS))
-        console = Console()
-        console.print(table)
+        Console().print(table)
+        # problems as plain lines (no wrapping), so they can be grepped
         if report.problems:
-            console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
+            print(f"{len(report.problems)} problem(s):")
             for line in report.problems:
-                console.print(f"  - {line}", markup=False, highlight=False)
+                print(f"  - {line}")
         else:
-            console.print("no problems found")
+            print("no problems found")
     return 1 if report.problems else 0
 
 
@@ -119,7 +135,9 @@ def _cmd_make_synthref(args: argparse.Namespace) -> int:
     for flag, value, low in (("--images", args.images, 1), ("--size", args.size, 32)):
         if value < low:
             raise ConfigError(f"{flag}: must be >= {low}, got {value}")
-    summary = make_synthref(args.out, images=args.images, seed=args.seed, size=args.size, workers=args.workers)
+    summary = make_synthref(
+        args.out, images=args.images, seed=args.seed, size=args.size, workers=args.workers
+    )
     print(summary)
     return 0
 
@@ -135,7 +153,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
-    dataset = build_dataset(args.dataset, args.root, args.split, split_by=args.split_by)
+    dataset = build_dataset(args.dataset, args.root, _split(args), split_by=args.split_by)
     predictor = build_predictor(args.predictor)
     report = evaluate(dataset, predictor, limit=args.limit, progress=not args.json)
     out = Path(args.out or Path("runs") / "eval" / f"{args.dataset}_{args.split or 'all'}_{args.predictor}")

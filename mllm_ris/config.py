@@ -54,7 +54,9 @@ class DatasetSpec:
     name: str = field(default="synthref", metadata={"help": "loader name (see `mllm-ris data check -h`)"})
     root: str | None = field(default=None, metadata={"help": "dataset root folder (or .jsonl file)"})
     split: str | None = field(default="train", metadata={"help": "split name; null = all splits"})
-    split_by: str | None = field(default=None, metadata={"help": "refer layout: unc | google | umd | berkeley"})
+    split_by: str | None = field(
+        default=None, metadata={"help": "refer layout: unc | google | umd | berkeley"}
+    )
     weight: float = field(default=1.0, metadata={"help": "sampling ratio in a mixture"})
 
     def __post_init__(self) -> None:
@@ -71,7 +73,9 @@ class ModelConfig:
     mode: Literal["classic", "mllm"] = field(
         default="classic", metadata={"help": "classic: text encoder + head; mllm: grounding LLM + head"}
     )
-    head: Literal["s2rm", "lts", "cmsa", "two-stage"] = field(default="s2rm", metadata={"help": "fusion head"})
+    head: Literal["s2rm", "lts", "cmsa", "two-stage"] = field(
+        default="s2rm", metadata={"help": "fusion head"}
+    )
     output_mode: Literal["direct", "sam", "auto"] = field(
         default="direct", metadata={"help": "masks from the head, from SAM, or per query by predicted IoU"}
     )
@@ -140,7 +144,9 @@ class EvalConfig:
         from mllm_ris.data.registry import DATASET_NAMES
 
         _check(
-            self.dataset in DATASET_NAMES, "dataset", f"unknown dataset {self.dataset!r}; one of {DATASET_NAMES}"
+            self.dataset in DATASET_NAMES,
+            "dataset",
+            f"unknown dataset {self.dataset!r}; one of {DATASET_NAMES}",
         )
         _check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
 
@@ -178,7 +184,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, arg, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_type_name(tp)}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_type_name(tp)}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")

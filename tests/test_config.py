@@ -30,8 +30,12 @@ def test_shipped_configs_exist() -> None:
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  lr: 3.0e-4\n  batch_size: 4\ndata:\n  train:\n    - {name: refcoco, root: /a}\n")
-    cfg = load_config(path, ["train.lr=1e-4", "data.train.0.root=/b", "eval.limit=5", "model.checkpoint=null"])
+    path.write_text(
+        "train:\n  lr: 3.0e-4\n  batch_size: 4\ndata:\n  train:\n    - {name: refcoco, root: /a}\n"
+    )
+    cfg = load_config(
+        path, ["train.lr=1e-4", "data.train.0.root=/b", "eval.limit=5", "model.checkpoint=null"]
+    )
     assert cfg.train.lr == pytest.approx(1e-4)  # "1e-4" is a YAML 1.1 string; converted to float
     assert cfg.train.batch_size == 4
     assert cfg.data.train[0].name == "refcoco"

@@ -32,7 +32,9 @@ def load_json(path: Path, *, what: str) -> Any:
         with path.open("r", encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise DatasetError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read {what} {path}: {exc}") from None
 
@@ -79,9 +81,13 @@ class ImageSizeCache:
     def __init__(self) -> None:
         self._sizes: dict[Path, tuple[int, int]] = {}
 
-    def __call__(self, path: Path) -> tuple[int, int]:
+    def __call__(self, path: Path, *, where: str) -> tuple[int, int]:
+        """``(height, width)`` of ``path``; errors are prefixed with ``where`` (the entry asking)."""
         if path not in self._sizes:
-            self._sizes[path] = image_size(path)
+            try:
+                self._sizes[path] = image_size(path)
+            except DatasetError as exc:
+                raise DatasetError(f"{where}: {exc}") from None
         return self._sizes[path]
 
 
@@ -98,7 +104,9 @@ def select_split(refs: Sequence[RefEntry], split: str | None, *, source: Path | 
     return kept
 
 
-def parse_sentences(raw: Any, *, ref_id: RefId, sent_ids: Any, where: str, force_negative: bool) -> tuple:
+def parse_sentences(
+    raw: Any, *, ref_id: RefId, sent_ids: Any, where: str, force_negative: bool
+) -> tuple[Sentence, ...]:
     """Sentences of a refer / gRefCOCO ref.
 
     Text is ``sent``, falling back to ``raw``; ``sent_id`` falls back to the ref's ``sent_ids``
@@ -125,12 +133,16 @@ def parse_sentences(raw: Any, *, ref_id: RefId, sent_ids: Any, where: str, force
         else:
             sent_id = f"{ref_id}:{i}"
         exist = sent.get("exist", True)
-        if not isinstance(exist, bool):
+        if not isinstance(exist, (bool, int)) or exist not in (0, 1):  # 0 / 1 accepted as well
             raise DatasetError(f"{at}: 'exist' must be true or false, got {exist!r}")
         difficulty = sent.get("difficulty")
         if difficulty is not None and not isinstance(difficulty, str):
             raise DatasetError(f"{at}: 'difficulty' must be a string, got {type(difficulty).__name__}")
-        out.append(Sentence(text=text, sent_id=sent_id, exist=exist and not force_negative, difficulty=difficulty))
+        out.append(
+            Sentence(
+                text=text, sent_id=sent_id, exist=bool(exist) and not force_negative, difficulty=difficulty
+            )
+        )
     return tuple(out)
 
 
@@ -192,23 +204,6 @@ class CocoInstances:
         return tuple(out)
 
 
-def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation to ``(H, W)`` bool, also accepting a list of RLE dicts.
-
-    RefCLEF stores some masks as a list of RLE dicts (the refer API decodes them with
-    ``mask.decode`` and sums the channels); those are decoded one by one and unioned.
-
-    Raises:
-        ValueError: the segmentation is malformed (see :func:`decode_segmentation`).
-    """
-    if isinstance(segmentation, list) and segmentation and all(isinstance(s, dict) for s in segmentation):
-        out = np.zeros((height, width), dtype=bool)
-        for part in segmentation:
-            out |= decode_segmentation(part, height, width)
-        return out
-    return decode_segmentation(segmentation, height, width)
-
-
 class CocoSegmentationDataset(ReferringDataset):
     """Base of the loaders whose ``RefEntry.payload`` is ``(source, ((ann_id, segmentation), ...))``."""
 
@@ -218,7 +213,7 @@ class CocoSegmentationDataset(ReferringDataset):
         masks = np.zeros((len(segs), ref.height, ref.width), dtype=bool)
         for t, (ann_id, seg) in enumerate(segs):
             try:
-                masks[t] = decode_coco_segmentation(seg, ref.height, ref.width)
+                masks[t] = decode_segmentation(seg, ref.height, ref.width)
             except (ValueError, TypeError, KeyError) as exc:
                 raise DatasetError(f"{source}: cannot decode annotation {ann_id!r}: {exc}") from None
         return masks
@@ -279,4 +274,3 @@ def as_id_list(value: Any, *, key: str, where: str) -> list[Any]:
     if isinstance(value, list) and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
         return list(value)
     raise DatasetError(f"{where}: {key!r} must be an id or a list of ids, got {value!r}")
-

@@ -56,7 +56,9 @@ class GRefCOCODataset(CocoSegmentationDataset):
     name: str = "grefcoco"
     annotation_dir: str = "grefcoco"
 
-    def __init__(self, root: str | Path, *, split: str | None = None, image_root: str | Path | None = None) -> None:
+    def __init__(
+        self, root: str | Path, *, split: str | None = None, image_root: str | Path | None = None
+    ) -> None:
         root = Path(root)
         ann_dir = root / self.annotation_dir
         if image_root is None:
@@ -82,5 +84,10 @@ class GRefCOCODataset(CocoSegmentationDataset):
         # ``no_target`` is authoritative; otherwise the -1 placeholder means no target as well.
         target_ids = () if no_target else tuple(a for a in ann_ids if a != _NO_TARGET_ID)
         return coco_ref_entry(
-            raw, ref_id=ref_id, target_ids=target_ids, instances=instances, image_root=self.image_root, where=where
+            raw,
+            ref_id=ref_id,
+            target_ids=target_ids,
+            instances=instances,
+            image_root=self.image_root,
+            where=where,
         )

@@ -15,8 +15,8 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     """Decode one COCO ``segmentation`` field to a binary mask.
 
     Accepts a polygon list (``[[x1, y1, x2, y2, ...], ...]``, parts are unioned), a compressed
-    RLE (``{"size": [h, w], "counts": str | bytes}``) or an uncompressed RLE (``counts`` a list
-    of ints).
+    RLE (``{"size": [h, w], "counts": str | bytes}``), an uncompressed RLE (``counts`` a list
+    of ints), or a list of RLE dicts (RefCLEF; parts are unioned).
 
     Returns:
         ``(H, W)`` bool.
@@ -24,6 +24,11 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     Raises:
         ValueError: the segmentation is of an unknown form or does not fit ``height x width``.
     """
+    if isinstance(segmentation, list) and segmentation and all(isinstance(s, dict) for s in segmentation):
+        out = np.zeros((height, width), dtype=bool)
+        for part in segmentation:
+            out |= decode_segmentation(part, height, width)
+        return out
     if isinstance(segmentation, list):
         polys = [p for p in segmentation if len(p) >= 6]
         if not polys:

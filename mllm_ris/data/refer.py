@@ -15,7 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mllm_ris.data._loading import CocoInstances, CocoSegmentationDataset, coco_ref_entry, require, select_split
+from mllm_ris.data._loading import (
+    CocoInstances,
+    CocoSegmentationDataset,
+    coco_ref_entry,
+    require,
+    select_split,
+)
 from mllm_ris.data.safe_pickle import load_refs_pickle
 from mllm_ris.data.sample import RefEntry
 from mllm_ris.errors import DatasetError
@@ -77,7 +83,8 @@ class ReferDataset(CocoSegmentationDataset):
         split_by = default if split_by is None else split_by
         if split_by not in REFER_DATASETS[dataset]:
             raise DatasetError(
-                f"splitBy {split_by!r} is not valid for {dataset}; valid: {', '.join(REFER_DATASETS[dataset])}"
+                f"splitBy {split_by!r} is not valid for {dataset}; "
+                f"valid: {', '.join(REFER_DATASETS[dataset])}"
             )
         root = Path(root)
         self.dataset = dataset
@@ -96,5 +103,10 @@ class ReferDataset(CocoSegmentationDataset):
         where = f"{refs_path} ref_id {ref_id}"
         ann_id = require(raw, "ann_id", (int, str), where=where)
         return coco_ref_entry(
-            raw, ref_id=ref_id, target_ids=(ann_id,), instances=instances, image_root=self.image_root, where=where
+            raw,
+            ref_id=ref_id,
+            target_ids=(ann_id,),
+            instances=instances,
+            image_root=self.image_root,
+            where=where,
         )

@@ -334,14 +334,16 @@ class EvalReport:
         return "\n\n".join(parts) + "\n"
 
     def render_table(self) -> Table:
-        """A rich :class:`~rich.table.Table` (one row per group, metrics in %) for the console."""
-        table = Table(title=f"{self.dataset} — {self.predictor}", caption=CONVENTIONS_LINE)
-        table.add_column("group", style="bold")
-        table.add_column("samples", justify="right")
+        """A rich :class:`~rich.table.Table` for the console: one row per metric (in %), one
+        column per group (overall, each split, each SynthRef difficulty), so it fits 80 columns."""
+        rows = self._group_rows()
+        table = Table(title=f"{self.dataset} — {self.predictor}", caption="values in %; see docs/metrics.md")
+        table.add_column("metric", style="bold")
+        for label, _ in rows:
+            table.add_column(label, justify="right")
+        table.add_row("samples", *(str(m.get("samples", 0)) for _, m in rows))
         for key in METRIC_KEYS:
-            table.add_column(key, justify="right")
-        for label, m in self._group_rows():
-            table.add_row(label, str(m.get("samples", 0)), *(_pct(m.get(k)) for k in METRIC_KEYS))
+            table.add_row(key, *(_pct(m.get(key)) for _, m in rows))
         return table
 
     def save(self, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
