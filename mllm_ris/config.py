@@ -195,6 +195,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [_convert(v, args[0], f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+            return tuple(_convert(v, args[0], f"{path}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -247,13 +255,22 @@ def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         kwargs[key] = _convert(value, hints[key], full)
     try:
         return cls(**kwargs)
-    except ConfigError as exc:  # __post_init__ names the field locally; add where it lives
+    except ValueError as exc:  # __post_init__ names the field locally (ConfigError or a plain
+        # ValueError from s2rm_head, which does not import mllm_ris); add where it lives
         raise ConfigError(f"{path}.{exc}" if path else str(exc)) from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-ready containers."""
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML-ready containers (tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,7 +1,33 @@
 """s2rm_head: S²RM spatial-semantic fusion, CASG decoder and baseline fusion heads.
 
-The head modules are built in the s2rm_head issue; this package exists so the distribution
-ships both top-level packages from the start.
+The package knows nothing about LLMs: a head takes a pixel-feature pyramid and
+:class:`LanguageFeatures` and returns :class:`HeadOutput`. Build one with
+``build_head(HeadConfig(name="s2rm" | "lts" | "cmsa" | "two-stage", ...))``.
 """
 
-__all__: list[str] = []
+from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
+from s2rm_head.casg import CASGDecoder, CASGOutput
+from s2rm_head.head import HEAD_NAMES, FoldedInputs, FusionHead, HeadConfig, S2RMHead, build_head
+from s2rm_head.s2rm import S2RM, BiSliceScan, LanguageDistributor, ParsedSemanticBalance, S2RMOutput
+from s2rm_head.types import HeadOutput, LanguageFeatures
+
+__all__ = [
+    "HEAD_NAMES",
+    "S2RM",
+    "BiSliceScan",
+    "CASGDecoder",
+    "CASGOutput",
+    "CMSAHead",
+    "FoldedInputs",
+    "FusionHead",
+    "HeadConfig",
+    "HeadOutput",
+    "LTSHead",
+    "LanguageDistributor",
+    "LanguageFeatures",
+    "ParsedSemanticBalance",
+    "S2RMHead",
+    "S2RMOutput",
+    "TwoStageHead",
+    "build_head",
+]

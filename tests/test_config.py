@@ -101,3 +101,18 @@ def test_parse_overrides_reads_yaml_values() -> None:
         ("d", True),
         ("e", "text"),
     ]
+
+
+def test_tuple_fields_convert_and_dump() -> None:
+    from dataclasses import dataclass
+
+    from mllm_ris.config import _from_dict, config_to_dict
+
+    @dataclass
+    class Widths:
+        sizes: tuple[int, ...] = (1, 2)
+
+    assert _from_dict(Widths, {"sizes": [3, 4, 5]}, "model").sizes == (3, 4, 5)
+    assert config_to_dict(Widths()) == {"sizes": [1, 2]}
+    with pytest.raises(ConfigError, match=r"model\.sizes\.0: expected an integer"):
+        _from_dict(Widths, {"sizes": ["q"]}, "model")

