@@ -28,6 +28,10 @@ from typing import Any, Literal
 import yaml
 
 from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.losses import LossConfig
+from s2rm_head.head import HeadConfig
+from s2rm_head.pixel_encoder import PixelEncoderConfig
+from s2rm_head.text_encoder import TextEncoderConfig
 
 __all__ = [
     "Config",
@@ -68,18 +72,23 @@ class DatasetSpec:
 
 @dataclass
 class ModelConfig:
-    """Which model to build. Sub-configs of the towers are added by the modeling code."""
+    """Which model to build.
+
+    ``head.in_channels`` and ``head.lang_dim`` are taken from the built pixel and text encoders,
+    so YAML files only choose the head and its width.
+    """
 
     mode: Literal["classic", "mllm"] = field(
         default="classic", metadata={"help": "classic: text encoder + head; mllm: grounding LLM + head"}
-    )
-    head: Literal["s2rm", "lts", "cmsa", "two-stage"] = field(
-        default="s2rm", metadata={"help": "fusion head"}
     )
     output_mode: Literal["direct", "sam", "auto"] = field(
         default="direct", metadata={"help": "masks from the head, from SAM, or per query by predicted IoU"}
     )
     checkpoint: str | None = field(default=None, metadata={"help": "weights to start from"})
+    pixel: PixelEncoderConfig = field(default_factory=PixelEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass

@@ -33,10 +33,10 @@ def test_planned_commands_refuse_without_faking(command: str, capsys: pytest.Cap
 
 
 def test_config_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["config", "train.lr=0.5", "model.head=lts"]) == 0
+    assert main(["config", "train.lr=0.5", "model.head.name=lts"]) == 0
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["train"]["lr"] == 0.5
-    assert tree["model"]["head"] == "lts"
+    assert tree["model"]["head"]["name"] == "lts"
 
 
 def test_config_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -52,7 +52,7 @@ def test_list_override_replaces_the_list() -> None:
 
 
 def test_save_and_reload_round_trip(tmp_path: Path) -> None:
-    cfg = load_config(None, ["train.max_steps=7", "model.head=cmsa"])
+    cfg = load_config(None, ["train.max_steps=7", "model.head.name=cmsa"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 

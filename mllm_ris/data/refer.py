@@ -37,6 +37,7 @@ REFER_DATASETS: dict[str, tuple[str, ...]] = {
     "rrefcoco": ("unc", "google"),
     "rrefcoco+": ("unc",),
     "rrefcocog": ("umd", "google"),
+    "synthref": ("unc",),  # SynthRef's single-target refs, written in the refer layout
 }
 
 
