@@ -139,3 +139,37 @@ def test_eval_unknown_split_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["eval", *_dataset_args(info), "--split", "nope", "--predictor", "empty"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_make_synthref_then_check_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "synthref"
+    assert (
+        main(["make-synthref", str(out), "--images", "12", "--seed", "3", "--size", "64", "--workers", "1"])
+        == 0
+    )
+    capsys.readouterr()
+    counts = json.loads((out / "synthref_meta.json").read_text())["counts"]
+    assert main(["data", "check", "--dataset", "synthref", "--root", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == []
+    assert report["images"] == counts["images"] == 12
+    assert report["refs"] == sum(counts["refs"].values())
+    assert report["no_target"] == counts["refs"]["no_target"]
+    assert report["negatives"] == counts["sentences"]["negative"]
+    assert report["sentences"] == sum(counts["sentences"].values()) - counts["sentences"]["negative"]
+
+    args = ["eval", "--dataset", "synthref", "--root", str(out), "--split", "all", "--predictor", "gt-box"]
+    assert main([*args, "--out", str(tmp_path / "ev"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert set(ev["splits"]) == {"train", "val", "test"}
+    assert set(ev["difficulty"]) == {"simple", "spatial", "relational", "multi", "negative"}
+    assert ev["difficulty"]["negative"]["n_acc"] == 1.0  # gt-box predicts nothing without a target
+    assert ev["difficulty"]["negative"]["cIoU"] is None
+    assert 0.3 < ev["difficulty"]["simple"]["cIoU"] < 1.0  # boxes around non-rectangular shapes
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "## Per difficulty" in md and "| relational |" in md
+
+
+def test_make_synthref_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-synthref", str(tmp_path / "x"), "--images", "0"]) == 2
+    assert "--images: must be >= 1" in capsys.readouterr().err
