@@ -231,3 +231,36 @@ def test_gt_box_predictor_fills_boxes_and_ignore_is_applied() -> None:
     )
     assert evaluate(plain, GTBoxPredictor(), progress=False).metrics["cIoU"] == pytest.approx(32 / 80)
     assert evaluate(ignored, GTBoxPredictor(), progress=False).metrics["cIoU"] == 1.0
+
+
+class _BatchedBox(GTBoxPredictor):
+    """gt-box through the batched path, counting how it was called."""
+
+    batch_size = 3
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict_batch(self, samples: list[RISSample]) -> list[np.ndarray]:
+        self.calls.append(len(samples))
+        return [self(s) for s in samples]
+
+
+def test_batched_predictor_gives_identical_report() -> None:
+    ds = synth_dataset()
+    plain = evaluate(ds, GTBoxPredictor(), progress=False)
+    batched_predictor = _BatchedBox()
+    batched = evaluate(ds, batched_predictor, progress=False)
+    assert batched.to_json()["cIoU"] == plain.to_json()["cIoU"]
+    assert batched.metrics == plain.metrics and batched.difficulty == plain.difficulty
+    assert sum(batched_predictor.calls) == len(ds)
+    assert max(batched_predictor.calls) == 3 and len(batched_predictor.calls) == -(-len(ds) // 3)
+
+
+def test_batched_predictor_must_return_one_prediction_per_sample() -> None:
+    class Short(_BatchedBox):
+        def predict_batch(self, samples: list[RISSample]) -> list[np.ndarray]:
+            return super().predict_batch(samples)[:-1]
+
+    with pytest.raises(PredictionError, match="returned 2 predictions for 3 samples"):
+        evaluate(synth_dataset(), Short(), progress=False)
