@@ -39,7 +39,10 @@ VARIANTS: dict[str, list[str]] = {
     "lts": ["model.head.name=lts"],
     "cmsa": ["model.head.name=cmsa"],
     "two-stage": ["model.head.name=two-stage"],
+    # diagnosis: the same S2RM model with the MiniLM text encoder fine-tuned instead of frozen
+    "s2rm-text-ft": ["model.head.name=s2rm", "model.text.freeze=false"],
 }
+DEFAULT_VARIANTS = ("s2rm", "s2rm-no-coparse", "s2rm-no-balance", "lts", "cmsa", "two-stage")
 
 
 def _machine() -> str:
@@ -54,17 +57,27 @@ def _machine() -> str:
     return f"{os.cpu_count()} CPUs, {cpu}"
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when inside it, so recorded commands run anywhere."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def run_variant(
-    name: str, data: Path, minutes: float, steps: int, batch: int, seed: int, extra: list[str]
+    name: str, data: Path, minutes: float, steps: int, batch: int, seed: int, extra: list[str], tag: str = ""
 ) -> dict:
-    """Train and evaluate one variant; returns the result record (also written to JSON)."""
+    """Train and evaluate one variant; returns the result record (also written to JSON).
+
+    ``tag`` names a second run of the same variant (e.g. a longer budget) without replacing the first.
+    """
+    label = f"{name}@{tag}" if tag else name
     overrides = [
         f"data.train.0.root={data}",
         f"data.val.0.root={data}",
         f"train.max_steps={steps}",
         f"train.batch_size={batch}",
         f"train.seed={seed}",
-        f"train.output_dir={ROOT / 'runs' / 'bench_heads' / name}",
+        f"train.output_dir={ROOT / 'runs' / 'bench_heads' / label}",
         *extra,
         *VARIANTS[name],
     ]
@@ -73,7 +86,7 @@ def run_variant(
     summary = train_classic(cfg, time_budget_s=minutes * 60, progress=True)
     report = next(iter(summary.eval.values()))
     record = {
-        "variant": name,
+        "variant": label,
         "overrides": [*extra, *VARIANTS[name]],
         "steps": summary.steps,
         "planned_steps": steps,
@@ -85,12 +98,14 @@ def run_variant(
         "machine": _machine(),
         "threads": torch.get_num_threads(),
         "date": date.today().isoformat(),
-        "command": f"python benchmarks/bench_heads.py --data {data} --variants {name} --minutes {minutes:g} "
-        f"--steps {steps} --batch {batch} --seed {seed}" + "".join(f" --set {o}" for o in extra),
+        "command": f"python benchmarks/bench_heads.py --data {_shown(data)} --variants {name} "
+        f"--minutes {minutes:g} --steps {steps} --batch {batch} --seed {seed}"
+        + "".join(f" --set {o}" for o in extra)
+        + (f" --tag {tag}" if tag else ""),
         "eval": report.to_json(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"heads_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"heads_{label}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -102,7 +117,12 @@ def write_table() -> str:
     """Rebuild docs/results.md's head table from benchmarks/results/heads_*.json."""
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("heads_*.json"))]
     order = list(VARIANTS)
-    records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+
+    def rank(record: dict) -> tuple[int, str]:
+        base = record["variant"].split("@")[0]
+        return (order.index(base) if base in order else len(order), record["variant"])
+
+    records.sort(key=rank)
     lines = [
         "<!-- bench_heads:begin -->",
         "## Classic mode on SynthRef: S²RM vs baseline heads",
@@ -149,7 +169,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthref")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}"
+    )
+    parser.add_argument("--tag", default="", help="label a repeated run of a variant (e.g. 20min)")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time cap per variant")
     parser.add_argument("--steps", type=int, default=2400, help="schedule length (cosine) per variant")
     parser.add_argument("--batch", type=int, default=16)
@@ -164,7 +187,9 @@ def main() -> None:
             if name not in VARIANTS:
                 raise SystemExit(f"unknown variant {name!r}; one of {list(VARIANTS)}")
             t0 = time.perf_counter()
-            record = run_variant(name, args.data, args.minutes, args.steps, args.batch, args.seed, args.set)
+            record = run_variant(
+                name, args.data, args.minutes, args.steps, args.batch, args.seed, args.set, args.tag
+            )
             print(f"{name}: cIoU {_pct(record['eval']['cIoU'])} in {time.perf_counter() - t0:.0f} s")
     print(write_table())
 

@@ -1,0 +1,129 @@
+"""Diagnostics for the head benchmark: does a trained model use the language, and does it underfit?
+
+Two references on SynthRef val, no training needed:
+
+* ``all-objects``: the union of every object in the scene: what a model that segments the
+  salient shapes but ignores the expression scores;
+* ``gt-box``: each target's box (the field's trivial upper-bound-ish baseline).
+
+and, for each trained variant in ``runs/bench_heads/``, cIoU on a slice of *train* beside val
+(underfitting shows as train ≈ val, both low). Results go to docs/results.md (diagnostics block).
+
+    python benchmarks/diag_synthref.py --data data/synthref --train-limit 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mllm_ris.config import load_config
+from mllm_ris.data.collate import RISTransform
+from mllm_ris.data.masks import decode_segmentation
+from mllm_ris.data.sample import RISSample
+from mllm_ris.data.synthetic import SynthRefDataset
+from mllm_ris.eval.evaluate import EvalReport, build_predictor, evaluate
+from mllm_ris.modeling.classic import build_classic_model, load_state
+from mllm_ris.training.classic import ClassicPredictor
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "results.md"
+LEVELS = ("simple", "spatial", "relational", "multi")
+
+
+class AllObjectsPredictor:
+    """Predicts the union of every annotated object of the sample's image (ignores the text)."""
+
+    name = "all-objects"
+
+    def __init__(self, root: Path) -> None:
+        instances = json.loads((root / "grefcoco" / "instances.json").read_text())
+        self.size = {img["id"]: (img["height"], img["width"]) for img in instances["images"]}
+        self.segs: dict[int, list] = {}
+        for ann in instances["annotations"]:
+            self.segs.setdefault(ann["image_id"], []).append(ann["segmentation"])
+
+    def __call__(self, sample: RISSample) -> np.ndarray:
+        h, w = self.size[sample.image_id]
+        union = np.zeros((h, w), dtype=bool)
+        for seg in self.segs.get(sample.image_id, []):
+            union |= decode_segmentation(seg, h, w)
+        return union[None]
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when inside it, so recorded commands run anywhere."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _row(name: str, split: str, report: EvalReport) -> str:
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    diff = report.difficulty
+    cells = " | ".join(pct(diff.get(level, {}).get("cIoU")) for level in LEVELS)
+    return f"| {name} | {split} | {report.samples} | {pct(report.metrics['cIoU'])} | {cells} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthref")
+    parser.add_argument("--train-limit", type=int, default=1500, help="train samples evaluated per variant")
+    parser.add_argument("--variants", default="s2rm,s2rm-no-coparse,lts")
+    args = parser.parse_args()
+
+    val = SynthRefDataset(args.data, split="val")
+    train = SynthRefDataset(args.data, split="train")
+    rows = [
+        _row(
+            "all-objects (ignores text)", "val", evaluate(val, AllObjectsPredictor(args.data), progress=False)
+        ),
+        _row("gt-box", "val", evaluate(val, build_predictor("gt-box"), progress=False)),
+    ]
+    for variant in args.variants.split(","):
+        run = ROOT / "runs" / "bench_heads" / variant
+        if not (run / "model.safetensors").is_file():
+            print(f"skip {variant}: no checkpoint in {run}")
+            continue
+        cfg = load_config(run / "config.json")  # the resolved config the run saved (JSON is YAML)
+        model = build_classic_model(cfg.model)
+        load_state(model, run)
+        predictor = ClassicPredictor(model, RISTransform(cfg.data.image_size))
+        rows.append(
+            _row(variant, "train", evaluate(train, predictor, limit=args.train_limit, progress=False))
+        )
+        rows.append(_row(variant, "val", evaluate(val, predictor, progress=False)))
+
+    block = "\n".join(
+        [
+            "<!-- diag_synthref:begin -->",
+            "## Diagnostics: language use and fit",
+            "",
+            f"`python benchmarks/diag_synthref.py --data {_shown(args.data)} "
+            f"--train-limit {args.train_limit} --variants {args.variants}` — cIoU in %; "
+            f"train rows use the first {args.train_limit} train samples.",
+            "",
+            "| predictor | split | samples | overall | simple | spatial | relational | multi |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "<!-- diag_synthref:end -->",
+        ]
+    )
+    text = DOC.read_text() if DOC.exists() else "# Results\n"
+    if "<!-- diag_synthref:begin -->" in text:
+        head, rest = text.split("<!-- diag_synthref:begin -->", 1)
+        text = head + block + rest.split("<!-- diag_synthref:end -->", 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
