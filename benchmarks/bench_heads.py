@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from _common import ROOT, machine, replace_section, shown
 
 from mllm_ris.config import load_config
 from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.training.classic import train_classic
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "results.md"
 LEVELS = ("simple", "spatial", "relational", "multi", "negative")
@@ -43,24 +42,6 @@ VARIANTS: dict[str, list[str]] = {
     "s2rm-text-ft": ["model.head.name=s2rm", "model.text.freeze=false"],
 }
 DEFAULT_VARIANTS = ("s2rm", "s2rm-no-coparse", "s2rm-no-balance", "lts", "cmsa", "two-stage")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs, {cpu}"
-
-
-def _shown(path: Path) -> Path:
-    """``path`` relative to the repository when inside it, so recorded commands run anywhere."""
-    path = path.resolve()
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def run_variant(
@@ -95,10 +76,10 @@ def run_variant(
         "train_seconds": round(summary.seconds, 1),
         "final_loss": round(summary.final_loss, 4),
         "load_before": round(load_before, 2),
-        "machine": _machine(),
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "date": date.today().isoformat(),
-        "command": f"python benchmarks/bench_heads.py --data {_shown(data)} --variants {name} "
+        "command": f"python benchmarks/bench_heads.py --data {shown(data)} --variants {name} "
         f"--minutes {minutes:g} --steps {steps} --batch {batch} --seed {seed}"
         + "".join(f" --set {o}" for o in extra)
         + (f" --tag {tag}" if tag else ""),
@@ -124,7 +105,6 @@ def write_table() -> str:
 
     records.sort(key=rank)
     lines = [
-        "<!-- bench_heads:begin -->",
         "## Classic mode on SynthRef: S²RM vs baseline heads",
         "",
         "Tiny CNN pixel encoder + frozen MiniLM text encoder (`configs/train/synthref-classic.yaml`), "
@@ -147,20 +127,8 @@ def write_table() -> str:
         )
     lines += ["", "Commands:", ""]
     lines += [f"- {r['variant']}: `{r['command']}` ({r['machine']}, {r['date']})" for r in records]
-    lines.append("<!-- bench_heads:end -->")
     block = "\n".join(lines) + "\n"
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else "# Results\n\nEvery number here is written by a script in `benchmarks/`.\n\n"
-    )
-    if "<!-- bench_heads:begin -->" in text:
-        head, rest = text.split("<!-- bench_heads:begin -->", 1)
-        tail = rest.split("<!-- bench_heads:end -->", 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOC.write_text(text)
+    replace_section(DOC, "bench_heads", block)
     return block
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import re
 import resource
 import shlex
 import sys
@@ -25,31 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, nproc, replace_section
+
 from mllm_ris.data.synthetic import make_synthref
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-BEGIN = "<!-- bench_synthref:begin -->"
-END = "<!-- bench_synthref:end -->"
 TARGET_SECONDS = 120.0
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def nproc() -> int:
-    """CPUs this process may run on (what `nproc` prints)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _cpu_seconds() -> float:
@@ -103,15 +82,8 @@ def run(images: int, size: int, seed: int, workers: int | None, repeats: int) ->
 
 
 def update_docs(path: Path, section: str) -> None:
-    """Replace the text between the SynthRef markers in ``path`` (append it when absent)."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    """Replace the SynthRef section of ``path`` (append it when absent)."""
+    replace_section(path, "bench_synthref", section, title="# Benchmarks")
 
 
 def format_section(args: argparse.Namespace, result: BenchResult, command: str) -> str:

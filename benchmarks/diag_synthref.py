@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT, replace_section, shown
 
 from mllm_ris.config import load_config
 from mllm_ris.data.collate import RISTransform
@@ -29,7 +30,6 @@ from mllm_ris.eval.evaluate import EvalReport, build_predictor, evaluate
 from mllm_ris.modeling.classic import build_classic_model, load_state
 from mllm_ris.training.classic import ClassicPredictor
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 LEVELS = ("simple", "spatial", "relational", "multi")
 
@@ -52,12 +52,6 @@ class AllObjectsPredictor:
         for seg in self.segs.get(sample.image_id, []):
             union |= decode_segmentation(seg, h, w)
         return union[None]
-
-
-def _shown(path: Path) -> Path:
-    """``path`` relative to the repository when inside it, so recorded commands run anywhere."""
-    path = path.resolve()
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _row(name: str, split: str, report: EvalReport) -> str:
@@ -102,26 +96,18 @@ def main() -> None:
 
     block = "\n".join(
         [
-            "<!-- diag_synthref:begin -->",
             "## Diagnostics: language use and fit",
             "",
-            f"`python benchmarks/diag_synthref.py --data {_shown(args.data)} "
+            f"`python benchmarks/diag_synthref.py --data {shown(args.data)} "
             f"--train-limit {args.train_limit} --variants {args.variants}` — cIoU in %; "
             f"train rows use the first {args.train_limit} train samples.",
             "",
             "| predictor | split | samples | overall | simple | spatial | relational | multi |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
             *rows,
-            "<!-- diag_synthref:end -->",
         ]
     )
-    text = DOC.read_text() if DOC.exists() else "# Results\n"
-    if "<!-- diag_synthref:begin -->" in text:
-        head, rest = text.split("<!-- diag_synthref:begin -->", 1)
-        text = head + block + rest.split("<!-- diag_synthref:end -->", 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    replace_section(DOC, "diag_synthref", block)
     print(block)
 
 
