@@ -40,6 +40,8 @@ VARIANTS: dict[str, list[str]] = {
     "two-stage": ["model.head.name=two-stage"],
     # diagnosis: the same S2RM model with the MiniLM text encoder fine-tuned instead of frozen
     "s2rm-text-ft": ["model.head.name=s2rm", "model.text.freeze=false"],
+    # diagnosis: the same S2RM model with a 2x wider tiny CNN (4x the conv parameters)
+    "s2rm-wide-cnn": ["model.head.name=s2rm", "model.pixel.cnn_widths=[32, 64, 128, 256]"],
 }
 DEFAULT_VARIANTS = ("s2rm", "s2rm-no-coparse", "s2rm-no-balance", "lts", "cmsa", "two-stage")
 
