@@ -45,13 +45,16 @@ class AllObjectsPredictor:
         self.segs: dict[int, list] = {}
         for ann in instances["annotations"]:
             self.segs.setdefault(ann["image_id"], []).append(ann["segmentation"])
+        self._union: dict[int, np.ndarray] = {}  # image id -> (1, H, W), decoded once per image
 
     def __call__(self, sample: RISSample) -> np.ndarray:
-        h, w = self.size[sample.image_id]
-        union = np.zeros((h, w), dtype=bool)
-        for seg in self.segs.get(sample.image_id, []):
-            union |= decode_segmentation(seg, h, w)
-        return union[None]
+        if sample.image_id not in self._union:
+            h, w = self.size[sample.image_id]
+            union = np.zeros((h, w), dtype=bool)
+            for seg in self.segs.get(sample.image_id, []):
+                union |= decode_segmentation(seg, h, w)
+            self._union[sample.image_id] = union[None]
+        return self._union[sample.image_id]
 
 
 def _row(name: str, split: str, report: EvalReport) -> str:

@@ -19,6 +19,7 @@ from dataset_fixtures import (
 )
 
 from mllm_ris.cli import main
+from mllm_ris.data.check import COUNT_KEYS
 from mllm_ris.eval.metrics import METRIC_KEYS
 
 MAKERS: dict[str, Callable[[Path], FixtureInfo]] = {
@@ -34,7 +35,6 @@ MAKERS: dict[str, Callable[[Path], FixtureInfo]] = {
     "reasonseg": make_reasonseg,
     "jsonl": make_jsonl,
 }
-COUNT_KEYS = ("images", "refs", "sentences", "negatives", "no_target", "instances")
 
 
 def _dataset_args(info: FixtureInfo) -> list[str]:

@@ -85,16 +85,10 @@ class RISTransform:
         nh, nw = self.scaled_hw(h, w)
         s = self.size
         # (H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1]
-        img = (
-            torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
-            / 255.0
-        )
+        img = torch.tensor(sample.image, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0  # one copy
         img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
         image = torch.zeros(3, s, s)
-        image[:, :nh, :nw] = (img - self.mean) / self.std
-        # the padding stays 0 = the mean colour after normalisation
-        image[:, nh:, :] = 0.0
-        image[:, :, nw:] = 0.0
+        image[:, :nh, :nw] = (img - self.mean) / self.std  # padding stays 0 = the mean colour
 
         target = torch.zeros(s, s)
         target[:nh, :nw] = _resize_mask(sample.target, nh, nw)
@@ -107,7 +101,7 @@ class RISTransform:
 
 def _resize_mask(mask: np.ndarray, h: int, w: int) -> torch.Tensor:
     """``(H0, W0)`` bool -> ``(h, w)`` float in {0, 1} (nearest)."""
-    m = torch.from_numpy(np.require(mask, requirements=["C", "W"])).float()[None, None]  # (1, 1, H0, W0)
+    m = torch.tensor(mask, dtype=torch.float32)[None, None]  # (1, 1, H0, W0)
     return F.interpolate(m, size=(h, w), mode="nearest")[0, 0]
 
 

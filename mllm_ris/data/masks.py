@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-__all__ = ["decode_segmentation", "encode_rle", "mask_to_box", "rle_area"]
+__all__ = ["decode_segmentation", "encode_rle", "mask_to_box"]
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -60,24 +59,9 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def rle_area(rle: dict[str, Any]) -> int:
-    """Pixel count of an RLE produced by :func:`encode_rle`."""
-    counts = rle["counts"]
-    counts = counts.encode("ascii") if isinstance(counts, str) else counts
-    return int(mask_utils.area({"size": rle["size"], "counts": counts}))
-
-
 def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Tight box ``(x0, y0, x1, y1)`` (inclusive-exclusive) of a ``(H, W)`` mask, None if empty."""
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
         return None
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-def union_masks(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    """Union of ``(H, W)`` masks (all False for none)."""
-    out = np.zeros((height, width), dtype=bool)
-    for m in masks:
-        out |= m
-    return out
