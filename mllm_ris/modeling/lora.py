@@ -1,0 +1,324 @@
+"""The base LLM and its adaptation: :class:`MLLMConfig` (which LLM, how it is adapted), loading
+(local folder, tiny random, bitsandbytes 4/8-bit), LoRA via ``peft``, gradient checkpointing,
+adapter-free base weights for saving, and merging for export.
+
+Which weights train:
+
+* LoRA matrices on ``target_modules`` (``peft.LoraConfig``);
+* the rows of the grounding tokens in the input embeddings and (untied) LM head, through peft's
+  ``trainable_token_indices`` (``TrainableTokensWrapper``): only those rows, never the whole vocab;
+* the grounding MLP and reject head live outside the peft model (in ``GroundingMLLM``) and
+  always train in full, so they need no ``modules_to_save``.
+
+QLoRA = a 4-bit NF4 base (``BitsAndBytesConfig``) + ``prepare_model_for_kbit_training`` + LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+
+from mllm_ris.errors import ConfigError
+
+__all__ = [
+    "DTYPES",
+    "LoraSettings",
+    "MLLMConfig",
+    "apply_lora",
+    "base_state_dict",
+    "enable_gradient_checkpointing",
+    "load_base_llm",
+    "load_causal_lm",
+    "merge_lora",
+    "prepare_for_training",
+    "quantization_config",
+    "random_causal_lm",
+    "tiny_llm_config",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_GC_KWARGS = {"use_reentrant": False}  # no need for inputs that require grad (frozen embeddings are fine)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the LLM (``peft.LoraConfig``); disabled = the whole LLM trains."""
+
+    enabled: bool = field(default=True, metadata={"help": "LoRA adapters; false = full fine-tuning"})
+    r: int = field(default=8, metadata={"help": "rank"})
+    alpha: int = field(default=16, metadata={"help": "scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "module names (suffixes) that get adapters"},
+    )
+    train_token_rows: bool = field(
+        default=True, metadata={"help": "train the <image>/[SEG]/[REJ] rows of embeddings and LM head"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r: must be >= 1, got {self.r}")
+        if self.alpha < 1:
+            raise ConfigError(f"alpha: must be >= 1, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise ConfigError("target_modules: LoRA needs at least one module name")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass
+class MLLMConfig:
+    """Which LLM to build and how it is adapted; ``random_*`` fields only shape the tiny default."""
+
+    name_or_path: str | None = field(
+        default=None, metadata={"help": "local HF causal-LM folder; null = tiny random LLM (or llava_path)"}
+    )
+    llava_path: str | None = field(
+        default=None, metadata={"help": "local HF LLaVA-format folder whose language model is used"}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "bpe | minilm | a tokenizer folder; null = the LLM folder's, else bpe"},
+    )
+    seg_dim: int = field(default=256, metadata={"help": "Dg, width of the grounding embeddings"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    quantization: Literal["none", "4bit", "8bit"] = field(
+        default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "LLM weight dtype and 4-bit compute dtype"}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations"})
+    random_arch: Literal["llama", "qwen2"] = field(default="llama", metadata={"help": "random init only"})
+    random_hidden_size: int = field(default=64, metadata={"help": "random init only"})
+    random_num_layers: int = field(default=2, metadata={"help": "random init only"})
+    random_num_heads: int = field(default=2, metadata={"help": "random init only"})
+    random_intermediate_size: int = field(default=128, metadata={"help": "random init only"})
+    random_tie_embeddings: bool = field(default=False, metadata={"help": "random init only"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from JSON
+            self.lora = LoraSettings(**self.lora)
+        _check(self.seg_dim >= 1, "seg_dim", f"must be >= 1, got {self.seg_dim}")
+        _check(
+            self.name_or_path is None or self.llava_path is None,
+            "llava_path",
+            "set either name_or_path or llava_path, not both",
+        )
+        _check(
+            self.quantization in ("none", "4bit", "8bit"),
+            "quantization",
+            f"must be none, 4bit or 8bit, got {self.quantization!r}",
+        )
+        if self.quantization != "none":
+            _check(self.lora.enabled, "quantization", f"{self.quantization} base weights need lora.enabled")
+            _check(
+                self.name_or_path is not None,
+                "quantization",
+                f"{self.quantization} loads a saved LLM folder: set name_or_path",
+            )
+        _check(
+            self.random_hidden_size % self.random_num_heads == 0,
+            "random_hidden_size",
+            f"{self.random_hidden_size} not divisible by random_num_heads={self.random_num_heads}",
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MLLMConfig:
+        """Inverse of ``dataclasses.asdict`` (``mllm_config.json``)."""
+        return cls(**data)
+
+
+def tiny_llm_config(
+    *,
+    arch: Literal["llama", "qwen2"],
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    tie_embeddings: bool,
+    pad_token_id: int | None,
+) -> PretrainedConfig:
+    """A randomly initialised decoder config (tests, smoke runs)."""
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    return cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=pad_token_id,
+    )
+
+
+def random_causal_lm(*, dtype: str = "float32", **config_kwargs: object) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_config(tiny_llm_config(**config_kwargs))`` in ``dtype`` (global RNG)."""
+    return AutoModelForCausalLM.from_config(tiny_llm_config(**config_kwargs), dtype=DTYPES[dtype])
+
+
+def quantization_config(kind: Literal["none", "4bit", "8bit"], dtype: str = "float32") -> object | None:
+    """``BitsAndBytesConfig`` for ``kind`` (NF4 + double quantization for 4-bit), or None."""
+    if kind == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ConfigError(f"quantization: {kind} needs `bitsandbytes` (pip install mllm-ris[train])") from exc
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[dtype],
+    )
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    quantization: Literal["none", "4bit", "8bit"] = "none",
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM`` from a local folder (``local_files_only``), optionally quantized.
+
+    A quantized model is placed at load time on ``device`` (default: ``cuda:0`` when available, else
+    CPU: bitsandbytes >= 0.45 runs 4-bit NF4 on CPU); an unquantized one stays on CPU.
+    """
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"name_or_path: no config.json in {str(path)!r} (a local model folder is needed)")
+    kwargs: dict[str, object] = {"local_files_only": True, "dtype": DTYPES[dtype]}
+    qcfg = quantization_config(quantization, dtype)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        where = device if device is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
+        kwargs["device_map"] = {"": str(where)}
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def load_base_llm(
+    *,
+    path: str | Path | None,
+    llava_path: str | Path | None = None,
+    quantization: Literal["none", "4bit", "8bit"] = "none",
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """The causal LM in ``path`` (a causal-LM folder) or, when ``llava_path`` is set, a LLaVA checkpoint's."""
+    if llava_path is not None:
+        if quantization != "none":
+            raise ConfigError("quantization: not supported with llava_path; save the language model first")
+        from mllm_ris.modeling.llava import load_llava_checkpoint
+
+        return load_llava_checkpoint(llava_path, dtype=dtype).llm
+    if path is None:
+        raise ConfigError("name_or_path: a saved LLM folder is needed here (no random init)")
+    return load_causal_lm(path, quantization=quantization, dtype=dtype, device=device)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers; the KV cache is off while training."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=dict(_GC_KWARGS))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(_GC_KWARGS))
+    model.config.use_cache = False
+
+
+def prepare_for_training(model: PreTrainedModel, *, gradient_checkpointing: bool) -> PreTrainedModel:
+    """A k-bit model goes through ``prepare_model_for_kbit_training`` (base frozen, norms in fp32,
+    optional checkpointing); a full-precision one only gets checkpointing when asked."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=dict(_GC_KWARGS),
+        )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def _module_suffix(model: nn.Module, target: nn.Module) -> str:
+    """The last name component of ``target`` inside ``model`` (e.g. ``embed_tokens``, ``lm_head``)."""
+    for name, module in model.named_modules():
+        if module is target:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(model).__name__}")
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    settings: LoraSettings,
+    *,
+    token_ids: list[int],
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters; the rows ``token_ids`` of the embeddings / LM head train too.
+
+    The model is first passed through :func:`prepare_for_training` (k-bit preparation, checkpointing).
+    """
+    model = prepare_for_training(model, gradient_checkpointing=gradient_checkpointing)
+    token_indices: dict[str, list[int]] | None = None
+    if settings.train_token_rows:
+        embed = model.get_input_embeddings()
+        token_indices = {_module_suffix(model, embed): list(token_ids)}
+        head = model.get_output_embeddings()
+        # an untied LM head gets its own trainable rows; a tied one follows the embeddings (peft ties them)
+        if isinstance(head, nn.Linear) and head.weight is not embed.weight:
+            token_indices[_module_suffix(model, head)] = list(token_ids)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        trainable_token_indices=token_indices,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def base_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's weights without adapters, keyed as in the plain model (what its
+    ``save_pretrained`` needs): LoRA matrices and token deltas are dropped, the wrapped weights
+    ``….base_layer.weight`` / ``….token_adapter.base_layer.weight`` renamed ``….weight``."""
+    out = {}
+    for key, value in model.get_base_model().state_dict().items():
+        if "lora_" in key or "trainable_tokens_delta" in key:
+            continue
+        out[key.replace(".token_adapter.", ".").replace(".base_layer.", ".")] = value
+    return out
+
+
+def merge_lora(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
+    """Fold LoRA and trainable-token rows into the base weights (export); a plain model is returned as is.
+
+    Merging into a 4-bit base dequantizes and re-quantizes the touched weights (lossy); merge a
+    full-precision reload of the base for an exact export.
+    """
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model

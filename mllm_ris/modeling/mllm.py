@@ -1,0 +1,410 @@
+"""Grounding LLM: an HF causal LM that reads visual tokens and emits ``[SEG]`` / ``[REJ]``.
+
+Each sequence holds exactly one ``<image>`` token; it is replaced by that image's ``K_b`` real
+visual tokens (``VisualTokens.mask``), and the spliced sequences are re-padded. Grounding
+embeddings are read from the last-layer hidden state **at each ``[SEG]`` position** — the state
+that consumed the ``[SEG]`` token — in training (teacher forcing) and in :meth:`generate` (the
+decoding step that feeds a generated ``[SEG]`` back), so both see the same state. The
+no-target logit is read from the hidden state **just before the last answer** (the last prompt
+token, ``… ASSISTANT:``): the state that decides between ``Sure, …[SEG]`` and ``Sorry, … [REJ]``
+without seeing the answer. With labels the answer is where labels start; without labels the
+sequence is taken to be a prompt and its last token is used, which is what :meth:`generate` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mllm_ris.errors import CheckpointError, ConfigError
+from mllm_ris.modeling._sequence import (
+    IGNORE_INDEX,
+    Spliced,
+    greedy_decode,
+    last_true,
+    pack_states,
+    splice_visual_tokens,
+)
+from mllm_ris.modeling.lora import (
+    MLLMConfig,
+    apply_lora,
+    base_state_dict,
+    enable_gradient_checkpointing,
+    load_base_llm,
+    load_causal_lm,
+    merge_lora,
+    prepare_for_training,
+    random_causal_lm,
+)
+from mllm_ris.modeling.tokens import (
+    GroundingTokenIds,
+    add_grounding_tokens,
+    check_token_counts,
+    count_tokens,
+    ensure_special_tokens,
+    load_tokenizer,
+)
+from mllm_ris.modeling.visual_tokens import VisualTokens
+
+__all__ = ["GroundingGeneration", "GroundingMLLM", "GroundingOutput", "MLLMConfig", "build_grounding_mllm"]
+
+_CONFIG_FILE, _HEADS_FILE = "mllm_config.json", "heads.safetensors"
+
+
+@dataclass
+class GroundingOutput:
+    """Output of :meth:`GroundingMLLM.forward` (``L'`` = length after splicing in the visual tokens).
+
+    Attributes:
+        loss: ``()`` LM cross-entropy over answer tokens; None without labels.
+        logits: ``(B, L', V)`` next-token logits over the spliced sequence.
+        seg_embeds: ``(B, T, Dg)`` grounding embeddings, one per ``[SEG]`` in sequence order,
+            zero-padded to the largest ``T`` in the batch (``T`` may be 0).
+        seg_valid: ``(B, T)`` bool, True for real embeddings.
+        reject_logit: ``(B,)`` no-target logit (sigmoid = probability that nothing matches).
+        attention_mask: ``(B, L')`` long of the spliced sequence.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    seg_embeds: torch.Tensor
+    seg_valid: torch.Tensor
+    reject_logit: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class GroundingGeneration:
+    """Output of :meth:`GroundingMLLM.generate`.
+
+    Attributes:
+        text: the ``B`` decoded answers (special tokens kept, eos and padding cut).
+        sequences: ``(B, N)`` generated ids, ``pad_token_id`` after eos.
+        seg_embeds: ``(B, T, Dg)``, one per generated ``[SEG]``; ``seg_valid (B, T)`` bool.
+        reject_logit: ``(B,)`` at the last prompt token.
+    """
+
+    text: list[str]
+    sequences: torch.Tensor
+    seg_embeds: torch.Tensor
+    seg_valid: torch.Tensor
+    reject_logit: torch.Tensor
+
+
+class GroundingMLLM(nn.Module):
+    """An HF causal LM (optionally peft-wrapped) + the grounding MLP and the reject head.
+
+    Args:
+        llm: ``AutoModelForCausalLM`` (or a ``PeftModel`` around one) whose vocab holds the tokens.
+        tokenizer: its tokenizer (eos and pad set).
+        token_ids: ids of ``<image>``, ``[SEG]``, ``[REJ]``.
+        seg_dim: ``Dg``, width of the grounding embeddings.
+        config: what the model was built from (written by :meth:`save_pretrained`).
+    """
+
+    def __init__(
+        self,
+        *,
+        llm: PreTrainedModel | PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        token_ids: GroundingTokenIds,
+        seg_dim: int,
+        config: MLLMConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if config is not None and config.seg_dim != seg_dim:
+            raise ConfigError(f"seg_dim: {seg_dim} given, the config says {config.seg_dim}")
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.token_ids = token_ids
+        self.cfg = config if config is not None else MLLMConfig(seg_dim=seg_dim)
+        hidden = int(llm.get_input_embeddings().weight.shape[1])
+        self.hidden_size, self.seg_dim = hidden, seg_dim
+        # LISA's text_hidden_fcs: Linear(D, D) → ReLU → Linear(D, Dg); heads stay in float32
+        self.seg_mlp = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, seg_dim)
+        )
+        self.reject_head = nn.Linear(hidden, 1)
+
+    # ----------------------------------------------------------------------------- training pass
+
+    def _splice(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual: VisualTokens,
+        labels: torch.Tensor | None,
+        *,
+        left_pad: bool,
+    ) -> Spliced:
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        return splice_visual_tokens(
+            embeds,
+            input_ids,
+            attention_mask,
+            visual,
+            labels,
+            image_token_id=self.token_ids.image,
+            left_pad=left_pad,
+        )
+
+    def _seg_embeddings(
+        self, hidden: torch.Tensor, seg_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden (B, L', D)``, ``seg_mask (B, L')`` → ``seg_embeds (B, T, Dg)``, ``seg_valid (B, T)``."""
+        counts = seg_mask.sum(dim=1)  # (B,)
+        t_max = int(counts.max()) if counts.numel() else 0
+        seg_valid = torch.arange(t_max, device=hidden.device)[None, :] < counts[:, None]  # (B, T)
+        # run the MLP even on N = 0 rows: the output stays connected to its weights (zero grads, not None)
+        picked = self.seg_mlp(hidden[seg_mask].float())  # (N, Dg), row-major = (b, position) order
+        embeds = picked.new_zeros((hidden.shape[0], t_max, self.seg_dim))
+        embeds = embeds.masked_scatter(seg_valid[..., None], picked)  # fills (b, t) in the same order
+        return embeds, seg_valid
+
+    def _reject_logit(self, hidden: torch.Tensor, sp: Spliced) -> torch.Tensor:
+        """``(B,)`` from the state before the last answer (labels) or at the last real token (prompt)."""
+        pos = last_true(sp.attention_mask.bool())  # (B,) last real token
+        if sp.labels is not None:
+            answer = sp.labels != IGNORE_INDEX  # (B, L')
+            starts = answer & ~F.pad(answer, (1, 0))[:, :-1]  # first token of every answer run
+            start = last_true(starts)  # (B,), -1 when the row has no answer
+            pos = torch.where(start > 0, start - 1, pos)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.reject_head(hidden[rows, pos].float()).squeeze(-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual_tokens: VisualTokens,
+        labels: torch.Tensor | None = None,
+        *,
+        target_counts: torch.Tensor | Sequence[int] | None = None,
+    ) -> GroundingOutput:
+        """Teacher-forced pass.
+
+        Args:
+            input_ids, attention_mask: ``(B, L)``, one ``<image>`` per sequence, any padding side.
+            visual_tokens: ``embeds (B, K, D)``, ``mask (B, K)``.
+            labels: ``(B, L)`` with -100 outside answers, or None (no loss).
+            target_counts: ``(B,)`` target masks per sample; checked against the ``[SEG]`` count.
+
+        Raises:
+            TokenCountError: wrong ``<image>`` count, or ``[SEG]`` count != ``target_counts``.
+        """
+        if target_counts is not None:
+            found = count_tokens(input_ids, self.token_ids.seg, attention_mask)
+            check_token_counts(found.tolist(), target_counts, what="[SEG] tokens", against="target masks")
+        sp = self._splice(input_ids, attention_mask, visual_tokens, labels, left_pad=False)
+        out = self.llm(
+            inputs_embeds=sp.embeds,
+            attention_mask=sp.attention_mask,
+            position_ids=sp.position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1]  # (B, L', D), after the final norm: what the LM head reads
+        loss = None
+        if sp.labels is not None:
+            shifted = sp.labels[:, 1:]  # logits at i predict the token at i + 1
+            if (shifted != IGNORE_INDEX).any():
+                loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), shifted.flatten())
+            else:
+                loss = out.logits.sum() * 0.0  # a batch without answer tokens
+        seg_embeds, seg_valid = self._seg_embeddings(hidden, sp.token_ids == self.token_ids.seg)
+        return GroundingOutput(
+            loss=loss,
+            logits=out.logits,
+            seg_embeds=seg_embeds,
+            seg_valid=seg_valid,
+            reject_logit=self._reject_logit(hidden, sp),
+            attention_mask=sp.attention_mask,
+        )
+
+    # ------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual_tokens: VisualTokens,
+        *,
+        max_new_tokens: int = 32,
+    ) -> GroundingGeneration:
+        """Greedy KV-cached decoding of prompts ``(B, L)`` (one ``<image>`` each, ending in ``ASSISTANT:``).
+
+        Sequences are left-padded after splicing (explicit position ids), so a prompt decodes the
+        same alone or in a batch. Every generated token is fed back once; the last-layer state of
+        the step that feeds a ``[SEG]`` gives its grounding embedding (as in :meth:`forward`).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(input_ids, attention_mask, visual_tokens, max_new_tokens)
+        finally:
+            self.train(was_training)
+
+    def _generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens, max_new_tokens: int
+    ) -> GroundingGeneration:
+        eos = int(self.tokenizer.eos_token_id)
+        sp = self._splice(input_ids, attention_mask, visual, None, left_pad=True)
+        sequences, prompt_state, seg_states = greedy_decode(
+            self.llm,
+            self.llm.get_input_embeddings(),
+            sp,
+            eos_id=eos,
+            pad_id=int(self.tokenizer.pad_token_id),
+            seg_id=self.token_ids.seg,
+            max_new_tokens=max_new_tokens,
+        )
+        reject_logit = self.reject_head(prompt_state.float()).squeeze(-1)  # (B,) at the last prompt token
+        hidden, seg_mask = pack_states(seg_states, prompt_state)  # (B, T, D), (B, T)
+        seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
+        text = [self._decode(row, eos) for row in sequences.tolist()]
+        return GroundingGeneration(text, sequences, seg_embeds, seg_valid, reject_logit)
+
+    def _decode(self, ids: list[int], eos: int) -> str:
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        return self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+
+    # ------------------------------------------------------------------------- saving / export
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters and token rows into the LLM weights (export; no-op without LoRA)."""
+        self.llm = merge_lora(self.llm)
+
+    def _heads_state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{n}.{k}": v
+            for n in ("seg_mlp", "reject_head")
+            for k, v in getattr(self, n).state_dict().items()
+        }
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``mllm_config.json``, ``tokenizer/``, ``heads.safetensors``, ``adapter/`` (LoRA + token
+        rows) and ``llm/`` (the full LLM without LoRA, or the random base, which no path can rebuild)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        save_file(
+            {k: v.detach().contiguous() for k, v in self._heads_state().items()}, str(folder / _HEADS_FILE)
+        )
+        if isinstance(self.llm, PeftModel):
+            self.llm.save_pretrained(str(folder / "adapter"))
+            if self.cfg.name_or_path is None and self.cfg.llava_path is None:
+                base = self.llm.get_base_model()
+                base.save_pretrained(str(folder / "llm"), state_dict=base_state_dict(self.llm))
+        else:
+            self.llm.save_pretrained(str(folder / "llm"))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, trainable: bool = False, device: str | torch.device | None = None
+    ) -> GroundingMLLM:
+        """Rebuild a model written by :meth:`save_pretrained` (in eval mode).
+
+        Args:
+            trainable: resume training (LoRA / token rows, or the whole LLM without LoRA, train;
+                checkpointing as configured); False = inference, every weight frozen.
+            device: where a quantized base is loaded (see ``load_causal_lm``).
+        """
+        folder = Path(path)
+        if not (folder / _CONFIG_FILE).is_file():
+            raise CheckpointError(f"{str(folder)!r} is not a GroundingMLLM folder (no {_CONFIG_FILE})")
+        cfg = MLLMConfig.from_dict(json.loads((folder / _CONFIG_FILE).read_text()))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        saved = folder / "llm"
+        llm = load_base_llm(
+            path=saved if saved.is_dir() else cfg.name_or_path,
+            llava_path=None if saved.is_dir() else cfg.llava_path,
+            quantization=cfg.quantization,
+            dtype=cfg.dtype,
+            device=device,
+        )
+        token_ids = add_grounding_tokens(tokenizer, llm)
+        if (folder / "adapter").is_dir():
+            if trainable:
+                llm = prepare_for_training(llm, gradient_checkpointing=cfg.gradient_checkpointing)
+            llm = PeftModel.from_pretrained(llm, str(folder / "adapter"), is_trainable=trainable)
+        elif cfg.lora.enabled:
+            raise CheckpointError(f"{str(folder)!r}: config has LoRA enabled but there is no adapter/ folder")
+        model = cls(llm=llm, tokenizer=tokenizer, token_ids=token_ids, seg_dim=cfg.seg_dim, config=cfg)
+        state = load_file(str(folder / _HEADS_FILE))
+        expected = model._heads_state()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or bad:
+            raise CheckpointError(
+                f"{str(folder / _HEADS_FILE)!r} does not fit: missing {missing}, unexpected {unexpected}, "
+                f"mis-shaped {bad}"
+            )
+        for name in ("seg_mlp", "reject_head"):
+            getattr(model, name).load_state_dict(
+                {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name)}
+            )
+        if not trainable:
+            model.requires_grad_(False)
+        elif cfg.gradient_checkpointing and not (folder / "adapter").is_dir():
+            enable_gradient_checkpointing(model.llm)
+        return model.eval()
+
+
+def build_grounding_mllm(
+    cfg: MLLMConfig,
+    *,
+    llm: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device | None = None,
+) -> GroundingMLLM:
+    """Build the LLM ``cfg`` names (or use ``llm``), add the grounding tokens, apply LoRA / QLoRA.
+
+    Args:
+        llm: an already loaded causal LM (e.g. ``load_llava_checkpoint(...).llm``); overrides the paths.
+        tokenizer: its tokenizer; default from ``cfg.tokenizer`` (see ``load_tokenizer``).
+        device: where a quantized base is loaded.
+    """
+    model_dir = cfg.llava_path or cfg.name_or_path
+    if llm is None and cfg.llava_path is not None:
+        from mllm_ris.modeling.llava import load_llava_checkpoint
+
+        parts = load_llava_checkpoint(cfg.llava_path, dtype=cfg.dtype)
+        llm, tokenizer = parts.llm, tokenizer or parts.tokenizer
+    elif llm is None and cfg.name_or_path is not None:
+        llm = load_causal_lm(cfg.name_or_path, quantization=cfg.quantization, dtype=cfg.dtype, device=device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer, model_dir=model_dir)
+    ensure_special_tokens(tokenizer)
+    if llm is None:  # tiny random LLM sized to the tokenizer (grounding tokens included)
+        add_grounding_tokens(tokenizer)
+        llm = random_causal_lm(
+            arch=cfg.random_arch,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.random_hidden_size,
+            num_layers=cfg.random_num_layers,
+            num_heads=cfg.random_num_heads,
+            intermediate_size=cfg.random_intermediate_size,
+            tie_embeddings=cfg.random_tie_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=cfg.dtype,
+        )
+    token_ids = add_grounding_tokens(tokenizer, llm)
+    if cfg.lora.enabled:
+        llm = apply_lora(
+            llm, cfg.lora, token_ids=token_ids.as_list(), gradient_checkpointing=cfg.gradient_checkpointing
+        )
+    elif cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(llm)
+    return GroundingMLLM(llm=llm, tokenizer=tokenizer, token_ids=token_ids, seg_dim=cfg.seg_dim, config=cfg)
