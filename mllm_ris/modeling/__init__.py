@@ -1,1 +1,7 @@
-"""Models: classic mode (text encoder + pixel encoder + fusion head) and the losses they share."""
+"""Models and their parts. Import the module you need (each pulls in only its own dependencies):
+
+- ``classic``: text encoder + pixel encoder + fusion head (no LLM); ``losses``: mask losses;
+- ``superpixels`` / ``superpixel_cache``: label maps for the superpixel projector;
+- ``vision``: the HF vision tower; ``projector``: superpixel and patch projectors → ``VisualTokens``;
+- ``tokens``, ``mllm``, ``lora``, ``llava``: the grounding LLM, its tokens, LoRA / QLoRA, LLaVA reuse.
+"""
