@@ -1,0 +1,155 @@
+"""Batches for MLLM mode: letterboxed images, one mask per target, superpixels and the chat tokens.
+
+:class:`MLLMCollator` turns :class:`RISSample` objects into an :class:`MLLMBatch`:
+
+* the image, the union target and the valid area exactly as classic mode (:class:`RISTransform`);
+* ``target_masks (B, T, S, S)``: each target instance letterboxed (nearest), zero-padded to the
+  largest ``T`` in the batch, ``target_valid (B, T)`` marking real ones (``T = 0`` for negatives);
+* ``superpixels (B, S, S)`` long: the generator's label map of the *original* image (so a disk
+  cache keyed on image content is hit across epochs and sizes), resized nearest into the
+  letterbox, ``-1`` on the padding (the projector ignores negative labels);
+* the conversation: one turn per sample (``ChatTemplate``), answered with one ``[SEG]`` per target
+  or ``[REJ]`` when training, left open (a prompt) for inference; right-padded ``input_ids``,
+  ``attention_mask`` and ``labels`` (answer tokens only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris
+from mllm_ris.data.conversation import ChatTemplate, collate_conversations
+from mllm_ris.data.sample import RISSample
+
+__all__ = ["MLLMBatch", "MLLMCollator", "letterbox_labels", "letterbox_masks"]
+
+SuperpixelFn = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 -> (H, W) int labels
+
+
+@dataclass
+class MLLMBatch(RISBatch):
+    """A :class:`RISBatch` plus what MLLM mode needs (``S`` = canvas side, ``L`` = tokens).
+
+    Attributes:
+        target_masks: ``(B, T, S, S)`` float in {0, 1}, one per target, zero-padded.
+        target_valid: ``(B, T)`` bool, True for real targets.
+        superpixels: ``(B, S, S)`` long labels, ``-1`` outside the image; None without a generator.
+        input_ids, attention_mask, labels: ``(B, L)`` long; ``labels`` is -100 off the answers.
+    """
+
+    target_masks: torch.Tensor | None = None
+    target_valid: torch.Tensor | None = None
+    superpixels: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def target_counts(self) -> torch.Tensor:
+        """``(B,)`` long: targets per sample (0 for no-target)."""
+        assert self.target_valid is not None
+        return self.target_valid.sum(1)
+
+    def to(self, device: torch.device | str) -> MLLMBatch:
+        """Move every tensor to ``device`` (returns self)."""
+        super().to(device)
+        for name in ("target_masks", "target_valid", "superpixels", "input_ids", "attention_mask", "labels"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def letterbox_masks(masks: np.ndarray, transform: RISTransform) -> torch.Tensor:
+    """``(T, H, W)`` bool → ``(T, S, S)`` float in {0, 1}: resized nearest into the letterbox."""
+    t, h, w = masks.shape
+    nh, nw = transform.scaled_hw(h, w)
+    out = torch.zeros(t, transform.size, transform.size)
+    if t:
+        m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]  # (T, 1, H, W)
+        out[:, :nh, :nw] = F.interpolate(m, size=(nh, nw), mode="nearest")[:, 0]
+    return out
+
+
+def letterbox_labels(labels: np.ndarray, transform: RISTransform) -> torch.Tensor:
+    """``(H, W)`` int labels → ``(S, S)`` long: nearest into the letterbox, ``-1`` on the padding."""
+    h, w = labels.shape
+    nh, nw = transform.scaled_hw(h, w)
+    # nearest-neighbour index sampling keeps label ids exact (no float interpolation of ids)
+    rows = (torch.arange(nh) * h // nh).clamp_max(h - 1)
+    cols = (torch.arange(nw) * w // nw).clamp_max(w - 1)
+    src = torch.from_numpy(np.ascontiguousarray(labels)).long()
+    out = torch.full((transform.size, transform.size), -1, dtype=torch.long)
+    out[:nh, :nw] = src[rows][:, cols]
+    return out
+
+
+class MLLMCollator:
+    """``list[RISSample]`` → :class:`MLLMBatch` (a DataLoader ``collate_fn``).
+
+    Args:
+        transform: the letterbox (canvas side ``S``).
+        tokenizer: the grounding LLM's tokenizer (with ``<image>``, ``[SEG]``, ``[REJ]`` added).
+        template: question phrasings (seeded).
+        superpixels: label-map generator (e.g. a :class:`SuperpixelCache`); None for patch tokens.
+        answers: True to append the answer (training); False leaves the turn open (inference).
+        keep_samples: keep the source samples in the batch (evaluation needs them).
+    """
+
+    def __init__(
+        self,
+        *,
+        transform: RISTransform,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate | None = None,
+        superpixels: SuperpixelFn | None = None,
+        answers: bool = True,
+        keep_samples: bool = False,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "tokenizer has no pad token; call mllm_ris.modeling.tokens.ensure_special_tokens"
+            )
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.template = template or ChatTemplate()
+        self.superpixels = superpixels
+        self.answers = answers
+        self.keep_samples = keep_samples
+
+    def __call__(self, samples: Sequence[RISSample]) -> MLLMBatch:
+        base = collate_ris(samples, self.transform, keep_samples=self.keep_samples)
+        t_max = max((s.masks.shape[0] for s in samples), default=0)
+        size = self.transform.size
+        targets = torch.zeros(len(samples), t_max, size, size)
+        target_valid = torch.zeros(len(samples), t_max, dtype=torch.bool)
+        encoded = []
+        for i, sample in enumerate(samples):
+            t = sample.masks.shape[0]
+            targets[i, :t] = letterbox_masks(sample.masks, self.transform)
+            target_valid[i, :t] = True
+            turns = self.template.turns([sample.text], [t if self.answers else None])
+            encoded.append(self.template.encode(turns, self.tokenizer))
+        input_ids, attention_mask, labels = collate_conversations(
+            encoded, pad_id=int(self.tokenizer.pad_token_id)
+        )
+        superpixels = None
+        if self.superpixels is not None:
+            superpixels = torch.stack(
+                [letterbox_labels(self.superpixels(s.image), self.transform) for s in samples]
+            )  # (B, S, S)
+        return MLLMBatch(
+            **{f: getattr(base, f) for f in RISBatch.__dataclass_fields__},
+            target_masks=targets,
+            target_valid=target_valid,
+            superpixels=superpixels,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+        )
