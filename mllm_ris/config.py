@@ -28,9 +28,15 @@ from typing import Any, Literal
 import yaml
 
 from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.lora import MLLMConfig
 from mllm_ris.modeling.losses import LossConfig
+from mllm_ris.modeling.projector import ProjectorConfig
+from mllm_ris.modeling.superpixels import SuperpixelConfig
+from mllm_ris.modeling.vision import VisionTowerConfig
 from s2rm_head.head import HeadConfig
 from s2rm_head.pixel_encoder import PixelEncoderConfig
+from s2rm_head.prompts import PromptConfig
+from s2rm_head.sam import SAMConfig
 from s2rm_head.text_encoder import TextEncoderConfig
 
 __all__ = [
@@ -74,8 +80,10 @@ class DatasetSpec:
 class ModelConfig:
     """Which model to build.
 
-    ``head.in_channels`` and ``head.lang_dim`` are taken from the built pixel and text encoders,
-    so YAML files only choose the head and its width.
+    ``head.in_channels`` and ``head.lang_dim`` are taken from the built pixel and text encoders
+    (``projector.vision_dim`` / ``grid`` / ``llm_dim`` from the built vision tower and LLM), so YAML
+    files only choose the parts and their widths. ``text`` is used in classic mode; ``vision``,
+    ``superpixels``, ``projector`` and ``mllm`` in mllm mode.
     """
 
     mode: Literal["classic", "mllm"] = field(
@@ -89,6 +97,14 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # mllm mode: image -> vision tower -> projector (+ superpixels) -> grounding LLM -> [SEG] embeddings
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    # SAM stage (built when output_mode is sam or auto): prompts from the head -> SAM's mask decoder
+    sam: SAMConfig = field(default_factory=SAMConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
 
 
 @dataclass
@@ -122,6 +138,24 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_last: int = 2
+    lr_schedule: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "decay after warmup (to 0 at max_steps for cosine / linear)"}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = off"})
+    max_bad_steps: int = field(
+        default=5, metadata={"help": "abort after this many optimizer steps in a row with a NaN / inf loss"}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "'auto' (newest checkpoint in output_dir, if any) or a checkpoint dir"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start fresh in an output_dir that holds checkpoints (deletes them)"}
+    )
+    time_budget_s: float | None = field(
+        default=None, metadata={"help": "stop (and checkpoint) after this many seconds of training"}
+    )
+    tensorboard: bool = field(default=True, metadata={"help": "log to output_dir/tensorboard if installed"})
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -132,6 +166,14 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every"):
             value = getattr(self, name)
             _check(value >= 0, name, f"must be >= 0, got {value}")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _check(
+            self.time_budget_s is None or self.time_budget_s > 0,
+            "time_budget_s",
+            f"must be > 0 or null, got {self.time_budget_s}",
+        )
+        _check(self.resume != "", "resume", "must be 'auto', a checkpoint directory or null")
 
 
 @dataclass
@@ -320,31 +362,39 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build the config: defaults, then the YAML file, then dotted overrides.
+def load_config(
+    path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """Build the config: defaults, then the YAML file(s) in order, then dotted overrides.
 
     Args:
-        path: a YAML file whose top-level keys are a subset of model / data / train / eval.
+        path: a YAML file whose top-level keys are a subset of model / data / train / eval, or a
+            list of them merged in order (e.g. ``configs/model/tiny-synth.yaml`` then
+            ``configs/train/synthref.yaml``): mappings merge, lists and values replace.
         overrides: ``["train.lr=1e-4", "data.train.0.root=/data/coco"]``.
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type or value out of range.
     """
     tree = config_to_dict(Config())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-        _merge(tree, loaded)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for one in paths:
+        _merge(tree, _read_yaml(Path(one)))
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     return _from_dict(Config, tree, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return loaded
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:

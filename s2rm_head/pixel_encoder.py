@@ -365,8 +365,14 @@ class SAMViTEncoder(_FrozenMixin, PixelEncoder):
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = self.vit(images)  # (B, out_chans, S/16, S/16)
-        feats = [out(rescale(x)) for rescale, out in zip(self.rescale, self.output, strict=True)]
-        return self._check_pyramid(feats, images)
+        return self._check_pyramid(self.pyramid(x), images)
+
+    def pyramid(self, embed: torch.Tensor) -> list[torch.Tensor]:
+        """The simple feature pyramid over ViT output ``(B, out_chans, S/16, S/16)`` → 4 maps, strides 4–32.
+
+        Public so a model that already ran the same ViT (SAM's image encoder) reuses its output.
+        """
+        return [out(rescale(embed)) for rescale, out in zip(self.rescale, self.output, strict=True)]
 
 
 def _load_sam_vit_weights(vit: ImageEncoderViT, path: str) -> None:

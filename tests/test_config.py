@@ -9,7 +9,12 @@ import pytest
 from mllm_ris.config import Config, load_config, parse_overrides, save_config
 from mllm_ris.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/*.yaml"))
+# accelerate/*.yaml are accelerate's own files, not this tree
+CONFIGS = sorted(
+    path
+    for folder in ("model", "train", "eval")
+    for path in (Path(__file__).parents[1] / "configs" / folder).glob("*.yaml")
+)
 
 
 def test_defaults_are_valid() -> None:
@@ -72,6 +77,11 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
         (["eval.predictor=oracle"], "eval.predictor"),
         (["train.lr"], "expected key.sub=value"),
         (["nope.x=1"], "nope: unknown config field"),
+        (["model.mllm.lora.rr=4"], "model.mllm.lora.rr: unknown config field (did you mean 'r'?)"),
+        (["model.mllm.lora.r=0"], "model.mllm.lora.r: must be >= 1"),
+        (["model.mllm.quantization=3bit"], "model.mllm.quantization: must be one of"),
+        (["model.projector.kind=tokens"], "model.projector.kind: must be one of"),
+        (["model.superpixels.method=quickshift"], "model.superpixels.method: must be one of"),
     ],
 )
 def test_errors_name_the_field(overrides: list[str], message: str) -> None:
@@ -116,3 +126,15 @@ def test_tuple_fields_convert_and_dump() -> None:
     assert config_to_dict(Widths()) == {"sizes": [1, 2]}
     with pytest.raises(ConfigError, match=r"model\.sizes\.0: expected an integer"):
         _from_dict(Widths, {"sizes": ["q"]}, "model")
+
+
+def test_several_files_merge_in_order(tmp_path: Path) -> None:
+    model = tmp_path / "model.yaml"
+    model.write_text("model: {head: {name: cmsa, dim: 32}}\ntrain: {lr: 0.5}\n")
+    train = tmp_path / "train.yaml"
+    train.write_text("model: {head: {dim: 48}}\ntrain: {batch_size: 3}\n")
+    cfg = load_config([model, train], ["train.lr=0.25"])
+    assert cfg.model.head.name == "cmsa" and cfg.model.head.dim == 48
+    assert cfg.train.batch_size == 3 and cfg.train.lr == 0.25
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([model, tmp_path / "missing.yaml"])

@@ -17,9 +17,15 @@ class LossConfig:
     bce: float = field(default=1.0, metadata={"help": "per-pixel binary cross-entropy"})
     dice: float = field(default=1.0, metadata={"help": "soft Dice, on samples that have a target"})
     iou: float = field(default=1.0, metadata={"help": "MSE of the predicted IoU against the measured one"})
+    lm: float = field(default=1.0, metadata={"help": "LM cross-entropy on the answer tokens (mllm mode)"})
+    no_target: float = field(default=1.0, metadata={"help": "BCE of the reject logit (mllm mode)"})
+    sam: float = field(default=1.0, metadata={"help": "scale of the bce/dice/iou terms on SAM's masks"})
+    match_targets: bool = field(
+        default=True, metadata={"help": "assign targets to [SEG] queries by minimum BCE + Dice (Hungarian)"}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("bce", "dice", "iou"):
+        for name in ("bce", "dice", "iou", "lm", "no_target", "sam"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
 

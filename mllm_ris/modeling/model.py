@@ -1,0 +1,395 @@
+"""RISModel: every part of mllm-ris wired from one :class:`~mllm_ris.config.ModelConfig`.
+
+Two modes share the pixel side (pixel encoder → fusion head → optional SAM stage) and differ in
+where the queries come from (``S`` = canvas side of the batch, ``T`` = queries per image)::
+
+    classic  texts ──TextEncoder──► words (B, L, D) + one query (B, 1, D)
+    mllm     images ──VisionTower──► (B, N, Cv) ──projector(+ superpixels)──► VisualTokens (B, K, D_llm)
+             chat ──GroundingMLLM──► [SEG] embeddings (B, T, Dg), reject logit (B,), LM loss
+    both     images ──PixelEncoder──► pyramid ──head(queries)──► mask_logits (B, T, S/4, S/4), iou (B, T)
+             [sam | auto] prompts(queries, head logits) ──SAM──► sam_logits (B, T, S, S), sam iou (B, T)
+
+Output modes: ``direct`` (head masks), ``sam`` (SAM's), ``auto`` (per query, the one with the higher
+predicted IoU). Losses: :mod:`mllm_ris.modeling.model_losses`. Saving and loading:
+:mod:`mllm_ris.modeling.model_io`; inference on samples: :mod:`mllm_ris.modeling.predictor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch
+from mllm_ris.data.mllm_collate import MLLMBatch
+from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.losses import LossConfig
+from mllm_ris.modeling.mllm import GroundingMLLM
+from mllm_ris.modeling.model_build import build_parts
+from mllm_ris.modeling.model_losses import (
+    match_targets,
+    no_target_loss,
+    pair_mask_losses,
+)
+from mllm_ris.modeling.projector import VisualProjector
+from mllm_ris.modeling.tokens import REJ_TOKEN, SEG_TOKEN
+from mllm_ris.modeling.vision import VisionTower
+from mllm_ris.modeling.visual_tokens import VisualTokens
+from s2rm_head.head import FusionHead
+from s2rm_head.pixel_encoder import PixelEncoder, SAMViTEncoder
+from s2rm_head.prompts import PromptBuilder
+from s2rm_head.sam import SAMStage
+from s2rm_head.text_encoder import TextEncoder
+from s2rm_head.types import LanguageFeatures
+
+if TYPE_CHECKING:
+    from mllm_ris.config import ModelConfig
+
+__all__ = ["RISModel", "RISOutput", "build_model"]
+
+
+@dataclass
+class RISOutput:
+    """What :class:`RISModel` returns (``S`` = the batch's canvas side, ``T`` = query slots).
+
+    Attributes:
+        loss: ``()`` weighted sum of ``loss_terms``; None from :meth:`RISModel.generate`.
+        loss_terms: the weighted terms that apply: ``lm``, ``head_bce``, ``head_dice``, ``iou``,
+            ``sam_bce``, ``sam_dice``, ``sam_iou``, ``no_target``.
+        mask_logits: ``(B, T, h, w)`` the head's logits on its stride-4 grid (``h = S/4`` for encoders
+            that read the ``S x S`` batch; ``img_size/4`` for a SAM-ViT pixel encoder).
+        iou_pred: ``(B, T)`` the head's predicted IoU.
+        masks: ``(B, T, S, S)`` logits of the output mode (auto: per query, head or SAM).
+        scores: ``(B, T)`` predicted IoU of the masks in ``masks``.
+        target_valid: ``(B, T)`` bool, True for real query slots (classic: all True, ``T = 1``).
+        no_target_prob: ``(B,)`` probability that nothing matches (mllm: sigmoid of the reject logit;
+            classic: ``1 - sigmoid(max valid logit of masks)``, > 0.5 exactly when the mask is empty).
+        sam_logits: ``(B, T, S, S)`` SAM's logits, or None without a SAM stage.
+        sam_iou_pred: ``(B, T)`` SAM's predicted IoU, or None.
+        from_sam: ``(B, T)`` bool, where ``masks`` came from SAM; None without a SAM stage.
+        matched_targets: ``(B, T, S, S)`` the targets in query order (after matching) when a loss was
+            computed, else None.
+        text: the generated answers (:meth:`RISModel.generate` in mllm mode), else None.
+    """
+
+    loss: torch.Tensor | None
+    loss_terms: dict[str, torch.Tensor]
+    mask_logits: torch.Tensor
+    iou_pred: torch.Tensor
+    masks: torch.Tensor
+    scores: torch.Tensor
+    target_valid: torch.Tensor
+    no_target_prob: torch.Tensor
+    sam_logits: torch.Tensor | None = None
+    sam_iou_pred: torch.Tensor | None = None
+    from_sam: torch.Tensor | None = None
+    matched_targets: torch.Tensor | None = None
+    text: list[str] | None = None
+
+
+@dataclass
+class _Queries:
+    """Language side of one batch: head input, SAM's sparse-prompt queries and mllm extras."""
+
+    lang: LanguageFeatures
+    reject_logit: torch.Tensor | None = None  # (B,) mllm only
+    lm_loss: torch.Tensor | None = None
+    text: list[str] | None = None
+
+
+@dataclass
+class _Segmentation:
+    """Pixel side of one batch (shapes as in :class:`RISOutput`)."""
+
+    mask_logits: torch.Tensor
+    iou_pred: torch.Tensor
+    head_up: torch.Tensor  # (B, T, S, S) head logits upsampled to the canvas
+    sam_logits: torch.Tensor | None = None
+    sam_iou_pred: torch.Tensor | None = None
+
+
+class RISModel(nn.Module):
+    """Referring segmentation model; parts are injected (see :func:`build_model`), keyword-only.
+
+    Args:
+        cfg: the resolved model config (derived widths filled in); saved with the weights.
+        pixel_encoder, head: the pixel side.
+        loss: the loss weights (``cfg.loss``, a :class:`~mllm_ris.modeling.losses.LossConfig`).
+        text_encoder: classic mode's language side.
+        vision, projector, mllm: mllm mode's language side.
+        sam_stage, prompt_builder: the SAM refinement (output modes ``sam`` / ``auto``).
+        share_sam_vit: the pixel encoder is a SAM-ViT pyramid over ``sam_stage``'s own image encoder
+            (one ViT pass feeds both).
+    """
+
+    def __init__(
+        self,
+        *,
+        cfg: ModelConfig,
+        pixel_encoder: PixelEncoder,
+        head: FusionHead,
+        loss: LossConfig,
+        text_encoder: TextEncoder | None = None,
+        vision: VisionTower | None = None,
+        projector: VisualProjector | None = None,
+        mllm: GroundingMLLM | None = None,
+        sam_stage: SAMStage | None = None,
+        prompt_builder: PromptBuilder | None = None,
+        share_sam_vit: bool = False,
+    ) -> None:
+        super().__init__()
+        mllm_parts = (vision, projector, mllm)
+        if cfg.mode == "classic" and (text_encoder is None or any(p is not None for p in mllm_parts)):
+            raise ConfigError("mode: classic needs a text encoder and no vision / projector / mllm")
+        if cfg.mode == "mllm" and (text_encoder is not None or any(p is None for p in mllm_parts)):
+            raise ConfigError("mode: mllm needs vision, projector and mllm and no text encoder")
+        if (cfg.output_mode != "direct") != (sam_stage is not None and prompt_builder is not None):
+            raise ConfigError(f"output_mode: {cfg.output_mode!r} with sam_stage={sam_stage is not None}")
+        if share_sam_vit and (sam_stage is None or not isinstance(pixel_encoder, SAMViTEncoder)):
+            raise ConfigError("pixel: sharing SAM's ViT needs a SAM stage and a sam-vit pixel encoder")
+        self.cfg = cfg
+        self.loss_cfg = loss
+        self.text_encoder = text_encoder
+        self.vision = vision
+        self.projector = projector
+        self.mllm = mllm
+        self.pixel_encoder = pixel_encoder
+        self.head = head
+        self.sam_stage = sam_stage
+        self.prompt_builder = prompt_builder
+        self.share_sam_vit = share_sam_vit
+        self.load_notes: list[str] = []  # what build_model loaded from pretrained files (one line each)
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def mode(self) -> str:
+        """``classic`` or ``mllm``."""
+        return self.cfg.mode
+
+    # ------------------------------------------------------------------------------ language side
+
+    def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
+        """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → ``VisualTokens (B, K, D_llm)``."""
+        assert self.vision is not None and self.projector is not None and self.mllm is not None
+        x01 = batch.images * self._std + self._mean  # back to [0, 1] RGB (padding = the mean colour)
+        feats = self.vision(self.vision.preprocess(x01))  # (B, N, Cv): resized, the tower's mean / std
+        feats = feats.to(self.projector.mlp[0].weight.dtype)  # a bf16 tower feeds a float32 projector
+        if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
+            raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
+        vis = self.projector(feats, batch.superpixels)  # embeds (B, K, D_llm), mask (B, K)
+        dtype = self.mllm.llm.get_input_embeddings().weight.dtype
+        return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
+
+    def _classic_queries(self, batch: RISBatch) -> _Queries:
+        assert self.text_encoder is not None
+        return _Queries(lang=self.text_encoder.encode(batch.texts, device=batch.images.device))
+
+    def _mllm_queries(self, batch: RISBatch, *, generate: bool, max_new_tokens: int) -> _Queries:
+        if not isinstance(batch, MLLMBatch) or batch.input_ids is None or batch.attention_mask is None:
+            raise ValueError("batch: mllm mode needs an MLLMBatch with input_ids (use MLLMCollator)")
+        assert self.mllm is not None
+        vis = self.visual_tokens(batch)
+        if generate:
+            gen = self.mllm.generate(
+                batch.input_ids, batch.attention_mask, vis, max_new_tokens=max_new_tokens
+            )
+            seg, seg_valid, reject, text, lm = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text, None
+        else:
+            labels = batch.labels
+            if labels is None or not (labels != -100).any(dim=1).all():
+                raise ValueError(
+                    "batch: forward() trains on answered chats (MLLMCollator(answers=True)); "
+                    "use generate() for prompts"
+                )
+            counts = batch.target_counts if batch.target_valid is not None else None
+            out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
+            seg, seg_valid, reject, text, lm = out.seg_embeds, out.seg_valid, out.reject_logit, None, out.loss
+        # each (image, [SEG]) pair is one query; the sample's [SEG] embeddings are its "words"
+        lang = LanguageFeatures(tokens=seg, mask=seg_valid, queries=seg, query_mask=seg_valid)
+        return _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text)
+
+    # ---------------------------------------------------------------------------------- pixel side
+
+    def _pyramid(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``images (B, 3, S, S)`` → 4 maps ``(B, C_i, side/s_i, side/s_i)`` and, when the ViT is shared
+        with SAM, SAM's image embeddings ``(B, C, E, E)`` from the same pass (else None)."""
+        if self.share_sam_vit:
+            assert self.sam_stage is not None and isinstance(self.pixel_encoder, SAMViTEncoder)
+            embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)
+            return self.pixel_encoder.pyramid(embed), embed  # the pyramid over the shared ViT output
+        s = images.shape[-1]
+        side = getattr(self.pixel_encoder, "img_size", None)  # a SAM ViT reads one fixed size
+        if side is not None and side != s:  # (B, 3, S, S) -> (B, 3, side, side); SAM's stats = ImageNet's
+            images = F.interpolate(images, (side, side), mode="bilinear", align_corners=False)
+        return self.pixel_encoder(images), None
+
+    def _segment(self, images: torch.Tensor, lang: LanguageFeatures) -> _Segmentation:
+        """``images (B, 3, S, S)``, queries ``(B, T, D)`` → head (+ SAM) masks."""
+        s = images.shape[-1]
+        pyramid, sam_embed = self._pyramid(images)
+        head = self.head(pyramid, lang)  # mask_logits (B, T, h, w), iou_pred (B, T)
+        b, t, h, w = head.mask_logits.shape
+        head_up = head.mask_logits
+        if t == 0:  # interpolate refuses empty inputs
+            head_up = head.mask_logits.new_zeros(b, 0, s, s)
+        elif (h, w) != (s, s):  # (B, T, h, w) -> (B, T, S, S)
+            head_up = F.interpolate(head.mask_logits, (s, s), mode="bilinear", align_corners=False)
+        seg = _Segmentation(mask_logits=head.mask_logits, iou_pred=head.iou_pred, head_up=head_up)
+        if self.sam_stage is None or self.prompt_builder is None:
+            return seg
+        if t == 0:  # no query in the whole batch: nothing to prompt SAM with
+            seg.sam_logits, seg.sam_iou_pred = head_up, head.iou_pred
+            return seg
+        if sam_embed is None:
+            sam_embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)
+        queries = lang.queries if self.prompt_builder.cfg.sparse else None
+        prompts = self.prompt_builder(queries, head.mask_logits)  # N = B * T pairs, sample-major
+        out = self.sam_stage(sam_embed, prompts)  # mask_logits (N, 1, M, M), iou_pred (N,)
+        up = self.sam_stage.upsample(out.mask_logits, (s, s))  # (N, 1, S, S) over the same canvas
+        seg.sam_logits = up.view(b, t, s, s)  # (N, 1, S, S) -> (B, T, S, S)
+        seg.sam_iou_pred = out.iou_pred.view(b, t)
+        return seg
+
+    def _sam_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised ``(B, 3, S, S)`` → SAM's input ``(B, 3, S_sam, S_sam)``.
+
+        SAM's pixel mean / std are ImageNet's x 255, so the batch is already SAM-normalised; going
+        back to 0..255 and through ``SAMStage.preprocess`` only resizes the square canvas.
+        """
+        assert self.sam_stage is not None
+        x255 = (images * self._std + self._mean) * 255.0  # (B, 3, S, S) RGB on 0..255
+        return self.sam_stage.preprocess(x255).pixels
+
+    def _choose(self, seg: _Segmentation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``masks (B, T, S, S)``, ``scores (B, T)`` and ``from_sam (B, T)`` of the output mode."""
+        mode = self.cfg.output_mode
+        if mode == "direct" or seg.sam_logits is None or seg.sam_iou_pred is None:
+            return seg.head_up, seg.iou_pred, None
+        if mode == "sam":
+            return seg.sam_logits, seg.sam_iou_pred, torch.ones_like(seg.iou_pred, dtype=torch.bool)
+        from_sam = seg.sam_iou_pred > seg.iou_pred  # (B, T) per query: the higher predicted IoU
+        masks = torch.where(from_sam[..., None, None], seg.sam_logits, seg.head_up)
+        return masks, torch.where(from_sam, seg.sam_iou_pred, seg.iou_pred), from_sam
+
+    # ------------------------------------------------------------------------------------- passes
+
+    def forward(self, batch: RISBatch) -> RISOutput:
+        """Teacher-forced pass with losses (classic: a :class:`RISBatch`; mllm: an answered ``MLLMBatch``).
+
+        Raises:
+            TokenCountError: a sample's ``[SEG]`` count differs from its number of target masks.
+        """
+        if self.mode == "classic":
+            q = self._classic_queries(batch)
+        else:
+            q = self._mllm_queries(batch, generate=False, max_new_tokens=0)
+        return self._finish(batch, q, with_loss=True)
+
+    @torch.no_grad()
+    def generate(self, batch: RISBatch, *, max_new_tokens: int = 32) -> RISOutput:
+        """Inference: mllm mode decodes the prompts (``MLLMCollator(answers=False)``) and segments one
+        query per generated ``[SEG]``; classic mode is :meth:`forward` without losses."""
+        if self.mode == "classic":
+            q = self._classic_queries(batch)
+        else:
+            q = self._mllm_queries(batch, generate=True, max_new_tokens=max_new_tokens)
+        return self._finish(batch, q, with_loss=False)
+
+    def _finish(self, batch: RISBatch, q: _Queries, *, with_loss: bool) -> RISOutput:
+        seg = self._segment(batch.images, q.lang)
+        masks, scores, from_sam = self._choose(seg)
+        if q.reject_logit is not None:
+            no_target_prob = torch.sigmoid(q.reject_logit.float())
+        else:  # classic: empty mask <=> every valid logit < 0 <=> this probability > 0.5
+            best = masks[:, 0].masked_fill(~batch.valid, float("-inf")).flatten(1).amax(1)  # (B,)
+            no_target_prob = 1.0 - torch.sigmoid(best.float())
+        out = RISOutput(
+            loss=None,
+            loss_terms={},
+            mask_logits=seg.mask_logits,
+            iou_pred=seg.iou_pred,
+            masks=masks,
+            scores=scores,
+            target_valid=q.lang.query_mask,
+            no_target_prob=no_target_prob,
+            sam_logits=seg.sam_logits,
+            sam_iou_pred=seg.sam_iou_pred,
+            from_sam=from_sam,
+            text=q.text,
+        )
+        if with_loss:
+            self._add_losses(out, batch, q, seg)
+        return out
+
+    def _add_losses(self, out: RISOutput, batch: RISBatch, q: _Queries, seg: _Segmentation) -> None:
+        """Fill ``loss``, ``loss_terms`` and ``matched_targets`` (terms: ``model_losses``)."""
+        cfg, extra = self.cfg.loss, self.loss_cfg
+        terms: dict[str, torch.Tensor] = {}
+        if self.mode == "classic":  # one query per expression, trained on the union (empty for no-target)
+            targets = batch.targets[:, None]  # (B, S, S) -> (B, 1, S, S)
+            pair_valid = torch.ones_like(batch.has_target)[:, None]  # (B, 1)
+            has_target = batch.has_target[:, None]  # (B, 1)
+        else:
+            assert isinstance(batch, MLLMBatch) and batch.target_masks is not None
+            assert q.lm_loss is not None and q.reject_logit is not None and batch.target_valid is not None
+            targets, pair_valid = batch.target_masks, batch.target_valid  # (B, T, S, S), (B, T)
+            has_target = pair_valid
+            if extra.match_targets:
+                order = match_targets(seg.mask_logits, targets, pair_valid, batch.valid)  # (B, T)
+                targets = targets.gather(1, order[..., None, None].expand_as(targets))
+            terms["lm"] = extra.lm * q.lm_loss
+            terms["no_target"] = no_target_loss(q.reject_logit, batch.has_target, extra.no_target)
+        args = (targets, pair_valid, has_target, batch.valid, cfg)
+        terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))
+        if seg.sam_logits is not None and seg.sam_iou_pred is not None:
+            terms.update(
+                pair_mask_losses(seg.sam_logits, seg.sam_iou_pred, *args, prefix="sam", scale=extra.sam)
+            )
+        out.loss = sum(terms.values())  # type: ignore[assignment]
+        out.loss_terms = terms
+        out.matched_targets = targets
+
+    # ---------------------------------------------------------------------------------- utilities
+
+    @staticmethod
+    def rejected(text: str) -> bool:
+        """Whether a generated answer means "no target": it has ``[REJ]`` or no ``[SEG]``."""
+        return REJ_TOKEN in text or SEG_TOKEN not in text
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the model folder (see :func:`mllm_ris.modeling.model_io.save_model`)."""
+        from mllm_ris.modeling.model_io import save_model
+
+        return save_model(self, path)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, trainable: bool = False, device: str | torch.device | None = None
+    ) -> RISModel:
+        """Rebuild a model written by :meth:`save_pretrained` (eval mode; frozen unless ``trainable``)."""
+        from mllm_ris.modeling.model_io import load_model
+
+        return load_model(path, trainable=trainable, device=device)
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    *,
+    mllm: GroundingMLLM | None = None,
+) -> RISModel:
+    """Build the model ``model_cfg`` describes; widths that follow from the built parts are derived
+    (rules in :func:`mllm_ris.modeling.model_build.build_parts`).
+
+    Args:
+        mllm: an already built grounding LLM (e.g. :meth:`GroundingMLLM.from_pretrained`) to use
+            instead of building ``model_cfg.mllm``.
+    """
+    parts = build_parts(model_cfg, mllm=mllm)
+    model = RISModel(**parts.kwargs)
+    model.load_notes = parts.notes
+    return model

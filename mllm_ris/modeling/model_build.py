@@ -1,0 +1,158 @@
+"""Assemble the parts of a :class:`~mllm_ris.modeling.model.RISModel` from one ``ModelConfig``.
+
+Derived values (the YAML's are overwritten, so files only choose parts and their sizes):
+
+* ``head.in_channels`` ← the built pixel encoder's ``channels``;
+* ``head.lang_dim`` ← the text encoder's ``dim`` (classic) or ``mllm.seg_dim`` (mllm);
+* ``projector.vision_dim`` / ``grid`` ← the built vision tower's ``dim`` / ``grid``;
+  ``projector.llm_dim`` ← the LLM's hidden size;
+* ``prompts.grounding_dim`` ← ``head.lang_dim`` (the SAM sparse prompt reads the same queries).
+
+The SAM stage and prompt builder exist only for ``output_mode`` ``sam`` / ``auto``. A ``sam-vit``
+pixel encoder whose ``pixel.path`` is null or ``sam.checkpoint`` then **shares SAM's image encoder**
+(its ``pixel.sam_*`` sizes are ignored: SAM's ViT and weights are used, and one ViT pass feeds both);
+with ``output_mode: direct`` the same config builds its own ViT from ``pixel.path``.
+
+With ``mllm.llava_path`` the LLaVA folder is read once: its LLM and tokenizer go to the grounding
+LLM, its vision tower is used unless ``vision.name_or_path`` is set, and its projector weights are
+loaded onto ``projector.mlp`` (``strict=False``; what loaded is recorded in ``notes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mllm_ris.errors import CheckpointError, ConfigError
+from mllm_ris.modeling.llava import load_llava_checkpoint
+from mllm_ris.modeling.mllm import GroundingMLLM, build_grounding_mllm
+from mllm_ris.modeling.projector import VisualProjector, build_projector
+from mllm_ris.modeling.vision import VisionTower, build_vision_tower
+from s2rm_head.head import build_head
+from s2rm_head.pixel_encoder import PixelEncoder, SAMViTEncoder, build_pixel_encoder
+from s2rm_head.prompts import build_prompt_builder
+from s2rm_head.sam import SAMStage, build_sam_stage
+from s2rm_head.text_encoder import build_text_encoder
+
+if TYPE_CHECKING:
+    from mllm_ris.config import ModelConfig
+
+__all__ = ["BuiltParts", "build_parts"]
+
+
+@dataclass
+class BuiltParts:
+    """Keyword arguments of ``RISModel(...)`` and one line per weight file loaded on the way."""
+
+    kwargs: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def _replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` (re-runs the config's checks)."""
+    return dataclasses.replace(cfg, **changes)
+
+
+def _pixel_encoder(cfg: ModelConfig, stage: SAMStage | None) -> tuple[PixelEncoder, bool]:
+    """The pixel encoder, and whether it shares the SAM stage's ViT."""
+    pixel = cfg.pixel
+    if pixel.name == "sam-vit" and stage is not None and pixel.path in (None, cfg.sam.checkpoint):
+        if pixel.sam_freeze_vit != cfg.sam.freeze_image_encoder:
+            raise ConfigError(
+                f"pixel.sam_freeze_vit: {pixel.sam_freeze_vit}, sam.freeze_image_encoder: "
+                f"{cfg.sam.freeze_image_encoder}; the pixel encoder shares SAM's ViT, set both the same"
+            )
+        vit = stage.sam.image_encoder
+        encoder = SAMViTEncoder(
+            vit=vit, pyramid_channels=pixel.sam_pyramid_channels, freeze_vit=pixel.sam_freeze_vit
+        )
+        return encoder, True
+    return build_pixel_encoder(pixel), False
+
+
+def _load_projector_mlp(projector: VisualProjector, state: dict[str, torch.Tensor], source: str) -> str:
+    """Load LLaVA's ``mlp.*`` tensors onto ``projector.mlp`` (non-strict); return a report line."""
+    sub = {k.removeprefix("mlp."): v for k, v in state.items()}
+    try:
+        result = projector.mlp.load_state_dict(sub, strict=False)
+    except RuntimeError as exc:  # mis-shaped tensors
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"llava_path {source!r}: projector weights do not fit: {first}") from None
+    loaded = sorted(f"mlp.{k}" for k in sub if k not in result.unexpected_keys)
+    return (
+        f"projector.mlp: {len(loaded)} tensors from {source} ({', '.join(loaded)}); "
+        f"missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}"
+    )
+
+
+def _mllm_side(
+    cfg: ModelConfig, mllm: GroundingMLLM | None, notes: list[str]
+) -> tuple[VisionTower, GroundingMLLM, dict[str, torch.Tensor]]:
+    """Vision tower, grounding LLM and (from a LLaVA folder) projector weights; LLaVA read at most once."""
+    m = cfg.mllm
+    vision: VisionTower | None = None
+    projector_state: dict[str, torch.Tensor] = {}
+    if m.llava_path is not None and (mllm is None or cfg.vision.name_or_path is None):
+        parts = load_llava_checkpoint(m.llava_path, freeze_vision=cfg.vision.freeze, dtype=m.dtype)
+        if mllm is None:
+            mllm = build_grounding_mllm(m, llm=parts.llm, tokenizer=parts.tokenizer)
+            notes.append(f"mllm: language model from {m.llava_path}")
+        if cfg.vision.name_or_path is None:
+            vision = parts.vision
+            notes.append(f"vision: tower from {m.llava_path} (feature layer {parts.vision.feature_layer})")
+        projector_state = parts.projector_state
+    if mllm is None:
+        mllm = build_grounding_mllm(m)
+    if vision is None:
+        vision = build_vision_tower(cfg.vision)
+        if cfg.vision.name_or_path is not None:
+            notes.append(f"vision: tower from {cfg.vision.name_or_path}")
+    if mllm.seg_dim != m.seg_dim:
+        raise ConfigError(f"mllm.seg_dim: {m.seg_dim}, the given grounding LLM has {mllm.seg_dim}")
+    return vision, mllm, projector_state
+
+
+def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> BuiltParts:
+    """Build every part ``cfg`` asks for (rules in the module doc); ``mllm`` replaces ``cfg.mllm``'s."""
+    notes: list[str] = []
+    stage = builder = None
+    if cfg.output_mode != "direct":
+        stage = build_sam_stage(cfg.sam)
+        if cfg.sam.checkpoint is not None:
+            notes.append(f"sam: {cfg.sam.variant} weights from {cfg.sam.checkpoint}")
+    pixel, share = _pixel_encoder(cfg, stage)
+    if share:
+        notes.append("pixel: sam-vit pyramid over SAM's image encoder (shared)")
+    kwargs: dict[str, Any] = {}
+    resolved: dict[str, Any] = {}
+    if cfg.mode == "classic":
+        text = build_text_encoder(cfg.text)
+        kwargs["text_encoder"], lang_dim = text, text.dim
+    else:
+        vision, mllm, projector_state = _mllm_side(cfg, mllm, notes)
+        proj_cfg = _replace(cfg.projector, vision_dim=vision.dim, grid=vision.grid, llm_dim=mllm.hidden_size)
+        projector = build_projector(proj_cfg)
+        if projector_state:
+            notes.append(_load_projector_mlp(projector, projector_state, str(cfg.mllm.llava_path)))
+        kwargs.update(vision=vision, projector=projector, mllm=mllm)
+        resolved["projector"], lang_dim = proj_cfg, mllm.seg_dim
+    head_cfg = _replace(cfg.head, in_channels=tuple(pixel.channels), lang_dim=lang_dim)
+    head = build_head(head_cfg)
+    if cfg.mode == "classic" and not head.uses_words:  # e.g. LTS reads only the sentence query
+        kwargs["text_encoder"].token_proj.requires_grad_(False)
+    if stage is not None:
+        resolved["prompts"] = _replace(cfg.prompts, grounding_dim=lang_dim)
+        builder = build_prompt_builder(resolved["prompts"], stage.sam)
+    kwargs.update(
+        cfg=_replace(cfg, head=head_cfg, **resolved),
+        pixel_encoder=pixel,
+        head=head,
+        loss=cfg.loss,
+        sam_stage=stage,
+        prompt_builder=builder,
+        share_sam_vit=share,
+    )
+    return BuiltParts(kwargs=kwargs, notes=notes)

@@ -1,0 +1,158 @@
+"""Save / load a whole :class:`~mllm_ris.modeling.model.RISModel` as one folder::
+
+    config.json                the resolved ModelConfig as {"model": {...}} (readable by load_config)
+    <part>.safetensors         one file per part: text_encoder, vision, projector, pixel_encoder,
+                               head, prompt_builder, sam_stage (parts the model lacks are absent)
+    mllm/                      GroundingMLLM.save_pretrained: tokenizer, LoRA adapter, [SEG] MLP and
+                               reject head, and the base LLM only when no path can rebuild it
+
+A weight is left out when it is frozen **and** comes from pretrained files the config names
+(they are reloaded from there): a frozen pretrained text transformer (``text.init: pretrained``), a
+frozen vision tower from ``vision.name_or_path`` / ``mllm.llava_path``, a frozen SAM part loaded
+from ``sam.checkpoint``, a frozen pixel backbone with ``pixel.path``, and a ViT shared with SAM
+(saved once, under ``sam_stage``). Everything else — random-init parts included — is written.
+Loading checks every file against the rebuilt model: missing / unexpected keys and mis-shaped
+tensors are a one-line :class:`~mllm_ris.errors.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mllm_ris.config import config_to_dict, load_config
+from mllm_ris.errors import CheckpointError
+from mllm_ris.modeling.mllm import GroundingMLLM
+
+if TYPE_CHECKING:
+    from mllm_ris.modeling.model import RISModel
+
+__all__ = ["CONFIG_NAME", "PARTS", "load_model", "owned_state", "save_model"]
+
+CONFIG_NAME = "config.json"
+PARTS: tuple[str, ...] = (
+    "text_encoder",
+    "vision",
+    "projector",
+    "pixel_encoder",
+    "head",
+    "prompt_builder",
+    "sam_stage",
+)
+
+
+def _external(model: RISModel, part: str) -> tuple[str, ...] | None:
+    """Key prefixes of ``part`` that are reloaded from pretrained files; None = the whole part."""
+    cfg = model.cfg
+    if part == "text_encoder" and cfg.text.init == "pretrained" and cfg.text.freeze:
+        return ("model.",)
+    if part == "vision" and cfg.vision.freeze and (cfg.vision.name_or_path or cfg.mllm.llava_path):
+        return None
+    if part == "pixel_encoder":
+        pixel = cfg.pixel
+        if model.share_sam_vit or (pixel.name == "sam-vit" and pixel.path and pixel.sam_freeze_vit):
+            return ("vit.",)
+        if pixel.name == "hf-backbone" and pixel.path and pixel.hf_freeze:
+            return ("backbone.",)
+    if part == "sam_stage" and cfg.sam.checkpoint is not None:
+        kinds = ("image_encoder", "prompt_encoder", "mask_decoder")
+        return tuple(f"sam.{k}." for k in kinds if getattr(cfg.sam, f"freeze_{k}"))
+    return ()
+
+
+def owned_state(model: RISModel, part: str) -> dict[str, torch.Tensor]:
+    """The weights of ``part`` the folder holds (CPU, contiguous); empty when the part is absent."""
+    module = getattr(model, part)
+    drop = _external(model, part)
+    if module is None or drop is None:
+        return {}
+    return {
+        k: v.detach().contiguous().cpu()
+        for k, v in module.state_dict().items()
+        if not (drop and k.startswith(drop))
+    }
+
+
+def save_model(model: RISModel, path: str | Path) -> Path:
+    """Write ``model`` into the folder ``path`` (created; files replaced); returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps({"model": config_to_dict(model.cfg)}, indent=2))
+    for part in PARTS:
+        file = folder / f"{part}.safetensors"
+        state = owned_state(model, part)
+        if state:
+            tmp = file.with_suffix(".tmp")
+            save_file(state, str(tmp))
+            tmp.replace(file)
+        else:
+            file.unlink(missing_ok=True)
+    if model.mllm is not None:
+        model.mllm.save_pretrained(folder / "mllm")
+    return folder
+
+
+def _load_part(model: RISModel, part: str, folder: Path) -> None:
+    expected = owned_state(model, part)
+    file = folder / f"{part}.safetensors"
+    if not expected:
+        return
+    if not file.is_file():
+        raise CheckpointError(f"{str(file)!r} is missing; the model has {len(expected)} {part} weights")
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated / foreign files
+        raise CheckpointError(f"cannot read {str(file)!r}: {str(exc).splitlines()[0]}") from None
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(file)!r} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            want = tuple(expected[key].shape)
+            raise CheckpointError(f"{str(file)!r}: {key} has shape {tuple(value.shape)}, the model {want}")
+    getattr(model, part).load_state_dict(state, strict=False)
+
+
+def load_model(
+    path: str | Path, *, trainable: bool = False, device: str | torch.device | None = None
+) -> RISModel:
+    """Rebuild the model saved in ``path`` by :func:`save_model`, in eval mode.
+
+    Args:
+        trainable: keep the config's trainable parts trainable (resume); False freezes everything.
+        device: where to put the model (a quantized LLM base is placed by its loader instead).
+
+    Raises:
+        CheckpointError: not a model folder, or a file that does not fit the rebuilt model.
+    """
+    from mllm_ris.modeling.model import build_model
+
+    folder = Path(path)
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{str(folder)!r} is not a RISModel folder (no {CONFIG_NAME})")
+    cfg = load_config(folder / CONFIG_NAME).model
+    mllm = None
+    if cfg.mode == "mllm":
+        mllm = GroundingMLLM.from_pretrained(folder / "mllm", trainable=trainable, device=device)
+    model = build_model(cfg, mllm=mllm)
+    for part in PARTS:
+        _load_part(model, part, folder)
+    if not trainable:
+        model.requires_grad_(False)
+    if device is not None:
+        quantized = cfg.mode == "mllm" and cfg.mllm.quantization != "none"
+        for name, child in model.named_children():
+            if name != "mllm" or not quantized:
+                child.to(device)
+            else:  # a bitsandbytes base stays where its loader put it; the heads follow `device`
+                child.seg_mlp.to(device)
+                child.reject_head.to(device)
+        model._mean, model._std = model._mean.to(device), model._std.to(device)
+    return model.eval()

@@ -1,0 +1,136 @@
+"""Inference with a :class:`~mllm_ris.modeling.model.RISModel` on :class:`RISSample` objects.
+
+:func:`build_collator` gives the batch function a model needs (classic: :func:`collate_ris`; mllm:
+:class:`MLLMCollator` with the model's tokenizer and superpixel generator). :class:`RISPredictor`
+implements the :class:`~mllm_ris.eval.evaluate.Predictor` protocol for both modes, so
+``evaluate(dataset, RISPredictor(model, image_size=S))`` works:
+
+* mllm: the prompts are decoded (``RISModel.generate``); each generated ``[SEG]`` gives one mask; an
+  answer with ``[REJ]`` or without ``[SEG]`` gives none, ``(0, H, W)``;
+* classic: one mask per expression, none when it is empty (as ``ClassicPredictor``).
+
+Masks are the output mode's logits mapped back to the original image (``unletterbox``), thresholded at 0.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris, unletterbox
+from mllm_ris.data.conversation import QUESTION_TEMPLATES, ChatTemplate
+from mllm_ris.data.mllm_collate import MLLMCollator
+from mllm_ris.data.sample import RISSample
+from mllm_ris.modeling.model import RISModel
+from mllm_ris.modeling.superpixels import build_superpixel_generator
+
+__all__ = ["ModelPrediction", "RISPredictor", "build_collator"]
+
+
+def build_collator(
+    model: RISModel,
+    *,
+    image_size: int,
+    answers: bool = True,
+    keep_samples: bool = False,
+    template: ChatTemplate | None = None,
+) -> Callable[[Sequence[RISSample]], RISBatch]:
+    """The ``collate_fn`` for ``model``: letterbox to ``image_size``; in mllm mode also the chat
+    (answered for training, open for inference) and, for the superpixel projector, label maps from
+    ``model.cfg.superpixels`` (``method: sam`` uses the model's SAM; ``cache_dir`` caches them)."""
+    transform = RISTransform(image_size)
+    if model.mode == "classic":
+        return functools.partial(collate_ris, transform=transform, keep_samples=keep_samples)
+    assert model.mllm is not None and model.projector is not None
+    superpixels = None
+    if model.projector.cfg.kind == "superpixel":
+        sam = model.sam_stage.sam if model.sam_stage is not None else None
+        superpixels = build_superpixel_generator(model.cfg.superpixels, sam=sam)
+    return MLLMCollator(
+        transform=transform,
+        tokenizer=model.mllm.tokenizer,
+        template=template,
+        superpixels=superpixels,
+        answers=answers,
+        keep_samples=keep_samples,
+    )
+
+
+@dataclass
+class ModelPrediction:
+    """One sample's result.
+
+    Attributes:
+        masks: ``(N, H, W)`` bool at the original image size; ``N = 0`` means "no target".
+        scores: ``(N,)`` predicted IoU of each mask.
+        no_target_prob: probability that nothing matches (see ``RISOutput.no_target_prob``).
+        text: the generated answer (mllm mode), else None.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    no_target_prob: float
+    text: str | None = None
+
+
+class RISPredictor:
+    """A :class:`RISModel` as an evaluation predictor (``sample -> (N, H, W) bool``), batched.
+
+    Args:
+        model: the model (put in eval mode by every call).
+        image_size: canvas side ``S`` the model was trained at.
+        device: where batches go (the model must already be there).
+        batch_size: samples per forward pass in :meth:`predict_batch`.
+        max_new_tokens: answer length limit of the grounding LLM.
+        template: question phrasing; default the first of ``QUESTION_TEMPLATES`` ("Please segment {expr}.").
+    """
+
+    name = "ris-model"
+
+    def __init__(
+        self,
+        model: RISModel,
+        *,
+        image_size: int,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        max_new_tokens: int = 32,
+        template: ChatTemplate | None = None,
+    ) -> None:
+        self.model = model
+        self.transform = RISTransform(image_size)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        template = template or ChatTemplate(questions=QUESTION_TEMPLATES[:1], seed=None)
+        self.collate = build_collator(model, image_size=image_size, answers=False, template=template)
+
+    def __call__(self, sample: RISSample) -> np.ndarray:
+        return self.predict_batch([sample])[0]
+
+    def predict_batch(self, samples: list[RISSample]) -> list[np.ndarray]:
+        """One pass over ``samples``: a ``(N, H, W)`` bool array per sample."""
+        return [p.masks for p in self.predict(samples)]
+
+    @torch.no_grad()
+    def predict(self, samples: Sequence[RISSample]) -> list[ModelPrediction]:
+        """Masks, scores, no-target probability and answer text of each sample."""
+        self.model.eval()
+        batch = self.collate(list(samples)).to(self.device)
+        out = self.model.generate(batch, max_new_tokens=self.max_new_tokens)
+        results = []
+        for b, hw in enumerate(batch.hw):
+            text = out.text[b] if out.text is not None else None
+            n = int(out.target_valid[b].sum())  # real queries: [SEG] count (mllm) or 1 (classic)
+            masks = (unletterbox(out.masks[b, :n], hw, self.transform) > 0).cpu().numpy()  # (n, H, W)
+            scores = out.scores[b, :n].float().cpu().numpy()
+            if text is not None and self.model.rejected(text):
+                masks, scores = masks[:0], scores[:0]  # [REJ] or no [SEG]: no target
+            elif text is None and not masks.any():
+                masks, scores = masks[:0], scores[:0]  # classic: an empty mask means "no target"
+            results.append(ModelPrediction(masks, scores, float(out.no_target_prob[b]), text))
+        return results
