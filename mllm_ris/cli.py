@@ -5,8 +5,12 @@ Subcommands:
     make-synthref  generate the SynthRef procedural referring dataset
     eval           evaluate a checkpoint or a trivial predictor on a dataset
     config         print the resolved config (YAML + dotted overrides)
-    segment, chat, demo, app, train, export
-                   planned; they say "not available yet" and exit non-zero
+    train          train a model from a config (also under ``accelerate launch -m mllm_ris.cli``)
+    segment        segment an image (or a JSONL batch) from a query: mask PNG, overlay PNG, JSON
+    chat           multi-turn grounded chat about an image (questions on stdin)
+    demo           the default model on the bundled scenes: overlays + an HTML gallery
+    app            the Gradio web demo on 127.0.0.1
+    export         planned; it says "not available yet" and exits non-zero
 
 Every error the user can cause is printed as one line on stderr (exit code 2); ``data check``
 exits 1 when it found problems.
@@ -17,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mllm_ris import __version__
 from mllm_ris.errors import ConfigError, MllmRisError, NotAvailableError
@@ -27,11 +32,6 @@ __all__ = ["build_parser", "main"]
 
 # Subcommands owned by later work, with what they will do.
 _PLANNED: dict[str, str] = {
-    "segment": "segment an image from a referring expression (pipeline API and CLI)",
-    "chat": "multi-turn grounded chat about an image (pipeline API and CLI)",
-    "demo": "run the bundled default model on the bundled scenes (needs the bundled default model)",
-    "app": "the Gradio web demo (pipeline API and CLI)",
-    "train": "fine-tune a model with accelerate / DeepSpeed (training)",
     "export": "merge LoRA and write a from_pretrained directory (training)",
 }
 
@@ -60,6 +60,52 @@ def _add_dataset_args(p: argparse.ArgumentParser, *, split_default: str | None) 
 def _split(args: argparse.Namespace) -> str | None:
     """``--split all`` (or none given) means every split."""
     return None if args.split in (None, "all") else args.split
+
+
+def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    """``segment``, ``chat``, ``demo``, ``app`` (mllm_ris.inference; docs/inference.md)."""
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model", default=None, metavar="DIR", help="a model folder (default: the bundled model)"
+        )
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=("float32", "bfloat16", "float16"),
+            help="dtype of the LLM and vision tower (default: %(default)s)",
+        )
+
+    seg = sub.add_parser(
+        "segment", help="segment an image from a query: <stem>_mask.png, _overlay.png, .json"
+    )
+    seg.add_argument("image", nargs="?", help="an image file")
+    seg.add_argument("query", nargs="?", help='the referring expression, e.g. "the red circle"')
+    seg.add_argument("--batch", metavar="FILE", help='a JSONL file: {"image": PATH, "query": TEXT} per line')
+    seg.add_argument("--out", default=".", metavar="DIR", help="output folder (default: the current folder)")
+    seg.add_argument(
+        "--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)"
+    )
+    model_args(seg)
+    chat = sub.add_parser(
+        "chat", help="multi-turn grounded chat about an image (one question per stdin line)"
+    )
+    chat.add_argument("image", help="an image file")
+    chat.add_argument(
+        "--out", default=None, metavar="DIR", help="write each answer's mask / overlay / JSON here"
+    )
+    model_args(chat)
+    demo = sub.add_parser("demo", help="run the default model on the bundled scenes: overlays + index.html")
+    demo.add_argument(
+        "--out", default="mllm-ris-demo", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    model_args(demo)
+    app = sub.add_parser("app", help="the Gradio web demo (needs the demo extra)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    app.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    app.add_argument("--max-file-size", default="10mb", help="upload size limit (default: %(default)s)")
+    model_args(app)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", default=None, help="a YAML file under configs/")
     cfg.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
 
+    tr = sub.add_parser(
+        "train",
+        help="train a model from a config (single process, or under `accelerate launch -m mllm_ris.cli`)",
+        usage="mllm-ris train [--resume auto|PATH] [--time-budget S] CONFIG [CONFIG ...] [KEY=VALUE ...]",
+        description="Train from YAML configs; see docs/training.md. Exit code 130 / 143 when "
+        "SIGINT / SIGTERM stopped the run (a checkpoint was written; continue with --resume auto).",
+    )
+    tr.add_argument(
+        "config",
+        nargs="+",
+        metavar="CONFIG|KEY=VALUE",
+        help="YAML files merged in order (e.g. configs/model/tiny-synth-classic.yaml "
+        "configs/train/synthref-classic.yaml), then dotted overrides such as train.max_steps=100",
+    )
+    tr.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="auto: continue from the newest checkpoint in train.output_dir (fresh if none); "
+        "or a checkpoint directory",
+    )
+    tr.add_argument(
+        "--time-budget", type=float, default=None, metavar="S", help="stop (and checkpoint) after S seconds"
+    )
+
+    _add_inference_commands(sub)
     for name, what in _PLANNED.items():
         p = sub.add_parser(name, help=f"(not available yet) {what}")
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -179,6 +251,98 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mllm_ris.config import load_config
+    from mllm_ris.training.faults import exit_code_for
+    from mllm_ris.training.trainer import train
+
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ConfigError(f"--time-budget: must be > 0, got {args.time_budget}")
+    files = [item for item in args.config if "=" not in item]
+    overrides = [item for item in args.config if "=" in item]
+    if not files:
+        raise ConfigError("train: give at least one YAML config file before the KEY=VALUE overrides")
+    cfg = load_config(files, overrides)
+    summary = train(cfg, resume=args.resume, time_budget_s=args.time_budget)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        ran = summary.steps - summary.start_step
+        print(
+            f"step {summary.steps}/{cfg.train.max_steps} ({ran} this run, {summary.samples} samples, "
+            f"{summary.seconds:.0f} s); loss {summary.final_loss:.4f}; {summary.bad_steps} skipped step(s)"
+        )
+        for name, report in summary.eval.items():
+            cIoU = report.metrics.get("cIoU")
+            shown = "–" if cIoU is None else f"{100 * cIoU:.2f}"
+            print(f"{name}: cIoU {shown} % over {report.samples} samples")
+        if summary.checkpoint:
+            print(f"checkpoint: {summary.checkpoint}")
+        if summary.interrupted:
+            print(f"stopped by {summary.interrupted}; continue with --resume auto")
+    return exit_code_for(summary.interrupted)
+
+
+def _pipeline_loader(args: argparse.Namespace, **kwargs: object) -> Callable[[], Any]:
+    """``RISPipeline.from_pretrained`` with the command's --model / --device / --dtype, called later."""
+    import functools
+
+    from mllm_ris.inference.pipeline import RISPipeline
+
+    return functools.partial(
+        RISPipeline.from_pretrained, args.model, device=args.device, dtype=args.dtype, **kwargs
+    )
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from mllm_ris.inference.segment import segment_batch, segment_image
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    load = _pipeline_loader(args, batch_size=args.batch_size)
+    if args.batch is not None:
+        if args.image is not None:
+            raise ConfigError("segment: give either IMAGE QUERY or --batch FILE, not both")
+        report = segment_batch(load, args.batch, args.out, stdout=sys.stdout)
+        print(f"{len(report.written)} segmented, {len(report.errors)} failed; outputs in {args.out}")
+        return 0 if report.ok else 2
+    if args.image is None or args.query is None:
+        raise ConfigError('segment: needs IMAGE and QUERY (e.g. mllm-ris segment scene.png "the red circle")')
+    segment_image(load, args.image, args.query, args.out, stdout=sys.stdout)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from mllm_ris.inference.chat import run_chat
+    from mllm_ris.inference.inputs import load_image
+
+    load_image(args.image)  # a bad image fails before the model loads
+    return run_chat(
+        _pipeline_loader(args)(),
+        args.image,
+        lines=sys.stdin,
+        stdout=sys.stdout,
+        stderr=sys.stderr,
+        out_dir=args.out,
+        interactive=sys.stdin.isatty(),
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mllm_ris.inference.demo import run_demo
+
+    report = run_demo(_pipeline_loader(args)(), args.out)
+    print(f"{report.answers} answers on the bundled scenes; open {report.index}")
+    return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    from mllm_ris.inference.app import launch
+
+    launch(_pipeline_loader(args)(), host=args.host, port=args.port, max_file_size=args.max_file_size)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mllm-ris`` console script; returns the exit code."""
     parser = build_parser()
@@ -188,7 +352,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise NotAvailableError(f"{args.command}: not available yet — {_PLANNED[args.command]}")
         if args.command == "data":
             return _cmd_data_check(args)
-        handlers = {"make-synthref": _cmd_make_synthref, "eval": _cmd_eval, "config": _cmd_config}
+        handlers = {
+            "make-synthref": _cmd_make_synthref,
+            "eval": _cmd_eval,
+            "config": _cmd_config,
+            "train": _cmd_train,
+            "segment": _cmd_segment,
+            "chat": _cmd_chat,
+            "demo": _cmd_demo,
+            "app": _cmd_app,
+        }
         return handlers[args.command](args)
     except MllmRisError as exc:
         print(f"mllm-ris: error: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ def test_console_script_runs() -> None:
 def test_module_entry_point_runs() -> None:  # `accelerate launch -m mllm_ris.cli ...` relies on it
     out = subprocess.run([sys.executable, "-m", "mllm_ris.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("data", "make-synthref", "eval", "config", *_PLANNED):
+    for command in ("data", "make-synthref", "eval", "config", "train", *_PLANNED):
         assert command in out.stdout
 
 
@@ -30,6 +30,20 @@ def test_planned_commands_refuse_without_faking(command: str, capsys: pytest.Cap
     assert captured.out == ""
     assert captured.err.startswith(f"mllm-ris: error: {command}: not available yet")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_train_errors_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "train" not in _PLANNED
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("mllm-ris: error: config file not found")
+    config = tmp_path / "mllm.yaml"
+    config.write_text("model: {mode: mllm}\n")
+    assert main(["train", str(config), "--time-budget", "0"]) == 2
+    assert capsys.readouterr().err == "mllm-ris: error: --time-budget: must be > 0, got 0.0\n"
+    assert main(["train", str(config)]) == 2
+    assert "model.mode=mllm: the grounding-MLLM training task is not available yet" in capsys.readouterr().err
+    assert main(["train", "train.lr=0.1"]) == 2
+    assert "at least one YAML config file" in capsys.readouterr().err
 
 
 def test_config_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
