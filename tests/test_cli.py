@@ -19,7 +19,8 @@ def test_console_script_runs() -> None:
 def test_module_entry_point_runs() -> None:  # `accelerate launch -m mllm_ris.cli ...` relies on it
     out = subprocess.run([sys.executable, "-m", "mllm_ris.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("data", "make-synthref", "eval", "config", "train", *_PLANNED):
+    built = ("data", "make-synthref", "eval", "config", "train", "segment", "chat", "demo", "app")
+    for command in (*built, *_PLANNED):
         assert command in out.stdout
 
 
@@ -30,6 +31,12 @@ def test_planned_commands_refuse_without_faking(command: str, capsys: pytest.Cap
     assert captured.out == ""
     assert captured.err.startswith(f"mllm-ris: error: {command}: not available yet")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_inference_commands_are_not_planned() -> None:
+    for command in ("segment", "chat", "demo", "app"):  # built: tests/test_cli_inference.py, test_app.py
+        assert command not in _PLANNED
+        build_parser().parse_args([command, "x"] if command in ("segment", "chat") else [command])
 
 
 def test_train_errors_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,170 @@
+"""The bundled default model and sample scenes (package data under ``mllm_ris/assets/``)::
+
+    mllm_ris/assets/default_model/   what RISModel.save_pretrained writes (config.json, *.safetensors,
+                                     mllm/ with the tokenizer): the tiny-synth model trained on SynthRef
+    mllm_ris/assets/scenes/          a few SynthRef scenes (PNG) + scenes.json (queries, chat turns)
+
+``MLLM_RIS_DEFAULT_MODEL=/some/model/folder`` replaces the bundled model everywhere a command or
+:meth:`RISPipeline.from_pretrained(None) <mllm_ris.inference.pipeline.RISPipeline.from_pretrained>`
+would use it. How the bundled model is built and what it can do: docs/default_model.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mllm_ris.errors import NotAvailableError
+
+__all__ = [
+    "ASSETS_DIR",
+    "DEFAULT_MODEL_ENV",
+    "BundledScene",
+    "bundled_scenes",
+    "default_model_installed",
+    "default_model_path",
+    "make_sample_scenes",
+]
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_ENV = "MLLM_RIS_DEFAULT_MODEL"
+_MODEL_DIR = ASSETS_DIR / "default_model"
+_SCENES_DIR = ASSETS_DIR / "scenes"
+_SCENES_FILE = "scenes.json"
+_HOW_TO_BUILD = (
+    "build it as docs/default_model.md says (mllm-ris make-synthref, mllm-ris train, then "
+    "mllm-ris export RUN --out mllm_ris/assets/default_model), or pass a model folder"
+)
+
+
+def _bundled_or_env() -> tuple[Path, bool]:
+    """The default model folder and whether it came from ``$MLLM_RIS_DEFAULT_MODEL``."""
+    env = os.environ.get(DEFAULT_MODEL_ENV, "").strip()
+    return (Path(env), True) if env else (_MODEL_DIR, False)
+
+
+def default_model_installed() -> bool:
+    """Whether :func:`default_model_path` would succeed (a ``config.json`` is in the folder)."""
+    folder, _ = _bundled_or_env()
+    return (folder / "config.json").is_file()
+
+
+def default_model_path() -> Path:
+    """The default model folder: ``$MLLM_RIS_DEFAULT_MODEL`` if set, else the bundled one.
+
+    Raises:
+        NotAvailableError: the folder holds no ``config.json`` (one line saying how to build it).
+    """
+    folder, from_env = _bundled_or_env()
+    if (folder / "config.json").is_file():
+        return folder
+    if from_env:
+        raise NotAvailableError(f"{DEFAULT_MODEL_ENV}={folder}: no config.json there (not a model folder)")
+    raise NotAvailableError(
+        f"the bundled default model is not installed (no {folder}/config.json); {_HOW_TO_BUILD}"
+    )
+
+
+@dataclass(frozen=True)
+class BundledScene:
+    """One sample scene.
+
+    Attributes:
+        path: the PNG.
+        queries: referring expressions with what SynthRef knows about them: ``text``,
+            ``difficulty`` (simple / spatial / relational / multi / negative) and ``targets``
+            (the number of referred objects; 0 for a negative).
+        chat: questions for a multi-turn demo, asked in order.
+    """
+
+    path: Path
+    queries: tuple[dict[str, Any], ...]
+    chat: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        """The file stem, e.g. ``scene_1``."""
+        return self.path.stem
+
+
+def bundled_scenes(folder: str | Path | None = None) -> list[BundledScene]:
+    """The sample scenes listed in ``scenes.json`` (default: the bundled folder).
+
+    Raises:
+        NotAvailableError: the folder or its ``scenes.json`` is missing or malformed.
+    """
+    root = Path(folder) if folder is not None else _SCENES_DIR
+    index = root / _SCENES_FILE
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))["scenes"]
+        scenes = [
+            BundledScene(root / e["file"], tuple(e["queries"]), tuple(e.get("chat", ()))) for e in entries
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NotAvailableError(f"sample scenes: cannot read {index}: {exc}") from None
+    missing = [s.path.name for s in scenes if not s.path.is_file()]
+    if missing:
+        raise NotAvailableError(f"sample scenes: {index} lists missing files {missing}")
+    return scenes
+
+
+# difficulty order of the queries kept per scene (one each when the scene has one)
+_KEEP = ("simple", "spatial", "relational", "multi", "negative")
+
+
+def make_sample_scenes(
+    out_dir: str | Path, *, count: int = 5, seed: int = 2024, size: int = 128
+) -> list[BundledScene]:
+    """Render ``count`` SynthRef scenes into ``out_dir`` with ``scenes.json`` (files replaced).
+
+    A scene is kept when it has an expression of every difficulty; per scene one query of each
+    difficulty is stored (the first SynthRef generated) and a two-turn chat: two single-target
+    objects, each asked for as the model was trained ("Please segment {expr}.").
+
+    Args:
+        count: scenes to write (``scene_1.png`` …).
+        seed: SynthRef seed (scene ``i`` of the dataset ``(seed, size)``; deterministic).
+        size: image side in pixels (128 is the default model's canvas).
+
+    Returns:
+        the scenes, as :func:`bundled_scenes` reads them back.
+    """
+    from mllm_ris.data._synth_render import render_image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        index = 0
+        while len(entries) < count:
+            if index > 100 * count:  # SynthRef scenes nearly always qualify; never loop forever
+                raise RuntimeError(f"only {len(entries)} of {count} scenes qualified in {index} tries")
+            record = render_image(index, seed=seed, size=size, image_dir=tmp)
+            index += 1
+            by_level: dict[str, dict[str, Any]] = {}
+            for e in record.expressions:
+                by_level.setdefault(e["difficulty"], e)
+            singles = [e for e in record.expressions if e["difficulty"] == "simple"]
+            if set(by_level) != set(_KEEP) or len(singles) < 2:
+                continue
+            name = f"scene_{len(entries) + 1}.png"
+            pixels = np.asarray(Image.open(Path(tmp) / record.file_name).convert("RGB"))
+            Image.fromarray(pixels).save(out / name, format="PNG", optimize=True)
+            queries = [
+                {"text": by_level[d]["text"], "difficulty": d, "targets": len(by_level[d]["targets"])}
+                for d in _KEEP
+            ]
+            chat = [f"Please segment {singles[0]['text']}.", f"Please segment {singles[1]['text']}."]
+            entries.append({"file": name, "queries": queries, "chat": chat, "synthref_index": index - 1})
+    meta = {"generator": "mllm_ris.inference.default_model.make_sample_scenes", "seed": seed, "size": size}
+    (out / _SCENES_FILE).write_text(
+        json.dumps({**meta, "scenes": entries}, indent=2) + "\n", encoding="utf-8"
+    )
+    return bundled_scenes(out)
