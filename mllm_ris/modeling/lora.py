@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
 from mllm_ris.errors import ConfigError
+
+if TYPE_CHECKING:  # peft is imported where it is used: importing it costs seconds (bitsandbytes, inductor)
+    from peft import PeftModel
 
 __all__ = [
     "DTYPES",
@@ -252,6 +254,8 @@ def prepare_for_training(model: PreTrainedModel, *, gradient_checkpointing: bool
     """A k-bit model goes through ``prepare_model_for_kbit_training`` (base frozen, norms in fp32,
     optional checkpointing); a full-precision one only gets checkpointing when asked."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
         return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -290,6 +294,8 @@ def apply_lora(
         # an untied LM head gets its own trainable rows; a tied one follows the embeddings (peft ties them)
         if isinstance(head, nn.Linear) and head.weight is not embed.weight:
             token_indices[_module_suffix(model, head)] = list(token_ids)
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -319,6 +325,8 @@ def merge_lora(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
     Merging into a 4-bit base dequantizes and re-quantizes the touched weights (lossy); merge a
     full-precision reload of the base for an exact export.
     """
+    from peft import PeftModel
+
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model

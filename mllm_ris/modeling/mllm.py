@@ -18,10 +18,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -55,6 +55,9 @@ from mllm_ris.modeling.tokens import (
     load_tokenizer,
 )
 from mllm_ris.modeling.visual_tokens import VisualTokens
+
+if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds)
+    from peft import PeftModel
 
 __all__ = ["GroundingGeneration", "GroundingMLLM", "GroundingOutput", "MLLMConfig", "build_grounding_mllm"]
 
@@ -302,6 +305,8 @@ class GroundingMLLM(nn.Module):
         save_file(
             {k: v.detach().contiguous() for k, v in self._heads_state().items()}, str(folder / _HEADS_FILE)
         )
+        from peft import PeftModel
+
         if isinstance(self.llm, PeftModel):
             self.llm.save_pretrained(str(folder / "adapter"))
             if self.cfg.name_or_path is None and self.cfg.llava_path is None:
@@ -338,6 +343,8 @@ class GroundingMLLM(nn.Module):
         if (folder / "adapter").is_dir():
             if trainable:
                 llm = prepare_for_training(llm, gradient_checkpointing=cfg.gradient_checkpointing)
+            from peft import PeftModel
+
             llm = PeftModel.from_pretrained(llm, str(folder / "adapter"), is_trainable=trainable)
         elif cfg.lora.enabled:
             raise CheckpointError(f"{str(folder)!r}: config has LoRA enabled but there is no adapter/ folder")
