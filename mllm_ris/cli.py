@@ -10,7 +10,7 @@ Subcommands:
     chat           multi-turn grounded chat about an image (questions on stdin)
     demo           the default model on the bundled scenes: overlays + an HTML gallery
     app            the Gradio web demo on 127.0.0.1
-    export         planned; it says "not available yet" and exits non-zero
+    export         merge LoRA and write a self-contained from_pretrained model folder
 
 Every error the user can cause is printed as one line on stderr (exit code 2); ``data check``
 exits 1 when it found problems.
@@ -31,9 +31,7 @@ from mllm_ris.errors import ConfigError, MllmRisError, NotAvailableError
 __all__ = ["build_parser", "main"]
 
 # Subcommands owned by later work, with what they will do.
-_PLANNED: dict[str, str] = {
-    "export": "merge LoRA and write a from_pretrained directory (training)",
-}
+_PLANNED: dict[str, str] = {}
 
 
 def _dataset_names() -> tuple[str, ...]:
@@ -132,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataset_args(ev, split_default="val")
     who = ev.add_mutually_exclusive_group(required=True)
-    who.add_argument("--checkpoint", help="a trained model directory")
+    who.add_argument("--checkpoint", help="a model folder, a run folder or a training checkpoint")
     who.add_argument("--predictor", choices=("empty", "gt-box"), help="a trivial baseline")
     ev.add_argument("--out", default=None, help="output folder (default: runs/eval/DATASET_SPLIT_PREDICTOR)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    ev.add_argument("--device", default="cpu", help="--checkpoint: cpu, cuda, ... (default: %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=8, help="--checkpoint: samples per forward pass")
     ev.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
     cfg = sub.add_parser("config", help="print the resolved config")
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-budget", type=float, default=None, metavar="S", help="stop (and checkpoint) after S seconds"
     )
 
+    ex = sub.add_parser("export", help="merge LoRA and write a self-contained from_pretrained model folder")
+    ex.add_argument("source", metavar="CHECKPOINT_OR_RUN", help="a run folder, checkpoint or model folder")
+    ex.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_inference_commands(sub)
     for name, what in _PLANNED.items():
         p = sub.add_parser(name, help=f"(not available yet) {what}")
@@ -216,19 +220,24 @@ def _cmd_make_synthref(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mllm_ris.data.registry import build_dataset
-    from mllm_ris.eval.evaluate import build_predictor, evaluate
+    from mllm_ris.eval.evaluate import Predictor, build_predictor, evaluate
 
-    if args.checkpoint is not None:
-        raise NotAvailableError(
-            "eval --checkpoint: not available yet (needs the end-to-end model); "
-            "use --predictor empty|gt-box for the trivial baselines"
-        )
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     dataset = build_dataset(args.dataset, args.root, _split(args), split_by=args.split_by)
-    predictor = build_predictor(args.predictor)
+    if args.checkpoint is not None:
+        from mllm_ris.training.export import trained_predictor
+
+        predictor: Predictor = trained_predictor(
+            args.checkpoint, device=args.device, batch_size=args.batch_size
+        )
+        label = Path(args.checkpoint).resolve().name
+    else:
+        predictor, label = build_predictor(args.predictor), args.predictor
     report = evaluate(dataset, predictor, limit=args.limit, progress=not args.json)
-    out = Path(args.out or Path("runs") / "eval" / f"{args.dataset}_{args.split or 'all'}_{args.predictor}")
+    out = Path(args.out or Path("runs") / "eval" / f"{args.dataset}_{args.split or 'all'}_{label}")
     json_path, md_path = report.save(out)
     if args.json:
         print(json.dumps(report.to_json()))
@@ -281,6 +290,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if summary.interrupted:
             print(f"stopped by {summary.interrupted}; continue with --resume auto")
     return exit_code_for(summary.interrupted)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mllm_ris.training.export import export_model
+
+    loaded = export_model(args.source, args.out, overwrite=args.overwrite)
+    print(f"exported {loaded.source} -> {args.out} (RISModel.from_pretrained folder)")
+    return 0
 
 
 def _pipeline_loader(args: argparse.Namespace, **kwargs: object) -> Callable[[], Any]:
@@ -357,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": _cmd_eval,
             "config": _cmd_config,
             "train": _cmd_train,
+            "export": _cmd_export,
             "segment": _cmd_segment,
             "chat": _cmd_chat,
             "demo": _cmd_demo,

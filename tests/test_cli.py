@@ -19,7 +19,7 @@ def test_console_script_runs() -> None:
 def test_module_entry_point_runs() -> None:  # `accelerate launch -m mllm_ris.cli ...` relies on it
     out = subprocess.run([sys.executable, "-m", "mllm_ris.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    built = ("data", "make-synthref", "eval", "config", "train", "segment", "chat", "demo", "app")
+    built = ("data", "make-synthref", "eval", "config", "train", "export", "segment", "chat", "demo", "app")
     for command in (*built, *_PLANNED):
         assert command in out.stdout
 
@@ -31,6 +31,13 @@ def test_planned_commands_refuse_without_faking(command: str, capsys: pytest.Cap
     assert captured.out == ""
     assert captured.err.startswith(f"mllm-ris: error: {command}: not available yet")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_export_is_a_command_with_one_line_errors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "export" not in _PLANNED  # built: tests/test_export.py
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"mllm-ris: error: {tmp_path / 'missing'}: no such folder\n"
 
 
 def test_inference_commands_are_not_planned() -> None:
@@ -47,8 +54,8 @@ def test_train_errors_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str])
     config.write_text("model: {mode: mllm}\n")
     assert main(["train", str(config), "--time-budget", "0"]) == 2
     assert capsys.readouterr().err == "mllm-ris: error: --time-budget: must be > 0, got 0.0\n"
-    assert main(["train", str(config)]) == 2
-    assert "model.mode=mllm: the grounding-MLLM training task is not available yet" in capsys.readouterr().err
+    assert main(["train", str(config)]) == 2  # mllm mode trains (tests/test_train_mllm.py); no data root
+    assert capsys.readouterr().err.startswith("mllm-ris: error: data: dataset 'synthref' needs a root")
     assert main(["train", "train.lr=0.1"]) == 2
     assert "at least one YAML config file" in capsys.readouterr().err
 
@@ -79,7 +86,9 @@ def test_eval_requires_checkpoint_or_predictor(capsys: pytest.CaptureFixture[str
     assert "one of the arguments --checkpoint --predictor is required" in capsys.readouterr().err
 
 
-def test_eval_checkpoint_is_not_faked(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_checkpoint_errors_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["eval", "--dataset", "refcoco", "--root", str(tmp_path), "--checkpoint", str(tmp_path)])
-    assert code == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert code == 2  # built: tests/test_export.py
+    err = capsys.readouterr().err
+    assert err.startswith("mllm-ris: error: ") and "not available yet" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -2,8 +2,8 @@
 
 A *task* builds the model, provides the training data and its collate function, computes the
 loss of a batch, wraps a model as an evaluation predictor and writes the final model files.
-Classic mode is :class:`mllm_ris.training.classic.ClassicTask`; the grounding MLLM registers
-its own task in :data:`TASKS` under its ``model.mode``.
+Classic mode is :class:`mllm_ris.training.classic.ClassicTask`, the grounding MLLM
+:class:`mllm_ris.training.mllm.MLLMTask`; both are registered in :data:`TASKS` under their ``model.mode``.
 
 Optional: ``external_weights(model) -> set[str]`` names state-dict keys (of the bare model) that
 ``build_model`` loads from their own pretrained files, e.g. a frozen LLM under LoRA. Training
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from mllm_ris.config import Config
 from mllm_ris.data.sample import ReferringDataset
-from mllm_ris.errors import ConfigError, NotAvailableError
+from mllm_ris.errors import ConfigError
 from mllm_ris.eval.evaluate import Predictor
 
 __all__ = ["TASKS", "TrainTask", "build_task"]
@@ -69,7 +69,10 @@ class TrainTask(Protocol):
         ...
 
 
-TASKS: dict[str, str] = {"classic": "mllm_ris.training.classic:ClassicTask"}
+TASKS: dict[str, str] = {
+    "classic": "mllm_ris.training.classic:ClassicTask",
+    "mllm": "mllm_ris.training.mllm:MLLMTask",
+}
 """``model.mode`` -> ``"module:Class"`` of its task; a task class takes the :class:`Config`."""
 
 
@@ -77,15 +80,10 @@ def build_task(cfg: Config) -> TrainTask:
     """The task for ``cfg.model.mode``.
 
     Raises:
-        NotAvailableError: the mode is known but its task is not built yet.
+        ConfigError: no task is registered for the mode.
     """
     mode = cfg.model.mode
     if mode not in TASKS:
-        if mode == "mllm":
-            raise NotAvailableError(
-                "model.mode=mllm: the grounding-MLLM training task is not available yet; "
-                "use model.mode=classic"
-            )
         raise ConfigError(f"model.mode: no training task for {mode!r}; known: {sorted(TASKS)}")
     module, _, cls = TASKS[mode].partition(":")
     return getattr(importlib.import_module(module), cls)(cfg)

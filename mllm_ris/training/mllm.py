@@ -1,0 +1,206 @@
+"""The grounding MLLM (:class:`~mllm_ris.modeling.model.RISModel`, ``model.mode: mllm``) as a training task.
+
+:class:`MLLMTask` plugs the RISModel into the model-agnostic
+:class:`~mllm_ris.training.trainer.Trainer`:
+
+* model: ``build_model(cfg.model)``, or ``RISModel.from_pretrained(model.checkpoint, trainable=True)``
+  (then the folder's own model config is used);
+* batches: :func:`~mllm_ris.modeling.predictor.build_collator` (answered chats, one ``[SEG]`` per
+  target or ``[REJ]``, superpixels computed in the collator). Superpixel label maps go through a
+  disk cache, ``model.superpixels.cache_dir`` or ``<train.output_dir>/superpixel_cache`` when that is
+  null, so only the first epoch runs SLIC / SAM;
+* loss: ``model(batch).loss``; every term of ``loss_terms`` is logged;
+* evaluation: :class:`~mllm_ris.modeling.predictor.RISPredictor` (generation, one mask per ``[SEG]``);
+* final model: :meth:`RISModel.save_pretrained` + ``config.json`` holding the whole run config
+  (the model section resolved), so ``data.image_size`` travels with the model;
+* :meth:`MLLMTask.external_weights`: frozen weights that ``build_model`` reloads from their own files
+  (a LoRA-adapted LLM base, a pretrained frozen vision tower / SAM / pixel ViT) stay out of
+  training checkpoints.
+
+**Unused parameters under DDP / ZeRO.** A micro-batch whose samples are all no-target has
+``T = 0`` queries: the SAM stage is skipped and the pixel encoder, head and grounding MLP produce
+empty outputs, so their parameters get no gradient on that rank. DDP's default
+(``find_unused_parameters=False``) then fails at the next step ("Expected to have finished
+reduction in the prior iteration"), and DeepSpeed ZeRO-2 ranks run mismatched collectives (gloo:
+"Received data size doesn't match expected size"); both were seen here. The loss therefore gets
+``0 * Σ p[0]`` over the trainable parameters (:func:`tie_all_parameters`): every parameter is in
+every graph, the loss value and gradients are unchanged (a parameter without a gradient gets a zero
+one), and the cost is one element read per tensor, with no per-step graph traversal as
+``find_unused_parameters=True`` would add. It is applied in every run, so one process and many
+follow the same optimizer semantics. Not under ZeRO-3, whose parameters are partitioned outside
+``forward`` (there the model would have to run every part for every batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+from mllm_ris.config import Config, config_to_dict
+from mllm_ris.data.conversation import ChatTemplate
+from mllm_ris.data.mllm_collate import MLLMBatch, MLLMCollator
+from mllm_ris.data.sample import ReferringDataset, RISSample
+from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.model import RISModel, build_model
+from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
+from mllm_ris.modeling.predictor import RISPredictor, build_collator
+from mllm_ris.modeling.superpixel_cache import SuperpixelCache
+from mllm_ris.training.sampling import build_mixture, open_dataset
+
+__all__ = ["MLLMTask", "batch_seed", "external_state_keys", "tie_all_parameters", "write_model_folder"]
+
+CACHE_DIR_NAME = "superpixel_cache"
+
+
+def external_state_keys(model: RISModel) -> set[str]:
+    """State-dict keys of ``model`` that :func:`build_model` reloads from pretrained files.
+
+    The parts follow :func:`mllm_ris.modeling.model_io.owned_state` (a frozen pretrained vision
+    tower, SAM part, pixel ViT / backbone or text transformer); for the LLM, the frozen base weights
+    under LoRA when the base comes from ``mllm.name_or_path`` / ``mllm.llava_path``. A random tiny
+    model has none.
+    """
+    keys: set[str] = set()
+    for part in PARTS:
+        module = getattr(model, part)
+        if module is None:
+            continue
+        kept = owned_state(model, part)
+        keys |= {f"{part}.{k}" for k in module.state_dict() if k not in kept}
+    m = model.cfg.mllm
+    if model.mllm is not None and m.lora.enabled and (m.name_or_path or m.llava_path):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        keys |= {k for k in model.state_dict() if k.startswith("mllm.llm.") and k not in trainable}
+    return keys
+
+
+def tie_all_parameters(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``loss + 0 * Σ p.flatten()[0]``: the same value and gradients, but every ``p`` in the graph."""
+    firsts = [p.reshape(-1)[:1] for p in params if p.numel()]
+    if not firsts:
+        return loss
+    return loss + 0.0 * torch.cat([f.to(loss.dtype) for f in firsts]).sum()
+
+
+def batch_seed(samples: Sequence[RISSample], seed: int) -> int:
+    """A 63-bit seed from ``seed`` and the samples' identities and texts (stable across processes)."""
+    digest = hashlib.sha256(str(seed).encode())
+    for s in samples:
+        digest.update(repr((s.dataset, s.split, s.image_id, s.ref_id, s.sent_id, s.text)).encode())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def write_model_folder(model: RISModel, out_dir: str | Path, config: Mapping[str, Any]) -> Path:
+    """:meth:`RISModel.save_pretrained` into ``out_dir``, then ``config.json`` = ``config`` with its
+    ``model`` section replaced by the model's resolved config (``from_pretrained`` reads the model
+    section; the rest, e.g. ``data.image_size``, tells inference how the model was trained)."""
+    folder = model.save_pretrained(out_dir)
+    tree = {**config, "model": config_to_dict(model.cfg)}
+    (folder / CONFIG_NAME).write_text(json.dumps(tree, indent=2))
+    return folder
+
+
+def _cached(collate: Callable, cache_dir: Path) -> Callable:
+    """Give an :class:`MLLMCollator`'s uncached superpixel generator a disk cache in ``cache_dir``."""
+    spx = collate.superpixels if isinstance(collate, MLLMCollator) else None
+    if spx is not None and not isinstance(spx, SuperpixelCache):
+        collate.superpixels = SuperpixelCache(cache_dir, spx)  # type: ignore[arg-type,union-attr]
+    return collate
+
+
+class MLLMTask:
+    """:class:`RISModel` in ``model.mode: mllm`` as a :class:`~mllm_ris.training.task.TrainTask`.
+
+    Args:
+        cfg: the resolved config (``model.mode`` must be ``mllm``).
+    """
+
+    name = "mllm"
+
+    def __init__(self, cfg: Config) -> None:
+        if cfg.model.mode != "mllm":
+            raise ConfigError(f"model.mode: this task trains mllm mode, got {cfg.model.mode!r}")
+        self.cfg = cfg
+        self._collate: Callable[[Sequence[RISSample]], MLLMBatch] | None = None
+
+    @property
+    def superpixel_cache_dir(self) -> Path | None:
+        """Where label maps are cached: ``model.superpixels.cache_dir``, else
+        ``<output_dir>/superpixel_cache``; None without either (no cache)."""
+        if self.cfg.model.superpixels.cache_dir:
+            return Path(self.cfg.model.superpixels.cache_dir)
+        if self.cfg.train.output_dir:
+            return Path(self.cfg.train.output_dir) / CACHE_DIR_NAME
+        return None
+
+    def build_model(self) -> RISModel:
+        """``build_model(cfg.model)``, or the ``model.checkpoint`` folder (its trainable parts trainable)."""
+        checkpoint = self.cfg.model.checkpoint
+        if checkpoint is not None:
+            model = RISModel.from_pretrained(checkpoint, trainable=True)
+            if model.mode != "mllm":
+                raise ConfigError(f"model.checkpoint: {checkpoint} holds a {model.mode}-mode model, not mllm")
+        else:
+            model = build_model(self.cfg.model)
+        collate = build_collator(model, image_size=self.cfg.data.image_size)
+        cache = self.superpixel_cache_dir
+        self._collate = _cached(collate, cache) if cache is not None else collate
+        return model
+
+    def external_weights(self, model: nn.Module) -> set[str]:
+        """Frozen pretrained weights reloaded by :meth:`build_model` (see :func:`external_state_keys`)."""
+        return external_state_keys(model)  # type: ignore[arg-type]
+
+    def train_data(self) -> tuple[ConcatDataset, torch.Tensor]:
+        """The ``data.train`` mixture and its per-sample weights."""
+        return build_mixture(self.cfg.data.train)
+
+    def collate(self, samples: list[RISSample]) -> MLLMBatch:
+        """Letterbox, answered chat, per-target masks and (cached) superpixels of ``samples``.
+
+        The question phrasings are drawn with a seed hashed from ``train.seed`` and the samples
+        (:func:`batch_seed`): a pure function of the batch, so a resumed run, DataLoader workers and
+        every rank see the phrasings an uninterrupted single-process run would.
+        """
+        if self._collate is None:
+            raise RuntimeError("MLLMTask.collate: call build_model first (the collator needs its tokenizer)")
+        if isinstance(self._collate, MLLMCollator):
+            self._collate.template = ChatTemplate(seed=batch_seed(samples, self.cfg.train.seed))
+        return self._collate(samples)
+
+    def loss(self, model: nn.Module, batch: MLLMBatch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """``model(batch).loss`` (LM + no-target + mask terms) and its terms, detached."""
+        out = model(batch)
+        loss = out.loss
+        partitioned = getattr(model, "zero_optimization_partition_weights", None)  # a DeepSpeed engine
+        if partitioned is None or not partitioned():  # a T = 0 batch leaves parameters unused
+            loss = tie_all_parameters(loss, [p for p in model.parameters() if p.requires_grad])
+        return loss, {k: v.detach() for k, v in out.loss_terms.items()}
+
+    def val_data(self) -> dict[str, ReferringDataset]:
+        """``data.val`` by ``"name:split"``."""
+        return {f"{spec.name}:{spec.split}": open_dataset(spec) for spec in self.cfg.data.val}
+
+    def predictor(self, model: nn.Module, device: torch.device) -> RISPredictor:
+        """Generation-based predictor at ``data.image_size`` (superpixels from the same disk cache)."""
+        predictor = RISPredictor(
+            model,  # type: ignore[arg-type]
+            image_size=self.cfg.data.image_size,
+            device=device,
+            batch_size=self.cfg.train.batch_size,
+        )
+        cache = self.superpixel_cache_dir
+        if cache is not None:
+            _cached(predictor.collate, cache)
+        return predictor
+
+    def save_model(self, model: nn.Module, out_dir: Path, config: dict) -> Path:
+        """The :meth:`RISModel.save_pretrained` folder (``config.json`` with the whole run config)."""
+        return write_model_folder(model, out_dir, config)  # type: ignore[arg-type]

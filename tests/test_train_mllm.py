@@ -1,0 +1,228 @@
+"""MLLM-mode training through the model-agnostic trainer: registration, exact resume with an LLM
+base left out of checkpoints, the `mllm-ris train` command with two config files, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mllm_ris.cli import main
+from mllm_ris.config import Config, load_config
+from mllm_ris.data.synthetic import make_synthref
+from mllm_ris.modeling.lora import random_causal_lm
+from mllm_ris.modeling.model import RISModel
+from mllm_ris.modeling.tokens import ensure_special_tokens, load_tokenizer
+from mllm_ris.training.checkpoint import consolidated_state_dict
+from mllm_ris.training.mllm import MLLMTask, tie_all_parameters
+from mllm_ris.training.sampling import MixtureSampler, build_mixture
+from mllm_ris.training.task import TrainTask, build_task
+from mllm_ris.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = """
+model:
+  mode: mllm
+  output_mode: {output_mode}
+  vision: {{random_image_size: 32, random_hidden_size: 16, random_patch_size: 4}}
+  projector: {{num_heads: 2}}
+  mllm:
+    name_or_path: {llm}
+    seg_dim: 16
+    random_hidden_size: 32
+    random_intermediate_size: 64
+    lora: {{enabled: true, dropout: 0.0}}
+  pixel: {{cnn_widths: [8, 8, 16, 16], cnn_norm: gn}}
+  head: {{name: s2rm, dim: 16, num_heads: 2}}
+  sam: {{variant: tiny, img_size: 64}}
+"""
+TINY_TRAIN = """
+data:
+  train: [{{name: synthref, root: {root}, split: train}}]
+  val: [{{name: synthref, root: {root}, split: val}}]
+  image_size: 64
+train:
+  batch_size: {batch}
+  lr: 1.0e-3
+  warmup_steps: 2
+  log_every: 1
+  tensorboard: false
+eval:
+  limit: 4
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; on a shared, loaded CPU two threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train_mllm") / "synthref"
+    make_synthref(out, images=10, seed=5, size=64, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as an HF folder: a base "from files", frozen under LoRA."""
+    out = tmp_path_factory.mktemp("llm")
+    tokenizer = ensure_special_tokens(load_tokenizer("bpe"))
+    torch.manual_seed(1)
+    llm = random_causal_lm(
+        arch="llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
+        intermediate_size=64, tie_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    llm.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def write_configs(folder: Path, root: Path, *, llm: Path | None, output_mode: str, batch: int) -> list[Path]:
+    """A tiny model YAML (LoRA on, base from ``llm`` or random) and a training YAML, as two files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model, train = folder / "model.yaml", folder / "train.yaml"
+    model.write_text(TINY_MODEL.format(output_mode=output_mode, llm=llm or "null"))
+    train.write_text(TINY_TRAIN.format(root=root, batch=batch))
+    return [model, train]
+
+
+def _cfg(files: list[Path], out: Path, *extra: str) -> Config:
+    return load_config(files, [f"train.output_dir={out}", *extra])
+
+
+def test_mllm_task_is_registered_and_fits_the_protocol(tmp_path: Path, synthref: Path) -> None:
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="direct", batch=2)
+    task = build_task(_cfg(files, tmp_path / "run"))
+    assert isinstance(task, MLLMTask) and isinstance(task, TrainTask)
+    assert task.superpixel_cache_dir == tmp_path / "run" / "superpixel_cache"
+    assert task.external_weights(task.build_model()) == set()  # random tiny parts: all in checkpoints
+    loss = torch.tensor(2.0, requires_grad=True)
+    p = torch.nn.Parameter(torch.ones(3))
+    tied = tie_all_parameters(loss, [p])
+    tied.backward()
+    assert tied.item() == 2.0 and torch.equal(p.grad, torch.zeros(3))  # in the graph, zero gradient
+
+
+def test_mllm_10_steps_equal_5_plus_resumed_5(tmp_path: Path, synthref: Path, llm_dir: Path) -> None:
+    files = write_configs(tmp_path, synthref, llm=llm_dir, output_mode="auto", batch=2)
+    extra = ("train.max_steps=10",)
+    full = Trainer(_cfg(files, tmp_path / "a", *extra, "train.eval_every=5"), progress=False).fit()
+    first = Trainer(_cfg(files, tmp_path / "b", *extra), progress=False).fit(stop_at_step=5)
+    rest = Trainer(_cfg(files, tmp_path / "b", *extra), progress=False).fit(resume="auto")
+    assert (first.steps, rest.start_step, rest.steps) == (5, 5, 10)
+    assert first.losses + rest.losses == full.losses  # bit-identical
+    log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert {"lm", "no_target", "head_bce", "head_dice", "iou", "sam_bce", "sam_dice"} <= set(log[0])
+    assert (tmp_path / "a" / "eval" / "step_000005" / "synthref_val" / "metrics.json").is_file()
+    assert full.eval["synthref:val"].samples == 4
+    # the frozen LLM base (from llm_dir) stays out of checkpoints; LoRA and everything else is in
+    ckpt = tmp_path / "b" / "checkpoints" / "step_000010" / "model.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        keys = set(f.keys())
+    assert not any("base_layer" in k or k.endswith("input_layernorm.weight") for k in keys)
+    assert any("lora_A" in k for k in keys) and any(k.startswith("head.") for k in keys)
+    a, b = RISModel.from_pretrained(tmp_path / "a"), RISModel.from_pretrained(tmp_path / "b")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["data"]["image_size"] == 64
+    assert any((tmp_path / "a" / "superpixel_cache").rglob("*.npy"))
+
+
+def test_train_command_with_two_config_files(
+    tmp_path: Path, synthref: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            str(ROOT / "configs" / "model" / "tiny-synth.yaml"),
+            str(ROOT / "configs" / "train" / "synthref-mllm.yaml"),
+            f"data.train.0.root={synthref}",
+            f"data.val.0.root={synthref}",
+            f"train.output_dir={run}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.tensorboard=false",
+            "eval.limit=2",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "step 2/2" in out and "synthref:val: cIoU" in out
+    model = RISModel.from_pretrained(run)
+    assert model.mode == "mllm" and model.cfg.projector.kind == "superpixel"
+    assert json.loads((run / "config.json").read_text())["data"]["image_size"] == 128
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(accelerate_config: str, files: list[Path], run: Path, *extra: str) -> None:
+    """``accelerate launch --config_file configs/accelerate/<accelerate_config> -m mllm_ris.cli train``."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
+        "--main_process_port", str(_free_port()),
+        "-m", "mllm_ris.cli", "train", *map(str, files), f"train.output_dir={run}", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["samples"] == 12
+    digests = summary["param_digests"]
+    assert len(digests) == 2 and digests[0] is not None and digests[0] == digests[1]
+
+
+def _ranks_see_a_no_target_batch(files: list[Path]) -> bool:
+    cfg = load_config(files)
+    dataset, weights = build_mixture(cfg.data.train)
+    stream = MixtureSampler(weights, batch_size=1, seed=cfg.train.seed, start=0, rank=0, world_size=1)
+    return any(dataset[stream.index_at(p)].masks.shape[0] == 0 for p in range(12))
+
+
+def test_ddp_two_processes_with_a_no_target_batch(tmp_path: Path, synthref: Path) -> None:
+    """With batch 1 a rank meets a no-target sample (T = 0); without the loss tie DDP fails a step later."""
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="auto", batch=1)
+    assert _ranks_see_a_no_target_batch(files)
+    run = tmp_path / "ddp"
+    _launch("cpu-2proc.yaml", files, run, "train.max_steps=6", "train.save_every=3", "data.val=[]")
+    merged = consolidated_state_dict(run / "checkpoints" / "step_000006")
+    final = RISModel.from_pretrained(run).state_dict()
+    head = load_file(str(run / "head.safetensors"))
+    assert all(torch.equal(merged[f"head.{k}"], v) for k, v in head.items())
+    assert set(merged) == set(final)  # nothing external in the tiny model
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_and_export_of_its_shards(tmp_path: Path, synthref: Path) -> None:
+    """ZeRO-2 with the same no-target batch; the sharded checkpoint exports to the final model."""
+    pytest.importorskip("deepspeed")
+    from mllm_ris.training.export import export_model
+
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="auto", batch=1)
+    run = tmp_path / "zero2"
+    _launch("deepspeed-zero2.yaml", files, run, "train.max_steps=6", "data.val=[]")
+    export_model(run / "checkpoints" / "step_000006", tmp_path / "from_shards")
+    export_model(run, tmp_path / "from_final")
+    a = RISModel.from_pretrained(tmp_path / "from_shards").state_dict()
+    b = RISModel.from_pretrained(tmp_path / "from_final").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
