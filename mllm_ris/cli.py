@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from mllm_ris import __version__
-from mllm_ris.errors import ConfigError, MllmRisError, NotAvailableError
+from mllm_ris.errors import ConfigError, MllmRisError
 
 __all__ = ["build_parser", "main"]
-
-# Subcommands owned by later work, with what they will do.
-_PLANNED: dict[str, str] = {}
 
 
 def _dataset_names() -> tuple[str, ...]:
@@ -172,9 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     ex.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_inference_commands(sub)
-    for name, what in _PLANNED.items():
-        p = sub.add_parser(name, help=f"(not available yet) {what}")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -365,8 +359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in _PLANNED:
-            raise NotAvailableError(f"{args.command}: not available yet — {_PLANNED[args.command]}")
         if args.command == "data":
             return _cmd_data_check(args)
         handlers = {

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from mllm_ris.cli import _PLANNED, build_parser, main
+from mllm_ris.cli import build_parser, main
 
 
 def test_console_script_runs() -> None:
@@ -20,21 +20,11 @@ def test_module_entry_point_runs() -> None:  # `accelerate launch -m mllm_ris.cl
     out = subprocess.run([sys.executable, "-m", "mllm_ris.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     built = ("data", "make-synthref", "eval", "config", "train", "export", "segment", "chat", "demo", "app")
-    for command in (*built, *_PLANNED):
+    for command in built:
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("command", sorted(_PLANNED))
-def test_planned_commands_refuse_without_faking(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([command, "anything"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.startswith(f"mllm-ris: error: {command}: not available yet")
-    assert len(captured.err.strip().splitlines()) == 1
-
-
 def test_export_is_a_command_with_one_line_errors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "export" not in _PLANNED  # built: tests/test_export.py
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == f"mllm-ris: error: {tmp_path / 'missing'}: no such folder\n"
@@ -42,12 +32,10 @@ def test_export_is_a_command_with_one_line_errors(tmp_path, capsys: pytest.Captu
 
 def test_inference_commands_are_not_planned() -> None:
     for command in ("segment", "chat", "demo", "app"):  # built: tests/test_cli_inference.py, test_app.py
-        assert command not in _PLANNED
         build_parser().parse_args([command, "x"] if command in ("segment", "chat") else [command])
 
 
 def test_train_errors_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "train" not in _PLANNED
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.startswith("mllm-ris: error: config file not found")
     config = tmp_path / "mllm.yaml"
