@@ -131,15 +131,6 @@ class PatchProjector(VisualProjector):
         return VisualTokens(embeds=self.mlp(patch_feats), mask=mask)
 
 
-@dataclass
-class _Regions:
-    """Per-image region statistics (``K`` kept regions, ``N`` patches)."""
-
-    coverage: torch.Tensor  # (K, N) fraction of each patch covered by each region
-    geometry: torch.Tensor  # (K, len(GEOMETRY_FEATURES)) in [0, 1]
-    total: int  # regions before the max_tokens cap
-
-
 class SuperpixelProjector(VisualProjector):
     """One token per superpixel: masked mean + coverage-biased attention + geometry embedding → ``mlp``.
 
@@ -154,8 +145,9 @@ class SuperpixelProjector(VisualProjector):
     4. geometry ``(K, 11)``: centroid, box, area, sqrt area, shape second moments → MLP → ``Cv``;
     5. ``mlp(m + attention + geometry)`` → ``(K, D)``.
 
-    Region statistics are computed on the label maps' device: keep them on the CPU (as a
-    DataLoader gives them) to avoid per-image GPU syncs. ``max_tokens`` keeps the regions with
+    Region statistics (coverage, geometry) are computed for the whole batch at once with a few
+    ``bincount`` calls on the label maps' device (CPU from a DataLoader: no GPU sync per image);
+    only the projection runs per token. ``max_tokens`` keeps the regions with
     the most pixels (ties: smaller id); dropped regions still feed the aggregator as context.
     Tokens are ordered by region id. Images are padded to the longest ``K`` in the batch (mask
     False, embeds zero). ``last_dropped (B,)`` holds how many regions the cap removed in the
@@ -184,7 +176,7 @@ class SuperpixelProjector(VisualProjector):
 
     def num_regions(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` distinct non-negative labels per label map ``(B, H', W')`` (before the cap)."""
-        return torch.tensor([torch.unique(s[s >= 0]).numel() for s in superpixels], dtype=torch.long)
+        return _relabel(superpixels.long())[1].cpu()
 
     def num_tokens(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` tokens each image gets: regions, capped at ``max_tokens``."""
@@ -214,24 +206,23 @@ class SuperpixelProjector(VisualProjector):
         if superpixels.dtype.is_floating_point or superpixels.dtype == torch.bool:
             raise ValueError(f"superpixels: expected an integer label map, got {superpixels.dtype}")
         gh, gw = self.grid_for(n)
-        labels = superpixels.long()  # region statistics on the maps' device (CPU from a DataLoader)
-        regions = [self._regions(labels[i], gh, gw) for i in range(b)]
-        counts = [r.coverage.shape[0] for r in regions]
-        k = max(counts, default=0)
-        self.last_dropped = torch.tensor([r.total - c for r, c in zip(regions, counts, strict=True)])
+        # region statistics for the whole batch at once, on the maps' device (CPU from a DataLoader)
+        dense, total = _relabel(superpixels.long())  # (B, H', W') ids 0..K0_b-1 per image, -1 = none
+        if self.cfg.max_tokens is not None:
+            dense = _keep_largest(dense, total, self.cfg.max_tokens)
+        counts = dense.flatten(1).amax(1).clamp_min(-1) + 1  # (B,) tokens per image
+        k = int(counts.max()) if b else 0
+        self.last_dropped = (total - counts).cpu()
         dtype = patch_feats.dtype
         if k == 0:  # no labelled pixel in the whole batch
             return VisualTokens(
                 embeds=patch_feats.new_zeros(b, 0, self.cfg.llm_dim),
                 mask=torch.zeros(b, 0, dtype=torch.bool, device=patch_feats.device),
             )
-        coverage = patch_feats.new_zeros(b, k, n)  # (B, K, N), zero rows = padding
-        geometry = patch_feats.new_zeros(b, k, len(GEOMETRY_FEATURES))  # (B, K, 11)
-        mask = torch.zeros(b, k, dtype=torch.bool, device=patch_feats.device)
-        for i, (r, c) in enumerate(zip(regions, counts, strict=True)):
-            coverage[i, :c] = r.coverage.to(device=patch_feats.device, dtype=dtype)
-            geometry[i, :c] = r.geometry.to(device=patch_feats.device, dtype=dtype)
-            mask[i, :c] = True
+        mask = (torch.arange(k, device=dense.device) < counts[:, None]).to(patch_feats.device)  # (B, K)
+        coverage = _coverage(dense, k, gh, gw).to(device=patch_feats.device, dtype=dtype)  # (B, K, N)
+        geometry = _geometry(dense, k).to(device=patch_feats.device, dtype=dtype)  # (B, K, 11)
+        geometry = geometry * mask[..., None].to(dtype)  # padding rows zero
         weights = coverage / coverage.sum(-1, keepdim=True).clamp_min(1e-6)  # (B, K, N), rows sum to 1
         pooled = weights @ patch_feats  # (B, K, N) @ (B, N, Cv) -> (B, K, Cv)
         x = pooled
@@ -258,76 +249,106 @@ class SuperpixelProjector(VisualProjector):
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=bias)  # (B, h, K, d)
         return self.attn["out"](out.transpose(1, 2).reshape(b, k, c))  # (B, h, K, d) -> (B, K, C)
 
-    def _regions(self, labels: torch.Tensor, gh: int, gw: int) -> _Regions:
-        """Coverage ``(K, N)`` and geometry ``(K, 11)`` of one label map ``(H', W')``, grid ``gh x gw``."""
-        device = labels.device
-        valid = labels >= 0
-        ids, inverse = torch.unique(labels[valid], return_inverse=True)  # (K0,), (P,) ids 0..K0-1
-        dense = torch.full_like(labels, -1)
-        dense[valid] = inverse  # (H', W') consecutive ids, -1 = no region
-        total = ids.numel()
-        if self.cfg.max_tokens is not None and total > self.cfg.max_tokens:
-            area = torch.bincount(inverse, minlength=total)  # (K0,) pixels per region
-            order = torch.sort(-area, stable=True).indices  # largest first; ties: smaller id first
-            kept = torch.sort(order[: self.cfg.max_tokens]).values  # back to id order
-            remap = torch.full((total,), -1, dtype=torch.long, device=device)
-            remap[kept] = torch.arange(kept.numel(), device=device)
-            dense = torch.where(dense >= 0, remap[dense.clamp_min(0)], dense)
-        k = int(dense.max().item()) + 1 if dense.numel() else 0
-        return _Regions(
-            coverage=_coverage(dense, k, gh, gw),
-            geometry=_geometry(dense, k),
-            total=total,
-        )
+
+def _relabel(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels (B, H', W')`` any integer ids (negative = no region) → consecutive ids per image in
+    increasing id order ``(B, H', W')`` (-1 kept) and the region count per image ``(B,)``.
+
+    Counting ids (``bincount``) replaces a per-image sort; sparse huge ids are first compacted with
+    one ``torch.unique`` over the batch.
+    """
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1)
+    valid = flat >= 0
+    if not bool(valid.any()):
+        return torch.full_like(labels, -1), torch.zeros(b, dtype=torch.long, device=labels.device)
+    m = int(flat.max()) + 1
+    if m > flat.numel():  # sparse ids: compact them (keeps their order) before counting
+        compact = torch.unique(flat[valid], return_inverse=True)[1]
+        flat = torch.full_like(flat, -1).masked_scatter(valid, compact)
+        m = int(compact.max()) + 1
+    rows = torch.arange(b, device=labels.device)[:, None]
+    index = rows * m + flat.clamp_min(0)  # (B, P) id in a per-image block of m
+    present = torch.bincount(index[valid], minlength=b * m).view(b, m) > 0  # (B, m)
+    rank = present.cumsum(1) - 1  # (B, m) consecutive id of each present label
+    dense = torch.where(valid, rank.gather(1, flat.clamp_min(0)), -1)
+    return dense.view_as(labels), present.sum(1)
+
+
+def _keep_largest(dense: torch.Tensor, total: torch.Tensor, cap: int) -> torch.Tensor:
+    """Keep each image's ``cap`` regions with the most pixels (ties: smaller id), renumbered in id order;
+    the others become -1. ``dense (B, H', W')`` consecutive ids, ``total (B,)`` regions per image."""
+    b = dense.shape[0]
+    k0 = int(total.max()) if b else 0
+    if k0 <= cap:
+        return dense
+    flat = dense.reshape(b, -1)
+    valid = flat >= 0
+    rows = torch.arange(b, device=dense.device)[:, None]
+    area = torch.bincount((rows * k0 + flat.clamp_min(0))[valid], minlength=b * k0).view(b, k0)
+    order = torch.sort(-area, dim=1, stable=True).indices  # largest first; ties: smaller id; absent ids last
+    chosen = torch.arange(k0, device=dense.device)[None, :] < total.clamp(max=cap)[:, None]  # (B, k0)
+    selected = torch.zeros_like(chosen).scatter(1, order, chosen)  # (B, k0) by region id
+    remap = torch.where(selected, selected.cumsum(1) - 1, -1)  # kept regions renumbered in id order
+    return torch.where(valid, remap.gather(1, flat.clamp_min(0)), -1).view_as(dense)
 
 
 def _coverage(dense: torch.Tensor, k: int, gh: int, gw: int) -> torch.Tensor:
-    """``(K, gh*gw)`` fraction of each patch cell covered by each label of ``dense (H', W')`` (-1 ignored).
+    """``(B, K, gh*gw)`` fraction of each patch cell covered by each label of ``dense (B, H', W')`` (-1
+    ignored; a single ``(H', W')`` map gives ``(K, gh*gw)``).
 
-    The map is resampled (nearest) to ``(gh*sy, gw*sx)`` with ``sy = ceil(H'/gh)``, ``sx = ceil(W'/gw)``,
+    The maps are resampled (nearest) to ``(gh*sy, gw*sx)`` with ``sy = ceil(H'/gh)``, ``sx = ceil(W'/gw)``,
     never smaller than the input, so every region keeps at least one pixel.
     """
-    height, width = dense.shape
+    if dense.dim() == 2:
+        return _coverage(dense[None], k, gh, gw)[0]
+    b, height, width = dense.shape
     sy, sx = -(-height // gh), -(-width // gw)
     ry = torch.arange(gh * sy, device=dense.device)  # rows of the resampled map
     rx = torch.arange(gw * sx, device=dense.device)
     rows = ((ry + 0.5) * height / (gh * sy)).long().clamp_max(height - 1)  # source row of each row
     cols = ((rx + 0.5) * width / (gw * sx)).long().clamp_max(width - 1)
-    resampled = dense[rows[:, None], cols[None, :]]  # (gh*sy, gw*sx)
+    same = gh * sy == height and gw * sx == width  # then rows / cols are the identity
+    resampled = dense if same else dense[:, rows[:, None], cols[None, :]]  # (B, gh*sy, gw*sx)
     cell = (ry // sy)[:, None] * gw + (rx // sx)[None, :]  # (gh*sy, gw*sx) patch index, row-major
-    keep = resampled >= 0
     n = gh * gw
-    flat = resampled[keep] * n + cell[keep]  # (P,) index into (K, N)
-    counts = torch.bincount(flat, minlength=k * n).view(k, n)  # (K*N,) -> (K, N)
+    image = torch.arange(b, device=dense.device)[:, None, None]
+    index = (image * k + resampled) * n + cell  # (B, gh*sy, gw*sx) into (B, K, N)
+    counts = torch.bincount(index[resampled >= 0], minlength=b * k * n).view(b, k, n)
     return counts.float() / (sy * sx)
 
 
 def _geometry(dense: torch.Tensor, k: int) -> torch.Tensor:
-    """``(K, 11)`` region geometry of ``dense (H', W')`` in [0, 1] (order: :data:`GEOMETRY_FEATURES`)."""
-    height, width = dense.shape
-    ys, xs = torch.nonzero(dense >= 0, as_tuple=True)
-    lab = dense[ys, xs]  # (P,) region of each labelled pixel
+    """``(B, K, 11)`` region geometry of ``dense (B, H', W')`` in [0, 1] (order: :data:`GEOMETRY_FEATURES`);
+    a single ``(H', W')`` map gives ``(K, 11)``. Rows of absent ids hold meaningless values."""
+    if dense.dim() == 2:
+        return _geometry(dense[None], k)[0]
+    b, height, width = dense.shape
+    valid = dense >= 0
+    bs, ys, xs = torch.nonzero(valid, as_tuple=True)  # row-major, the order of dense[valid]
+    lab = bs * k + dense[valid]  # (P,) region of each labelled pixel, per-image blocks of k
+    size = b * k
     x = (xs.float() + 0.5) / width  # pixel centres in (0, 1)
     y = (ys.float() + 0.5) / height
-    cnt = torch.bincount(lab, minlength=k).float().clamp_min(1)  # (K,)
+    cnt = torch.bincount(lab, minlength=size).float().clamp_min(1)  # (B*K,)
 
     def mean(v: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(lab, weights=v, minlength=k) / cnt  # (K,)
+        return torch.bincount(lab, weights=v, minlength=size) / cnt  # (B*K,)
 
     cx, cy = mean(x), mean(y)
     var_x = (mean(x * x) - cx * cx).clamp_min(0)
     var_y = (mean(y * y) - cy * cy).clamp_min(0)
     cov = mean(x * y) - cx * cy
     corr = cov / (var_x * var_y).sqrt().clamp_min(1e-8)
-    big = torch.full((k,), 2.0, device=dense.device)
+    big = torch.full((size,), 2.0, device=dense.device)
     x0 = big.scatter_reduce(0, lab, xs.float() / width, "amin")  # left edge of the leftmost pixel
     y0 = big.scatter_reduce(0, lab, ys.float() / height, "amin")
-    x1 = torch.zeros(k, device=dense.device).scatter_reduce(0, lab, (xs.float() + 1) / width, "amax")
-    y1 = torch.zeros(k, device=dense.device).scatter_reduce(0, lab, (ys.float() + 1) / height, "amax")
+    x1 = torch.zeros(size, device=dense.device).scatter_reduce(0, lab, (xs.float() + 1) / width, "amax")
+    y1 = torch.zeros(size, device=dense.device).scatter_reduce(0, lab, (ys.float() + 1) / height, "amax")
     area = cnt / (height * width)
     std_x, std_y, corr01 = 2 * var_x.sqrt(), 2 * var_y.sqrt(), (corr.clamp(-1, 1) + 1) / 2
     feats = [cx, cy, x0, y0, x1, y1, area, area.sqrt(), std_x, std_y, corr01]  # GEOMETRY_FEATURES order
-    return torch.stack(feats, dim=1)  # (K, 11)
+    return torch.stack(feats, dim=1).view(b, k, len(GEOMETRY_FEATURES))
 
 
 def build_projector(cfg: ProjectorConfig) -> VisualProjector:

@@ -130,6 +130,17 @@ def _upsample_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray
     return labels[rows[:, None], cols[None, :]]
 
 
+def _consecutive(labels: np.ndarray) -> np.ndarray:
+    """Non-negative integer labels → int32 ``0..K-1`` in increasing id order (``np.unique``'s inverse,
+    by counting instead of sorting every pixel)."""
+    flat = labels.ravel()
+    if flat.size and int(flat.max()) >= 4 * flat.size:  # sparse huge ids: sorting is cheaper
+        return np.unique(flat, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)
+    present = np.bincount(flat) > 0
+    rank = (np.cumsum(present) - 1).astype(np.int32)  # new id of each present label
+    return rank[labels]
+
+
 def _merge_regions(
     labels: np.ndarray, rgb: np.ndarray, threshold: float, budget: int, ignore: int | None = None
 ) -> np.ndarray:
@@ -151,7 +162,8 @@ def _merge_regions(
     keep = pairs[:, 0] != pairs[:, 1]
     if ignore is not None:
         keep &= (pairs != ignore).all(axis=1)
-    pairs = np.unique(pairs[keep], axis=0)  # (E, 2) distinct pairs of touching regions
+    codes = np.unique(pairs[keep, 0].astype(np.int64) * k + pairs[keep, 1])  # 1-D unique: faster than axis=0
+    pairs = np.stack([codes // k, codes % k], 1)  # (E, 2) distinct pairs of touching regions, sorted
     groups = np.arange(k)  # region -> group
     while len(pairs):
         g_counts = np.maximum(np.bincount(groups, weights=counts, minlength=k), 1.0)
@@ -214,8 +226,8 @@ class SuperpixelGenerator(ABC):
         """
         rgb = _as_rgb(image)
         small = _downscale(rgb, self.cfg.max_side) if self.downscale else rgb
-        _, labels = np.unique(self._segment(small), return_inverse=True)  # relabel 0..K-1 at low res
-        return _upsample_nearest(labels.reshape(small.shape[:2]).astype(np.int32), *rgb.shape[:2])
+        labels = _consecutive(self._segment(small))  # relabel 0..K-1 at low res
+        return _upsample_nearest(labels, *rgb.shape[:2])
 
     def _fingerprint_extra(self) -> str:
         return ""

@@ -1,0 +1,81 @@
+"""Every benchmark script runs end to end with its smallest settings (``--quick``) into a temporary doc.
+
+The scripts live in ``benchmarks/`` and import their helpers as top-level modules, so that folder goes on
+``sys.path``; each ``main(argv)`` runs in this process (one torch import for all), pinned to one thread.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> str:
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module(script)
+        doc = tmp_path / "docs" / "benchmarks.md"
+        results = str(tmp_path / "results")
+        argv = ["--quick", "--threads", "1", "--doc", str(doc), "--results", results, *extra]
+        assert module.main(argv) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    return doc.read_text(encoding="utf-8")
+
+
+def _json(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / "results" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def test_bench_tokens(tmp_path: Path) -> None:
+    text = _run("bench_tokens", tmp_path)
+    assert "<!-- bench_tokens:begin -->" in text and "Visual tokens per image" in text
+    assert "python benchmarks/bench_tokens.py --quick" in text and "CPUs" in text
+    record = _json(tmp_path, "tokens")
+    row = record["synthref"]["slic (default)"]
+    assert row["images"] == 2 and 1 <= row["max"] <= 51 and 0.0 <= row["object_iou"] <= 1.0
+    assert (tmp_path / "docs" / "img" / "tokens_per_image.png").stat().st_size > 1000
+
+
+def test_bench_superpixels(tmp_path: Path) -> None:
+    text = _run("bench_superpixels", tmp_path)
+    assert "Superpixel generation cost" in text and "cache hit" in text
+    rows = _json(tmp_path, "superpixels")["rows"]
+    assert any(k.startswith("slic") for k in rows) and any(k.startswith("sam (tiny") for k in rows)
+    assert all(r["stats"]["hits"] >= 1 and r["stats"]["misses"] == r["images"] for r in rows.values())
+
+
+def test_bench_latency(tmp_path: Path) -> None:
+    text = _run("bench_latency", tmp_path, "--sizes", "64,96", "--counts", "4,16")
+    assert "<!-- bench_latency_tiny_cpu:begin -->" in text and "<!-- bench_scaling_cpu:begin -->" in text
+    record = _json(tmp_path, "latency_tiny_cpu")
+    for kind in ("superpixel", "patch"):  # the forced answer gives one [SEG] and one mask
+        assert record["query"][kind]["text"] == "Sure, it is [SEG]." and record["query"][kind]["masks"] == 1
+    assert record["query"]["patch"]["tokens"] == 1024 and record["query"]["superpixel"]["tokens"] <= 48
+    prefill = record["prefill"]["sdpa | off | 1"]
+    assert [r["seq"] for r in prefill.values()][-1] == record["text_tokens"] + 1024
+    assert (tmp_path / "docs" / "img" / "latency_scaling_cpu.png").is_file()
+
+
+def test_bench_train_speed(tmp_path: Path) -> None:
+    text = _run("bench_train_speed", tmp_path)
+    assert "Training throughput" in text and "Accuracy at equal training budget" in text
+    kinds = _json(tmp_path, "train_speed_cpu")["kinds"]
+    assert kinds["patch"]["tokens_mean"] == 1024 and kinds["superpixel"]["tokens_mean"] < 1024
+    assert all(k["samples_per_s"] > 0 for k in kinds.values())
