@@ -147,10 +147,20 @@ class TwoStageHead(FusionHead):
         self.channel_gate = nn.Linear(2 * d, d)
         self.pix_embed = nn.Conv2d(d, d, kernel_size=1)
         self.sent_embed = nn.Linear(d, d)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.align_bias = nn.Parameter(torch.zeros(()))
+        # shape (1,), not 0-d: DeepSpeed broadcasts parameters as `p.data.view(torch.uint8)`,
+        # which fails on a 0-d tensor (engine start-up, every ZeRO stage)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+        self.align_bias = nn.Parameter(torch.zeros(1))
         self.refine = conv_norm_act(d, d)
         self.predict = MaskIoUPredictor(dim=d)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # weights written before the scalars became shape (1,) hold them 0-d
+        for name in ("logit_scale", "align_bias"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dim() == 0:
+                state_dict[prefix + name] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def decode(self, inputs: FoldedInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Fuse, decode, align -> ``(mask_logits (N, 1, H_0, W_0), iou_pred (N,))``."""

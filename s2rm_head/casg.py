@@ -19,7 +19,7 @@ level, so the decoder costs ``O(sum_i H_i W_i C^2)`` — no attention anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,9 @@ from s2rm_head._blocks import MaskIoUPredictor, conv_norm_act, upsample_to
 __all__ = ["CASGDecoder", "CASGOutput"]
 
 
-@dataclass
-class CASGOutput:
-    """What the CASG decoder returns (``N`` = batch x targets).
+class CASGOutput(NamedTuple):
+    """What the CASG decoder returns (``N`` = batch x targets); a ``NamedTuple`` so that ZeRO-3's
+    hooks see the tensors, as :class:`~s2rm_head.types.HeadOutput`.
 
     Attributes:
         mask_logits: ``(N, 1, H_0, W_0)`` mask logits at the finest level (1/4 of the image).

@@ -28,7 +28,7 @@ the gates of step 3 by a plain average.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,9 +38,9 @@ from s2rm_head._blocks import LayerNorm2d, conv_norm_act
 __all__ = ["S2RM", "BiSliceScan", "LanguageDistributor", "ParsedSemanticBalance", "S2RMOutput"]
 
 
-@dataclass
-class S2RMOutput:
-    """What one S²RM block returns.
+class S2RMOutput(NamedTuple):
+    """What one S²RM block returns (a ``NamedTuple`` so that ZeRO-3's hooks see the tensors, as
+    :class:`~s2rm_head.types.HeadOutput`).
 
     Attributes:
         fused: ``(N, C, H, W)`` fused vision–language map ``F``.

@@ -13,6 +13,7 @@ Shapes are part of the contract:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -60,9 +61,13 @@ class LanguageFeatures:
         return self.queries.shape[1]
 
 
-@dataclass
-class HeadOutput:
+class HeadOutput(NamedTuple):
     """What a fusion head returns.
+
+    A ``NamedTuple``, not a dataclass: DeepSpeed ZeRO-3 finds a module's output tensors (to hook
+    its pre-backward parameter fetch) only in tensors, tuples (named ones included), lists and
+    dicts. Inside a dataclass they stay hidden, and the first backward of a ZeRO-3 run fails with
+    ``active_backward_submodules is empty`` (see docs/training.md, "ZeRO-3").
 
     Attributes:
         mask_logits: ``(B, T, H/4, W/4)`` one logit map per query.

@@ -61,6 +61,28 @@ def rng_preserved() -> Iterator[None]:
     np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def hf_zero3_init_off(accelerator: Accelerator) -> Iterator[None]:
+    """Build models without transformers' ``deepspeed.zero.Init`` under ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers even with ``zero3_init_flag: false``;
+    transformers then partitions every ``from_pretrained`` / random HF model at construction, which
+    needs all ranks (a rank-0-only rebuild hangs) and breaks loading a full state dict. Our models
+    are built whole on every rank and partitioned by ``accelerator.prepare``.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # restore what accelerate set
+
+
 def bare_model(
     accelerator: Accelerator, model: nn.Module, rebuild: Callable[[], nn.Module] | None
 ) -> nn.Module | None:
@@ -74,7 +96,8 @@ def bare_model(
     state = accelerator.get_state_dict(model)  # collective
     if not accelerator.is_main_process:
         return None
-    full = rebuild()
+    with hf_zero3_init_off(accelerator):
+        full = rebuild()
     full.load_state_dict(state)
     return full.to(accelerator.device)
 

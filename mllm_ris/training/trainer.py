@@ -33,6 +33,7 @@ from mllm_ris.eval.evaluate import EvalReport, evaluate
 from mllm_ris.training._runtime import (
     bare_model,
     fill_deepspeed_auto,
+    hf_zero3_init_off,
     launch_kwargs,
     param_digest,
     rng_preserved,
@@ -82,7 +83,8 @@ class Trainer:
         self.zero3 = plugin is not None and plugin.zero_stage == 3
         set_seed(tc.seed)  # the same initial weights on every rank
         self.dataset, self.weights = self.task.train_data()
-        model = self.task.build_model()
+        with hf_zero3_init_off(acc):
+            model = self.task.build_model()
         external = getattr(self.task, "external_weights", None)  # optional TrainTask method
         self.external = (
             frozenset(external(model)) if external is not None and not self.deepspeed else frozenset()
