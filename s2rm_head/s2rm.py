@@ -153,11 +153,14 @@ class BiSliceScan(nn.Module):
         # (N, 2, 2C, S, W) ‖ (N, 2, C, S, W) -> (N, 2 dirs, 3C = [z r n], S, W)
         x = torch.cat([gates.view(n, 2, 2 * c, s, w), cand.view(n, 2, c, s, w)], dim=2)
         x = x.permute(3, 0, 1, 2, 4).contiguous()  # -> (S, N, 2, 3C, W): slice-major, one copy
+        # S x (N, 3C, W) per direction, split once: indexing x[i] inside the loop would make the
+        # backward zero-fill a full-size gradient buffer at every step
+        dir0, dir1 = x[:, :, 0].unbind(0), x[:, :, 1].unbind(0)
         h = vis.new_zeros(n, 2, c, w)  # (N, 2 dirs, C, W) carried state
         fwd, bwd = [], []
         for i in range(s):
             # step i: direction 0 reads slice i, direction 1 reads slice S-1-i
-            xi = torch.stack([x[i, :, 0], x[s - 1 - i, :, 1]], dim=1)  # (N, 2, 3C, W)
+            xi = torch.stack([dir0[i], dir1[s - 1 - i]], dim=1)  # (N, 2, 3C, W)
             # (N, 2, C, W) -> (N, 2C, W) for the grouped conv (group d reads only direction d's state)
             hh = self.state(h.reshape(n, 2 * c, w)).view(n, 2, 3 * c, w)  # (N, 2, 3C, W)
             xz, xr, xn = xi.chunk(3, dim=2)  # each (N, 2, C, W)
