@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from test_pipeline_kit import default_model_dir, scene_image
@@ -21,14 +20,6 @@ from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import RISResult
 
 SEED = 1234
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _encoded(image: np.ndarray, fmt: str) -> bytes:

@@ -6,7 +6,6 @@ Pyramids are the sizes a 64x64 image gives at strides 4, 8, 16, 32: 16, 8, 4, 2.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,16 +29,6 @@ IN_CHANNELS = (8, 16, 24, 32)
 SIZES = (16, 8, 4, 2)
 LANG_DIM = 24
 DIM = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threading only adds overhead, and on a shared 2-core box
-    OpenMP threads waiting for a descheduled sibling slowed this file ~50x. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(name: str = "s2rm", **kw: object) -> HeadConfig:

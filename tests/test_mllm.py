@@ -3,7 +3,6 @@ LLaVA-format checkpoints. Tiny random Llama / Qwen2 LLMs on CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from mllm_ris.modeling.tokens import TokenCountError, train_bpe_tokenizer
 from mllm_ris.modeling.visual_tokens import VisualTokens
 
 TEMPLATE = ChatTemplate(seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; on a shared, loaded CPU two threads spin (often 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

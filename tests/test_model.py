@@ -3,7 +3,6 @@ target matching, auto choice, save -> from_pretrained, the predictor."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,6 @@ from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.modeling.tokens import TokenCountError
 
 MODES = [(m, o) for m in ("classic", "mllm") for o in ("direct", "sam", "auto")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; on a shared, loaded CPU two threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _build(mode: str, output_mode: str, *extra: str, seed: int = 0) -> RISModel:

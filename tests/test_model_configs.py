@@ -3,7 +3,6 @@ size (paths null, tiny widths) with the right wiring; a LLaVA-format folder feed
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,6 @@ SMALL_LLM = [
     "model.mllm.random_intermediate_size=64",
     "model.mllm.dtype=float32",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _step(model: RISModel, image_size: int = SIZE) -> None:

@@ -4,7 +4,6 @@ samples (generated [SEG] / [REJ] decide the masks) and the evaluation loop on it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +17,6 @@ from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 
 MAX_STEPS = 300
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

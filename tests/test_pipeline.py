@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +35,6 @@ from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import Prediction, RISResult
 
 rigged = pytest.mark.skipif(using_bundled(), reason="answer-specific: runs on the rigged tiny model only")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

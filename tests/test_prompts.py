@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,17 +18,6 @@ from s2rm_head.prompts import (
 from s2rm_head.sam import SAMConfig, build_sam_stage
 
 KINDS = ("sparse", "box", "points", "dense")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are dominated by per-op overhead: one thread is faster and steadier on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _mask(h: int, w: int, *cells: tuple[int, int, int, int], value: float = 5.0) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,6 @@ from s2rm_head.sam import (
     load_sam_checkpoint,
     save_sam_checkpoint,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are dominated by per-op overhead: one thread is faster and steadier on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
