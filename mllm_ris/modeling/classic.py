@@ -18,6 +18,7 @@ from torch import nn
 from mllm_ris.data.collate import RISBatch
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.losses import LossConfig, MaskLosses, mask_losses
+from mllm_ris.modeling.weights import check_state_fits
 from s2rm_head.head import FusionHead, build_head
 from s2rm_head.pixel_encoder import PixelEncoder, build_pixel_encoder
 from s2rm_head.text_encoder import TextEncoder, build_text_encoder
@@ -161,17 +162,5 @@ def load_state(model: nn.Module, path: str | Path) -> None:
     except Exception as exc:  # safetensors raises several types for truncated / foreign files
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
     expected = _trainable_or_owned(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the model: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            want = tuple(expected[key].shape)
-            raise CheckpointError(
-                f"checkpoint {path}: {key} has shape {tuple(value.shape)}, the model {want}"
-            )
+    check_state_fits(state, expected, name=f"checkpoint {path}")
     model.load_state_dict(state, strict=False)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from mllm_ris.config import config_to_dict, load_config
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.mllm import GroundingMLLM
+from mllm_ris.modeling.weights import check_state_fits
 
 if TYPE_CHECKING:
     from mllm_ris.modeling.model import RISModel
@@ -107,16 +108,7 @@ def _load_part(model: RISModel, part: str, folder: Path) -> None:
         state = load_file(str(file))
     except Exception as exc:  # safetensors raises several types for truncated / foreign files
         raise CheckpointError(f"cannot read {str(file)!r}: {str(exc).splitlines()[0]}") from None
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{str(file)!r} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            want = tuple(expected[key].shape)
-            raise CheckpointError(f"{str(file)!r}: {key} has shape {tuple(value.shape)}, the model {want}")
+    check_state_fits(state, expected, name=repr(str(file)))
     getattr(model, part).load_state_dict(state, strict=False)
 
 
