@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from _launch_kit import free_port
 from test_pipeline_kit import default_model_dir, scene_image, write_png
 
 from mllm_ris.cli import main
@@ -38,12 +39,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pipe(model_dir: Path) -> RISPipeline:
     return RISPipeline.from_pretrained(model_dir)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_segment_for_app(pipe: RISPipeline, tmp_path: Path) -> None:
@@ -88,7 +83,7 @@ def served(pipe: RISPipeline) -> Iterator[str]:
         assert sock.family == socket.AF_UNIX or host in ("127.0.0.1", "localhost", "::1"), address
         real_connect(sock, address)
 
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", loopback_only)
         app = app_module.launch(pipe, port=port, max_file_size="1mb", block=False, quiet=True)

@@ -4,14 +4,12 @@ base left out of checkpoints, the `mllm-ris train` command with two config files
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch_kit import launch_cmd, launch_env
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -159,21 +157,10 @@ def test_train_command_with_two_config_files(
     assert json.loads((run / "config.json").read_text())["data"]["image_size"] == 128
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(accelerate_config: str, files: list[Path], run: Path, *extra: str) -> None:
     """``accelerate launch --config_file configs/accelerate/<accelerate_config> -m mllm_ris.cli train``."""
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-        "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
-        "--main_process_port", str(_free_port()),
-        "-m", "mllm_ris.cli", "train", *map(str, files), f"train.output_dir={run}", *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = launch_cmd(accelerate_config, *map(str, files), f"train.output_dir={run}", *extra)
+    env = launch_env()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())

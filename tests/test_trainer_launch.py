@@ -6,9 +6,7 @@ Each test starts fresh Python processes (the CLI), so each takes tens of seconds
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch_kit import ROOT, TINY_CLASSIC_YAML, launch_cmd, launch_env
 from safetensors.torch import load_file
 
 from mllm_ris.config import load_config
@@ -24,59 +23,19 @@ from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.training.checkpoint import consolidated_state_dict, read_trainer_state
 from mllm_ris.training.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_YAML = """
-model:
-  mode: classic
-  text: {{init: random, dim: 16}}
-  pixel: {{cnn_widths: [8, 8, 16, 16]}}
-  head: {{name: s2rm, dim: 16, num_heads: 2}}
-data:
-  train: [{{name: synthref, root: {root}, split: train}}]
-  image_size: 32
-train:
-  batch_size: 2
-  lr: 1.0e-3
-  log_every: 1
-  tensorboard: false
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("launch")
     make_synthref(folder / "synthref", images=10, seed=5, size=64, workers=1, progress=False)
     path = folder / "tiny.yaml"
-    path.write_text(TINY_YAML.format(root=folder / "synthref"))
+    path.write_text(TINY_CLASSIC_YAML.format(root=folder / "synthref", head="s2rm"))
     return path
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(accelerate_config: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.accelerate_cli",
-        "launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / accelerate_config),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "mllm_ris.cli",
-        "train",
-        *args,
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = launch_cmd(accelerate_config, *args)
+    out = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -122,7 +81,7 @@ def _start_cli(tiny_yaml: Path, run: Path, *extra: str) -> subprocess.Popen:
     cmd += ["train.max_steps=1000", *extra]
     run.mkdir(parents=True)  # output to files: a full pipe would block the progress bar
     out, err = (run / "stdout.txt").open("w"), (run / "stderr.txt").open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=err, text=True)
 
 
 def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil  # an accelerate dependency
 import pytest
 import torch
+from _launch_kit import ROOT, TINY_CLASSIC_YAML, launch_cmd, launch_env
 from safetensors.torch import load_file
 
 from mllm_ris.config import load_config
@@ -32,22 +30,6 @@ from mllm_ris.training.checkpoint import consolidated_state_dict
 from mllm_ris.training.trainer import Trainer
 from s2rm_head import HEAD_NAMES, HeadConfig, LanguageFeatures, build_head
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_YAML = """
-model:
-  mode: classic
-  text: {{init: random, dim: 16}}
-  pixel: {{cnn_widths: [8, 8, 16, 16]}}
-  head: {{name: {head}, dim: 16, num_heads: 2}}
-data:
-  train: [{{name: synthref, root: {root}, split: train}}]
-  image_size: 32
-train:
-  batch_size: 2
-  lr: 1.0e-3
-  log_every: 1
-  tensorboard: false
-"""
 STEPS = 3
 LAUNCH_TIMEOUT_S = 240
 
@@ -61,7 +43,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _yaml(folder: Path, data_root: Path, head: str) -> Path:
     path = folder / f"tiny-{head}.yaml"
-    path.write_text(TINY_YAML.format(root=data_root, head=head))
+    path.write_text(TINY_CLASSIC_YAML.format(root=data_root, head=head))
     return path
 
 
@@ -109,12 +91,6 @@ def test_two_stage_head_loads_weights_with_0d_scalars() -> None:
     assert head.logit_scale.tolist() == [1.5] and head.align_bias.tolist() == [-0.25]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_zero3(log_dir: Path, *args: str) -> str:
     """``accelerate launch`` with deepspeed-zero3.yaml (2 ranks); returns stdout.
 
@@ -122,21 +98,7 @@ def _launch_zero3(log_dir: Path, *args: str) -> str:
     torchrun workers (they run in sessions of their own, so a process-group kill misses them, and a
     rank stuck in a collective would wait for gloo's 30 min timeout).
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.accelerate_cli",
-        "launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "mllm_ris.cli",
-        "train",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd, env = launch_cmd("deepspeed-zero3.yaml", *args), launch_env()
     stdout, stderr = log_dir / "stdout.txt", log_dir / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
