@@ -266,12 +266,14 @@ class ForcedAnswer:
 
     A forward hook on the LM head overwrites the last position's logits, so decoding runs exactly
     ``len(ids)`` steps and yields one ``[SEG]``: the same work as a trained model answering
-    "Sure, it is [SEG]." Call :meth:`reset` before each query.
+    "Sure, it is [SEG]." Call :meth:`reset` before each query. The random reject head is switched
+    off (``reject_threshold`` null): the forced text alone decides.
     """
 
     def __init__(self, model: Any) -> None:
         from mllm_ris.data.conversation import answer_text
 
+        model.cfg.reject_threshold = None
         tok = model.mllm.tokenizer
         self.ids = [*tok(answer_text(1), add_special_tokens=False).input_ids, tok.eos_token_id]
         self.step = 0

@@ -93,6 +93,13 @@ class ModelConfig:
         default="direct", metadata={"help": "masks from the head, from SAM, or per query by predicted IoU"}
     )
     checkpoint: str | None = field(default=None, metadata={"help": "weights to start from"})
+    reject_threshold: float | None = field(
+        default=0.5,
+        metadata={
+            "help": "mllm generation answers [REJ] when the reject head's no-target probability is above "
+            "this (besides the LLM writing [REJ] itself); null = the LLM's text alone decides"
+        },
+    )
     pixel: PixelEncoderConfig = field(default_factory=PixelEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -105,6 +112,10 @@ class ModelConfig:
     # SAM stage (built when output_mode is sam or auto): prompts from the head -> SAM's mask decoder
     sam: SAMConfig = field(default_factory=SAMConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        t = self.reject_threshold
+        _check(t is None or 0.0 < t < 1.0, "reject_threshold", f"must be in (0, 1) or null, got {t}")
 
 
 @dataclass

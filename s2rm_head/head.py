@@ -7,13 +7,16 @@ Every head has the same contract (see ``s2rm_head/types.py``)::
         iou_pred    (B, T)
 
 **Targets are folded into the batch.** A sample with ``T`` queries is segmented ``T`` times: after
-the per-level input projection (done once per image), every pixel map is repeated ``T`` times
-sample-major (``b0t0, b0t1, ..., b1t0, ...``), word states likewise, and queries ``(B, T, C)`` are
-flattened to ``(B*T, C)``. Fusion and decoding then see ``N = B*T`` independent
-(image, query) pairs, and the outputs are unflattened to ``(B, T, ...)``. Cost and memory of the
-fusion grow linearly in ``T``. Padded query slots (``query_mask`` False) are computed like real
-ones; losses and metrics must ignore them using ``query_mask``. A batch with ``T = 0`` slots
-returns empty ``(B, 0, H_0, W_0)`` / ``(B, 0)`` outputs.
+the per-level input projection (done once per image), the real (image, query) pairs
+(``query_mask`` True) are gathered sample-major (``b0t0, b0t1, ..., b1t0, ...``): each pair gets
+its image's pixel maps and word states and its query. Fusion and decoding see ``N`` independent
+pairs, ``N`` = the number of real queries, and the outputs are scattered back to ``(B, T, ...)``.
+Cost and memory of the fusion grow linearly in ``N``. Padded query slots (``query_mask`` False)
+are not computed: their logits and predicted IoU are 0, and losses and metrics must ignore them
+(when a batch has no real query at all, every slot is computed, so each parameter gets a
+gradient). A batch with ``T = 0`` slots returns empty ``(B, 0, H_0, W_0)`` / ``(B, 0)`` outputs,
+computed from one padded slot so that every call runs the same modules (DeepSpeed ZeRO-3's ranks
+gather parameters module by module, and must all do so).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 from s2rm_head._blocks import LayerNorm2d
 from s2rm_head.casg import CASGDecoder
 from s2rm_head.s2rm import S2RM
-from s2rm_head.types import HeadOutput, LanguageFeatures
+from s2rm_head.types import HeadOutput, LanguageFeatures, pad_query_slot
 
 __all__ = ["HEAD_NAMES", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead", "build_head"]
 
@@ -136,27 +139,33 @@ class FusionHead(nn.Module, ABC):
         """
         self._check_inputs(pyramid, lang)
         b, t = lang.queries.shape[:2]
-        if t == 0:  # no query slot in the whole batch (e.g. every sample answered [REJ]): nothing to fuse
-            h0, w0 = pyramid[0].shape[-2:]
-            empty = pyramid[0].new_zeros(b, 0, h0, w0)  # (B, 0, H_0, W_0)
-            return HeadOutput(mask_logits=empty, iou_pred=empty.new_zeros(b, 0))
+        if t == 0:  # no query slot in the whole batch (e.g. every sample answered [REJ])
+            # segment one padded slot and return none of it: every call runs the same modules (ZeRO-3
+            # ranks must), and the empty outputs stay in the graph (zero gradients, not missing ones)
+            out = self.forward(pyramid, pad_query_slot(lang))
+            return HeadOutput(mask_logits=out.mask_logits[:, :0], iou_pred=out.iou_pred[:, :0])
         feats = [proj(x) for proj, x in zip(self.pixel_proj, pyramid, strict=True)]  # (B, dim, H_i, W_i)
-        queries = self.query_proj(lang.queries).reshape(b * t, -1)  # (B, T, dim) -> (B*T, dim)
+        real = lang.query_mask.bool().flatten()  # (B*T,) sample-major
+        if not real.any():  # only padded slots: fold them all (every parameter still gets a gradient)
+            real = torch.ones_like(real)
+        pairs = real.nonzero().flatten()  # (N,) indices into B*T
+        image_of = torch.div(pairs, t, rounding_mode="floor")  # (N,) the pair's sample
+        queries = self.query_proj(lang.queries).reshape(b * t, -1)[pairs]  # (B, T, dim) -> (N, dim)
         if self.token_proj is not None:
-            tokens = self.token_proj(lang.tokens).repeat_interleave(t, dim=0)  # (B, L, dim) -> (B*T, L, dim)
-            token_mask = lang.mask.bool().repeat_interleave(t, dim=0)  # (B, L) -> (B*T, L)
+            tokens = self.token_proj(lang.tokens)[image_of]  # (B, L, dim) -> (N, L, dim)
+            token_mask = lang.mask.bool()[image_of]  # (B, L) -> (N, L)
         else:
-            tokens = queries.new_zeros(b * t, 0, self.cfg.dim)  # (B*T, 0, dim): this head reads no words
-            token_mask = torch.zeros(b * t, 0, dtype=torch.bool, device=queries.device)
-        # image features repeated once per target, sample-major: (B, dim, H, W) -> (B*T, dim, H, W)
+            tokens = queries.new_zeros(len(pairs), 0, self.cfg.dim)  # (N, 0, dim): this head reads no words
+            token_mask = torch.zeros(len(pairs), 0, dtype=torch.bool, device=queries.device)
+        # image features gathered once per pair: (B, dim, H, W) -> (N, dim, H, W)
         folded = FoldedInputs(
-            feats=[f.repeat_interleave(t, dim=0) for f in feats],
-            tokens=tokens,
-            token_mask=token_mask,
-            queries=queries,
+            feats=[f[image_of] for f in feats], tokens=tokens, token_mask=token_mask, queries=queries
         )
-        logits, iou = self.decode(folded)  # (B*T, 1, H_0, W_0), (B*T,)
+        logits, iou = self.decode(folded)  # (N, 1, H_0, W_0), (N,)
         h0, w0 = logits.shape[-2:]
+        if len(pairs) < b * t:  # scatter back; padded slots stay 0
+            logits = logits.new_zeros(b * t, 1, h0, w0).index_copy(0, pairs, logits)
+            iou = iou.new_zeros(b * t).index_copy(0, pairs, iou)
         return HeadOutput(mask_logits=logits.view(b, t, h0, w0), iou_pred=iou.view(b, t))
 
     def _check_inputs(self, pyramid: list[torch.Tensor], lang: LanguageFeatures) -> None:

@@ -31,6 +31,7 @@ SAM pixel its cells cover, like ``batched_mask_to_box`` of segment-anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +79,12 @@ class PromptConfig:
             raise ValueError("num_pos_points: points are on but num_pos_points + num_neg_points = 0")
 
 
-@dataclass
-class SAMPrompts:
+class SAMPrompts(NamedTuple):
     """Prompts for ``N`` pairs; a field is ``None`` when its prompt type is off.
+
+    A ``NamedTuple``, not a dataclass: :class:`PromptBuilder` returns it and :class:`~s2rm_head.sam.SAMStage`
+    takes it, and DeepSpeed ZeRO-3's module hooks see tensors only in tensors, tuples (named ones
+    too), lists and dicts (see ``s2rm_head.types.HeadOutput``).
 
     Attributes:
         num_pairs: ``N``.
@@ -252,17 +256,17 @@ class PromptBuilder(nn.Module):
             raise ValueError(
                 f"queries: {n} pairs, coarse_logits: {coarse_logits.shape[0]}; need one mask per query"
             )
-        out = SAMPrompts(num_pairs=n)
+        out: dict[str, torch.Tensor] = {}
         if self.sparse_proj is not None:
             tokens = self.sparse_proj(queries)  # (N, k * C)
-            out.sparse = tokens.view(n, cfg.num_sparse_tokens, self.prompt_dim)  # (N, k, C)
+            out["sparse"] = tokens.view(n, cfg.num_sparse_tokens, self.prompt_dim)  # (N, k, C)
         if coarse_logits is not None:
             if cfg.box:
-                out.boxes = coarse_to_boxes(
+                out["boxes"] = coarse_to_boxes(
                     coarse_logits, img_size=self.img_size, threshold=cfg.mask_threshold
                 )
             if cfg.points:
-                out.point_coords, out.point_labels = coarse_to_points(
+                out["point_coords"], out["point_labels"] = coarse_to_points(
                     coarse_logits,
                     img_size=self.img_size,
                     num_pos=cfg.num_pos_points,
@@ -270,12 +274,12 @@ class PromptBuilder(nn.Module):
                     threshold=cfg.mask_threshold,
                 )
             if cfg.dense:
-                out.dense = coarse_to_dense(
+                out["dense"] = coarse_to_dense(
                     coarse_logits,
                     mask_input_size=self.mask_input_size,
                     pad_logit=cfg.dense_pad_logit,
                 )
-        return out
+        return SAMPrompts(num_pairs=n, **out)
 
 
 def build_prompt_builder(cfg: PromptConfig, sam: Sam) -> PromptBuilder:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -239,9 +239,11 @@ class SAMImages:
     original_size: tuple[int, int]
 
 
-@dataclass
-class SAMOutput:
+class SAMOutput(NamedTuple):
     """What :class:`SAMStage` returns for ``N = B * T`` (image, query) pairs, ``M = 4 * img_size / 16``.
+
+    A ``NamedTuple``, not a dataclass, so that DeepSpeed ZeRO-3's module hooks see its tensors
+    (see ``s2rm_head.types.HeadOutput``).
 
     Attributes:
         mask_logits: ``(N, 1, M, M)`` low-resolution logits over SAM's padded canvas (256 for 1024 px).

@@ -12,39 +12,51 @@ Shapes are part of the contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["HeadOutput", "LanguageFeatures"]
+__all__ = ["HeadOutput", "LanguageFeatures", "pad_query_slot"]
 
 
-@dataclass
-class LanguageFeatures:
+class _LanguageFields(NamedTuple):
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+
+
+class LanguageFeatures(_LanguageFields):
     """Language side of the fusion.
+
+    A ``NamedTuple`` (checked on construction), not a dataclass: the classic text encoder returns it
+    and every head takes it, and DeepSpeed ZeRO-3's module hooks see tensors only in tensors,
+    tuples (named ones too), lists and dicts (see :class:`HeadOutput`).
 
     Attributes:
         tokens: ``(B, L, D)`` word states (may be empty, ``L = 0``, when only queries exist).
         mask: ``(B, L)`` bool, True for real tokens.
         queries: ``(B, T, D)`` one embedding per target to segment.
         query_mask: ``(B, T)`` bool, True for real queries (padding when samples have different T).
+
+    Raises:
+        ValueError: the shapes do not fit together.
     """
 
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    queries: torch.Tensor
-    query_mask: torch.Tensor
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        b, length, d = self.tokens.shape
-        if self.mask.shape != (b, length):
-            raise ValueError(f"mask shape {tuple(self.mask.shape)} != tokens (B, L) = {(b, length)}")
-        if self.queries.dim() != 3 or self.queries.shape[0] != b or self.queries.shape[2] != d:
-            raise ValueError(f"queries shape {tuple(self.queries.shape)} does not fit (B={b}, T, D={d})")
-        if self.query_mask.shape != self.queries.shape[:2]:
-            want = tuple(self.queries.shape[:2])
-            raise ValueError(f"query_mask shape {tuple(self.query_mask.shape)} != queries (B, T) = {want}")
+    def __new__(
+        cls, tokens: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor, query_mask: torch.Tensor
+    ) -> LanguageFeatures:
+        b, length, d = tokens.shape
+        if mask.shape != (b, length):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != tokens (B, L) = {(b, length)}")
+        if queries.dim() != 3 or queries.shape[0] != b or queries.shape[2] != d:
+            raise ValueError(f"queries shape {tuple(queries.shape)} does not fit (B={b}, T, D={d})")
+        if query_mask.shape != queries.shape[:2]:
+            want = tuple(queries.shape[:2])
+            raise ValueError(f"query_mask shape {tuple(query_mask.shape)} != queries (B, T) = {want}")
+        return super().__new__(cls, tokens, mask, queries, query_mask)
 
     @classmethod
     def from_sentence(
@@ -76,3 +88,14 @@ class HeadOutput(NamedTuple):
 
     mask_logits: torch.Tensor
     iou_pred: torch.Tensor
+
+
+def pad_query_slot(lang: LanguageFeatures) -> LanguageFeatures:
+    """``lang`` with one more query slot, zero and padded (``query_mask`` False): ``(B, T, D)`` →
+    ``(B, T + 1, D)``. The zeros are appended to ``lang.queries`` itself, so whatever produced the
+    queries stays in the graph even when ``T = 0`` (its gradients are zeros, not missing)."""
+    queries = torch.nn.functional.pad(lang.queries, (0, 0, 0, 1))  # (B, T + 1, D)
+    pad = lang.query_mask.new_zeros(lang.query_mask.shape[0], 1)  # (B, 1) False
+    return LanguageFeatures(
+        tokens=lang.tokens, mask=lang.mask, queries=queries, query_mask=torch.cat([lang.query_mask, pad], 1)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +40,12 @@ def launch_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch_cmd(accelerate_config: str, *train_args: str) -> list[str]:
-    """``accelerate launch --config_file configs/accelerate/<config> -m mllm_ris.cli train ...``."""
+def launch_cmd(accelerate_config: str, *train_args: str, launch_args: Sequence[str] = ()) -> list[str]:
+    """``accelerate launch --config_file configs/accelerate/<config> [OPTIONS] -m mllm_ris.cli train ...``.
+
+    ``launch_args`` are the ``OPTIONS``: more ``accelerate launch`` options, which override the
+    config file's (e.g. ``--deepspeed_config_file``).
+    """
     return [
         sys.executable,
         "-m",
@@ -50,6 +55,7 @@ def launch_cmd(accelerate_config: str, *train_args: str) -> list[str]:
         str(ROOT / "configs" / "accelerate" / accelerate_config),
         "--main_process_port",
         str(free_port()),
+        *launch_args,
         "-m",
         "mllm_ris.cli",
         "train",

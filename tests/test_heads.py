@@ -75,8 +75,31 @@ def test_output_shapes(name: str, t: int, num_words: int) -> None:
 
 
 def test_no_query_slots_give_empty_outputs() -> None:
-    out = _head("s2rm")(_pyramid(), _lang(t=0))
+    """``T = 0``: empty outputs, computed from one padded slot (every parameter in the graph)."""
+    head = _head("s2rm").train()
+    lang = _lang(t=0)
+    lang = lang._replace(queries=lang.queries.requires_grad_())
+    out = head(_pyramid(), lang)
     assert out.mask_logits.shape == (2, 0, 16, 16) and out.iou_pred.shape == (2, 0)
+    (out.mask_logits.sum() + out.iou_pred.sum()).backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None]
+    assert not missing and not any(p.grad.abs().sum() for p in head.parameters())  # zeros, not None
+    assert lang.queries.grad is not None  # the (empty) queries' producer stays in the graph
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_padded_query_slots_are_not_computed(name: str) -> None:
+    """Only real (image, query) pairs are folded: each equals its own pair alone; padded slots give 0."""
+    head = _head(name)
+    pyramid, lang = _pyramid(), _lang(t=3)
+    lang = lang._replace(query_mask=torch.tensor([[True, True, False], [True, False, False]]))
+    with torch.no_grad():
+        out = head(pyramid, lang)
+        full = head(pyramid, lang._replace(query_mask=torch.ones(2, 3, dtype=torch.bool)))
+    real = lang.query_mask
+    torch.testing.assert_close(out.mask_logits[real], full.mask_logits[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.iou_pred[real], full.iou_pred[real], atol=1e-4, rtol=1e-4)
+    assert (out.mask_logits[~real] == 0).all() and (out.iou_pred[~real] == 0).all()
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)

@@ -248,6 +248,33 @@ def test_generate_returns_text_and_the_training_seg_embeddings(tok_dir: str) -> 
     torch.testing.assert_close(short.seg_embeds, gen.seg_embeds[:1, :1], atol=1e-5, rtol=1e-4)
 
 
+def test_word_states_are_the_prompt_tokens_in_training_and_generation(tok_dir: str, tmp_path: Path) -> None:
+    model = _build(tok_dir, lora=LoraSettings(enabled=False), word_states=True)
+    items = [(["the red circle"], [1]), (["the two big stars on the left"], [2])]
+    ids, mask, labels = _batch(model, items)
+    vis = _visual([3, 5], model.hidden_size)
+    with torch.no_grad():
+        teacher = model(ids, mask, vis, labels)
+    prompt_ids, prompt_mask, _ = _batch(model, [(e, [None]) for e, _ in items])
+    gen = model.generate(prompt_ids, prompt_mask, vis, max_new_tokens=4)
+    assert teacher.word_states is not None and teacher.word_mask is not None and gen.word_mask is not None
+    # one state per text token of the prompt (the <image> token became visual tokens): W = L_prompt - 1
+    counts = (prompt_mask.sum(dim=1) - 1).tolist()
+    assert teacher.word_mask.sum(dim=1).tolist() == counts == gen.word_mask.sum(dim=1).tolist()
+    assert teacher.word_states.shape == (2, max(counts), model.seg_dim)
+    # causal: the prompt's states do not depend on the answer after it, nor on the padding side
+    torch.testing.assert_close(gen.word_states, teacher.word_states, atol=1e-5, rtol=1e-4)
+    assert (teacher.word_states[~teacher.word_mask] == 0).all()
+    # the word MLP is saved with the other heads
+    model.save_pretrained(tmp_path / "m")
+    back = GroundingMLLM.from_pretrained(tmp_path / "m")
+    assert back.word_mlp is not None
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, mask, vis, labels).word_states, teacher.word_states)
+    assert _build(tok_dir).word_mlp is None  # off by default: outputs carry None
+    assert _build(tok_dir)(ids, mask, vis, labels).word_states is None
+
+
 def test_llava_checkpoint_parts_match_transformers(tok_dir: str, tmp_path: Path) -> None:
     tokenizer = train_bpe_tokenizer()
     torch.manual_seed(0)

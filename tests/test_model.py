@@ -130,6 +130,31 @@ def test_multi_and_no_target_batch() -> None:
     out.loss.backward()
 
 
+def test_reject_threshold_turns_a_seg_answer_into_rej() -> None:
+    """The reject head's probability above ``reject_threshold`` gives the [REJ] answer and no mask;
+    ``null`` leaves the LLM's text alone; the loss weights the no-target class."""
+    from mllm_ris.data.conversation import answer_text
+    from mllm_ris.modeling.model_losses import no_target_loss
+
+    model = _build("mllm", "direct").eval()
+    prompts = _batch(model, answers=False)
+    with torch.no_grad():
+        model.mllm.reject_head.bias.fill_(-20.0)  # probability ~0: the LLM's own text stands
+        free = model.generate(prompts, max_new_tokens=8)
+        model.mllm.reject_head.bias.fill_(20.0)  # probability ~1 for every sample
+        model.cfg.reject_threshold = None
+        off = model.generate(prompts, max_new_tokens=8)
+        model.cfg.reject_threshold = 0.5
+        on = model.generate(prompts, max_new_tokens=8)
+    assert off.text == free.text and torch.equal(off.target_valid, free.target_valid)
+    assert on.text == [answer_text(0)] * 3 and not on.target_valid.any()
+    pred = RISPredictor(model, image_size=SIZE).predict(synth_samples())
+    assert [p.masks.shape[0] for p in pred] == [0, 0, 0] and all(p.no_target_prob > 0.99 for p in pred)
+    logit, has = torch.zeros(4), torch.tensor([True, True, True, False])
+    plain, weighted = no_target_loss(logit, has, 1.0), no_target_loss(logit, has, 1.0, pos_weight=3.0)
+    torch.testing.assert_close(weighted, plain * 6 / 4)  # ln 2 per sample, the one negative x 3
+
+
 def test_seg_count_mismatch_names_both_counts() -> None:
     model = _build("mllm", "direct")
     batch = _batch(model)

@@ -115,8 +115,9 @@ def greedy_decode(
     ``[SEG]`` has the last-layer state of the step that consumed it.
 
     Returns:
-        ``sequences (B, N)`` (``pad_id`` after eos), ``prompt_state (B, D)`` (last prompt token),
-        and per sequence the ``(D,)`` states of its generated ``[SEG]`` tokens.
+        ``sequences (B, N)`` (``pad_id`` after eos), ``prompt_hidden (B, L', D)`` (last-layer states
+        of the prompt; the last prompt token at ``[:, -1]``), and per sequence the ``(D,)`` states of
+        its generated ``[SEG]`` tokens.
     """
     mask, pos = sp.attention_mask, sp.position_ids[:, -1]  # (B, L'), (B,)
     out = llm(
@@ -126,7 +127,7 @@ def greedy_decode(
         use_cache=True,
         output_hidden_states=True,
     )
-    prompt_state = out.hidden_states[-1][:, -1]  # (B, D)
+    prompt_hidden = out.hidden_states[-1]  # (B, L', D)
     batch = mask.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=mask.device)
     tokens: list[torch.Tensor] = []
@@ -151,7 +152,7 @@ def greedy_decode(
         for b in is_seg.nonzero().flatten().tolist():
             seg_states[b].append(out.hidden_states[-1][b, -1])  # (D,) the state that consumed [SEG]
     sequences = torch.stack(tokens, dim=1) if tokens else mask.new_zeros((batch, 0))  # (B, N)
-    return sequences, prompt_state, seg_states
+    return sequences, prompt_hidden, seg_states
 
 
 def pack_states(states: list[list[torch.Tensor]], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,10 +11,26 @@ Which weights train:
   always train in full, so they need no ``modules_to_save``.
 
 QLoRA = a 4-bit NF4 base (``BitsAndBytesConfig``) + ``prepare_model_for_kbit_training`` + LoRA.
+
+**DeepSpeed ZeRO-3 and the token rows.** peft's ``TrainableTokensLayer`` reads its delta rows and
+the base weight as tensors (``get_merged_weights``) instead of calling the modules that own them
+(a ``ParameterDict`` and the wrapped ``Embedding`` / ``Linear``), so ZeRO-3's module hooks never
+gather them for it. In forward DeepSpeed's attribute getter gathers them anyway, but it registers
+them with whatever module is running when they are first read: ``RISModel`` when it reads
+``get_input_embeddings().weight.dtype``, a module whose dataclass output ZeRO-3 cannot hook, so
+the rows were not gathered again for the backward (``IndexCopyBackward`` on a size-0 parameter:
+``expand(FloatTensor{[3, 64]}, size=[0])``). :func:`zero3_external_parameters` names them and the
+trainer registers them with their layer (``deepspeed.zero.register_external_parameter``).
+Building the adapter while transformers' ZeRO-3 flag is set sends peft to a CUDA-only gather
+(``torch.cuda.current_device()``); :func:`apply_lora` avoids it for weights that are not
+partitioned (see :func:`_token_rows_without_zero3_gather`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,6 +58,7 @@ __all__ = [
     "quantization_config",
     "random_causal_lm",
     "tiny_llm_config",
+    "zero3_external_parameters",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -99,6 +116,13 @@ class MLLMConfig:
         metadata={"help": "bpe | minilm | a tokenizer folder; null = the LLM folder's, else bpe"},
     )
     seg_dim: int = field(default=256, metadata={"help": "Dg, width of the grounding embeddings"})
+    word_states: bool = field(
+        default=False,
+        metadata={
+            "help": "also give the head the prompt's text-token states (last layer -> MLP -> Dg) as "
+            "word features beside the [SEG] embeddings"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
@@ -304,7 +328,65 @@ def apply_lora(
         trainable_token_indices=token_indices,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    if token_indices is None:
+        return get_peft_model(model, config)
+    with _token_rows_without_zero3_gather(model):
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _token_rows_without_zero3_gather(model: nn.Module) -> Iterator[None]:
+    """Let peft read the token rows of unpartitioned weights directly while transformers' ZeRO-3 flag is set.
+
+    With the flag set (accelerate / HF Trainer register their DeepSpeed config globally) peft's
+    ``TrainableTokensLayer.update_layer`` gathers the rows with ``deepspeed.zero.GatheredParameters``
+    and broadcasts them from a tensor on ``torch.cuda.current_device()``: CUDA only. That gather is
+    needed only for weights already partitioned by ``deepspeed.zero.Init``; whole weights (how the
+    trainer builds every model, partitioned later by ``accelerator.prepare``) give the same rows
+    read directly, so the flag is switched off for that call. Partitioned weights without CUDA
+    raise a :class:`ConfigError` instead of peft's CUDA error.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_config = ref() if ref is not None else None
+    if hf_config is None or not hf_config.is_zero3():
+        yield
+        return
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # built under deepspeed.zero.Init
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "lora.train_token_rows: peft gathers the token rows of a ZeRO-3-partitioned LLM on CUDA "
+                "only; build the LLM whole (outside deepspeed.zero.Init, as `mllm-ris train` does) or set "
+                "model.mllm.lora.train_token_rows=false"
+            )
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(hf_config)
+
+
+def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """``(module, parameter)`` pairs ZeRO-3 must gather for ``module`` though ``module`` does not own them.
+
+    Each peft ``TrainableTokensLayer`` with every parameter below it (its delta rows and the wrapped
+    weight, read as tensors in its forward; see the module doc). Empty for a model without peft's
+    token rows. Register them before ``deepspeed.initialize`` with
+    ``deepspeed.zero.register_external_parameter(module, parameter)``.
+    """
+    if "peft" not in sys.modules:  # no peft model can exist
+        return []
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    return [
+        (module, param)
+        for module in model.modules()
+        if isinstance(module, TrainableTokensLayer)
+        for param in module.parameters()
+    ]
 
 
 def base_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -19,6 +19,13 @@ class LossConfig:
     iou: float = field(default=1.0, metadata={"help": "MSE of the predicted IoU against the measured one"})
     lm: float = field(default=1.0, metadata={"help": "LM cross-entropy on the answer tokens (mllm mode)"})
     no_target: float = field(default=1.0, metadata={"help": "BCE of the reject logit (mllm mode)"})
+    no_target_pos_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the no-target class in that BCE; targeted / no-target expressions of the "
+            "training data balances the two classes (then reject_threshold 0.5 is a balanced decision)"
+        },
+    )
     sam: float = field(default=1.0, metadata={"help": "scale of the bce/dice/iou terms on SAM's masks"})
     match_targets: bool = field(
         default=True, metadata={"help": "assign targets to [SEG] queries by minimum BCE + Dice (Hungarian)"}
@@ -28,6 +35,8 @@ class LossConfig:
         for name in ("bce", "dice", "iou", "lm", "no_target", "sam"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
+        if self.no_target_pos_weight <= 0:
+            raise ValueError(f"no_target_pos_weight: must be > 0, got {self.no_target_pos_weight}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling._sequence import (
     IGNORE_INDEX,
+    VISUAL_ID,
     Spliced,
     greedy_decode,
     last_true,
@@ -62,11 +63,27 @@ if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds
 __all__ = ["GroundingGeneration", "GroundingMLLM", "GroundingOutput", "MLLMConfig", "build_grounding_mllm"]
 
 _CONFIG_FILE, _HEADS_FILE = "mllm_config.json", "heads.safetensors"
+_HEAD_MODULES = ("seg_mlp", "reject_head", "word_mlp")  # float32 heads saved in heads.safetensors
 
 
-@dataclass
-class GroundingOutput:
+def _gather_rows(
+    mlp: nn.Module, hidden: torch.Tensor, select: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mlp`` over the selected rows of ``hidden (B, L', D)`` (``select (B, L')`` bool), packed in
+    order to ``(B, N, width)`` zero-padded to the longest row, with the ``(B, N)`` validity mask."""
+    counts = select.sum(dim=1)  # (B,)
+    n_max = int(counts.max()) if counts.numel() else 0
+    valid = torch.arange(n_max, device=hidden.device)[None, :] < counts[:, None]  # (B, N)
+    # run the MLP even on 0 rows: the output stays connected to its weights (zero grads, not None)
+    picked = mlp(hidden[select].float())  # (M, width), row-major = (b, position) order
+    packed = picked.new_zeros((hidden.shape[0], n_max, width))
+    return packed.masked_scatter(valid[..., None], picked), valid  # fills (b, n) in the same order
+
+
+class GroundingOutput(NamedTuple):
     """Output of :meth:`GroundingMLLM.forward` (``L'`` = length after splicing in the visual tokens).
+
+    A ``NamedTuple`` so that DeepSpeed ZeRO-3's module hooks see its tensors (as ``HeadOutput``).
 
     Attributes:
         loss: ``()`` LM cross-entropy over answer tokens; None without labels.
@@ -76,6 +93,8 @@ class GroundingOutput:
         seg_valid: ``(B, T)`` bool, True for real embeddings.
         reject_logit: ``(B,)`` no-target logit (sigmoid = probability that nothing matches).
         attention_mask: ``(B, L')`` long of the spliced sequence.
+        word_states: ``(B, W, Dg)`` states of the prompt's text tokens (``mllm.word_states``), else None.
+        word_mask: ``(B, W)`` bool, True for real word states; None with ``word_states``.
     """
 
     loss: torch.Tensor | None
@@ -84,6 +103,8 @@ class GroundingOutput:
     seg_valid: torch.Tensor
     reject_logit: torch.Tensor
     attention_mask: torch.Tensor
+    word_states: torch.Tensor | None = None
+    word_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,6 +116,7 @@ class GroundingGeneration:
         sequences: ``(B, N)`` generated ids, ``pad_token_id`` after eos.
         seg_embeds: ``(B, T, Dg)``, one per generated ``[SEG]``; ``seg_valid (B, T)`` bool.
         reject_logit: ``(B,)`` at the last prompt token.
+        word_states, word_mask: as in :class:`GroundingOutput` (the same prompt tokens; None when off).
     """
 
     text: list[str]
@@ -102,6 +124,8 @@ class GroundingGeneration:
     seg_embeds: torch.Tensor
     seg_valid: torch.Tensor
     reject_logit: torch.Tensor
+    word_states: torch.Tensor | None = None
+    word_mask: torch.Tensor | None = None
 
 
 class GroundingMLLM(nn.Module):
@@ -138,6 +162,12 @@ class GroundingMLLM(nn.Module):
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, seg_dim)
         )
         self.reject_head = nn.Linear(hidden, 1)
+        # word states for the head (DESIGN: "g, optionally word states"), same shape of MLP
+        self.word_mlp = (
+            nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, seg_dim))
+            if self.cfg.word_states
+            else None
+        )
 
     # ----------------------------------------------------------------------------- training pass
 
@@ -165,25 +195,33 @@ class GroundingMLLM(nn.Module):
         self, hidden: torch.Tensor, seg_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden (B, L', D)``, ``seg_mask (B, L')`` → ``seg_embeds (B, T, Dg)``, ``seg_valid (B, T)``."""
-        counts = seg_mask.sum(dim=1)  # (B,)
-        t_max = int(counts.max()) if counts.numel() else 0
-        seg_valid = torch.arange(t_max, device=hidden.device)[None, :] < counts[:, None]  # (B, T)
-        # run the MLP even on N = 0 rows: the output stays connected to its weights (zero grads, not None)
-        picked = self.seg_mlp(hidden[seg_mask].float())  # (N, Dg), row-major = (b, position) order
-        embeds = picked.new_zeros((hidden.shape[0], t_max, self.seg_dim))
-        embeds = embeds.masked_scatter(seg_valid[..., None], picked)  # fills (b, t) in the same order
-        return embeds, seg_valid
+        return _gather_rows(self.seg_mlp, hidden, seg_mask, self.seg_dim)
 
-    def _reject_logit(self, hidden: torch.Tensor, sp: Spliced) -> torch.Tensor:
-        """``(B,)`` from the state before the last answer (labels) or at the last real token (prompt)."""
+    def _word_states(
+        self, hidden: torch.Tensor, sp: Spliced, last: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(B, W, Dg)`` states of the text tokens up to position ``last (B,)`` (the prompt; visual
+        tokens and padding left out) and their ``(B, W)`` mask; ``(None, None)`` when off."""
+        if self.word_mlp is None:
+            return None, None
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]  # (1, L')
+        text = sp.attention_mask.bool() & (sp.token_ids != VISUAL_ID) & (pos <= last[:, None])  # (B, L')
+        return _gather_rows(self.word_mlp, hidden, text, self.seg_dim)
+
+    def _prompt_end(self, sp: Spliced) -> torch.Tensor:
+        """``(B,)`` the last prompt position: before the last answer (labels), else the last real token."""
         pos = last_true(sp.attention_mask.bool())  # (B,) last real token
         if sp.labels is not None:
             answer = sp.labels != IGNORE_INDEX  # (B, L')
             starts = answer & ~F.pad(answer, (1, 0))[:, :-1]  # first token of every answer run
             start = last_true(starts)  # (B,), -1 when the row has no answer
             pos = torch.where(start > 0, start - 1, pos)
+        return pos
+
+    def _reject_logit(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` from the state at the last prompt position ``last (B,)``."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.reject_head(hidden[rows, pos].float()).squeeze(-1)
+        return self.reject_head(hidden[rows, last].float()).squeeze(-1)
 
     def forward(
         self,
@@ -225,13 +263,17 @@ class GroundingMLLM(nn.Module):
             else:
                 loss = out.logits.sum() * 0.0  # a batch without answer tokens
         seg_embeds, seg_valid = self._seg_embeddings(hidden, sp.token_ids == self.token_ids.seg)
+        last = self._prompt_end(sp)
+        words, word_mask = self._word_states(hidden, sp, last)
         return GroundingOutput(
             loss=loss,
             logits=out.logits,
             seg_embeds=seg_embeds,
             seg_valid=seg_valid,
-            reject_logit=self._reject_logit(hidden, sp),
+            reject_logit=self._reject_logit(hidden, last),
             attention_mask=sp.attention_mask,
+            word_states=words,
+            word_mask=word_mask,
         )
 
     # ------------------------------------------------------------------------------- generation
@@ -263,7 +305,7 @@ class GroundingMLLM(nn.Module):
     ) -> GroundingGeneration:
         eos = int(self.tokenizer.eos_token_id)
         sp = self._splice(input_ids, attention_mask, visual, None, left_pad=True)
-        sequences, prompt_state, seg_states = greedy_decode(
+        sequences, prompt_hidden, seg_states = greedy_decode(
             self.llm,
             self.llm.get_input_embeddings(),
             sp,
@@ -272,11 +314,14 @@ class GroundingMLLM(nn.Module):
             seg_id=self.token_ids.seg,
             max_new_tokens=max_new_tokens,
         )
-        reject_logit = self.reject_head(prompt_state.float()).squeeze(-1)  # (B,) at the last prompt token
+        prompt_state = prompt_hidden[:, -1]  # (B, D) the last prompt token (left padding)
+        reject_logit = self.reject_head(prompt_state.float()).squeeze(-1)  # (B,)
+        last = torch.full_like(reject_logit, prompt_hidden.shape[1] - 1, dtype=torch.long)  # (B,)
+        words, word_mask = self._word_states(prompt_hidden, sp, last)
         hidden, seg_mask = pack_states(seg_states, prompt_state)  # (B, T, D), (B, T)
         seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
         text = [self._decode(row, eos) for row in sequences.tolist()]
-        return GroundingGeneration(text, sequences, seg_embeds, seg_valid, reject_logit)
+        return GroundingGeneration(text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask)
 
     def _decode(self, ids: list[int], eos: int) -> str:
         ids = ids[: ids.index(eos)] if eos in ids else ids
@@ -288,10 +333,17 @@ class GroundingMLLM(nn.Module):
         """Fold the LoRA adapters and token rows into the LLM weights (export; no-op without LoRA)."""
         self.llm = merge_lora(self.llm)
 
+    def heads_to(self, device: str | torch.device) -> None:
+        """Move the float32 heads (grounding / word MLPs, reject head) to ``device``, not the LLM."""
+        for name in _HEAD_MODULES:
+            if getattr(self, name) is not None:
+                getattr(self, name).to(device)
+
     def _heads_state(self) -> dict[str, torch.Tensor]:
         return {
             f"{n}.{k}": v
-            for n in ("seg_mlp", "reject_head")
+            for n in _HEAD_MODULES
+            if getattr(self, n) is not None
             for k, v in getattr(self, n).state_dict().items()
         }
 
@@ -358,7 +410,7 @@ class GroundingMLLM(nn.Module):
                 f"{str(folder / _HEADS_FILE)!r} does not fit: missing {missing}, unexpected {unexpected}, "
                 f"mis-shaped {bad}"
             )
-        for name in ("seg_mlp", "reject_head"):
+        for name in (n for n in _HEAD_MODULES if getattr(model, n) is not None):
             getattr(model, name).load_state_dict(
                 {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name)}
             )

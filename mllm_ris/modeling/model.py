@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch
+from mllm_ris.data.conversation import answer_text
 from mllm_ris.data.mllm_collate import MLLMBatch
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import LossConfig
@@ -44,7 +45,7 @@ from s2rm_head.pixel_encoder import PixelEncoder, SAMViTEncoder
 from s2rm_head.prompts import PromptBuilder
 from s2rm_head.sam import SAMStage
 from s2rm_head.text_encoder import TextEncoder
-from s2rm_head.types import LanguageFeatures
+from s2rm_head.types import LanguageFeatures, pad_query_slot
 
 if TYPE_CHECKING:
     from mllm_ris.config import ModelConfig
@@ -182,7 +183,8 @@ class RISModel(nn.Module):
         if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
             raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
         vis = self.projector(feats, batch.superpixels)  # embeds (B, K, D_llm), mask (B, K)
-        dtype = self.mllm.llm.get_input_embeddings().weight.dtype
+        # parameters(), not .weight: on peft's token-row wrapper .weight builds the merged matrix
+        dtype = next(self.mllm.llm.get_input_embeddings().parameters()).dtype
         return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
 
     def _classic_queries(self, batch: RISBatch) -> _Queries:
@@ -199,6 +201,8 @@ class RISModel(nn.Module):
                 batch.input_ids, batch.attention_mask, vis, max_new_tokens=max_new_tokens
             )
             seg, seg_valid, reject, text, lm = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text, None
+            words, word_mask = gen.word_states, gen.word_mask
+            seg_valid, text = self._apply_reject_threshold(reject, seg_valid, text)
         else:
             labels = batch.labels
             if labels is None or not (labels != -100).any(dim=1).all():
@@ -209,9 +213,31 @@ class RISModel(nn.Module):
             counts = batch.target_counts if batch.target_valid is not None else None
             out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
             seg, seg_valid, reject, text, lm = out.seg_embeds, out.seg_valid, out.reject_logit, None, out.loss
-        # each (image, [SEG]) pair is one query; the sample's [SEG] embeddings are its "words"
-        lang = LanguageFeatures(tokens=seg, mask=seg_valid, queries=seg, query_mask=seg_valid)
+            words, word_mask = out.word_states, out.word_mask
+        # each (image, [SEG]) pair is one query; the head's "words" are the sample's [SEG] embeddings,
+        # after the prompt's text-token states when mllm.word_states is on
+        tokens, mask = seg, seg_valid
+        if words is not None and word_mask is not None:
+            tokens, mask = torch.cat([words, seg], dim=1), torch.cat([word_mask, seg_valid], dim=1)
+        lang = LanguageFeatures(tokens=tokens, mask=mask, queries=seg, query_mask=seg_valid)
         return _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text)
+
+    def _apply_reject_threshold(
+        self, reject_logit: torch.Tensor, seg_valid: torch.Tensor, text: list[str]
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Rows whose no-target probability ``sigmoid(reject_logit) (B,)`` exceeds
+        ``cfg.reject_threshold`` answer :func:`answer_text` (0) and keep no ``[SEG]``: ``seg_valid (B, T)``
+        all False there. The reject head is a binary classifier on the same state that starts the
+        answer; it is trained with a class weight (``loss.no_target_pos_weight``), which the LM's
+        next-token loss over the whole vocabulary has no counterpart of."""
+        threshold = self.cfg.reject_threshold
+        if threshold is None:
+            return seg_valid, text
+        rejected = torch.sigmoid(reject_logit.float()) > threshold  # (B,)
+        if not rejected.any():
+            return seg_valid, text
+        text = [answer_text(0) if r else t for r, t in zip(rejected.tolist(), text, strict=True)]
+        return seg_valid & ~rejected[:, None], text
 
     # ---------------------------------------------------------------------------------- pixel side
 
@@ -229,30 +255,36 @@ class RISModel(nn.Module):
         return self.pixel_encoder(images), None
 
     def _segment(self, images: torch.Tensor, lang: LanguageFeatures) -> _Segmentation:
-        """``images (B, 3, S, S)``, queries ``(B, T, D)`` → head (+ SAM) masks."""
+        """``images (B, 3, S, S)``, queries ``(B, T, D)`` → head (+ SAM) masks.
+
+        A batch without query slots (``T = 0``: every answer ``[REJ]``) is segmented with one padded
+        slot, dropped at the end: the same modules run in the same order whatever ``T`` is (DeepSpeed
+        ZeRO-3's ranks gather parameters module by module and must all do the same), and the padded
+        query comes from the ``[SEG]`` embeddings (empty), so the grounding MLP stays in the graph.
+        """
         s = images.shape[-1]
+        t = lang.queries.shape[1]
+        if t == 0:
+            lang = pad_query_slot(lang)
         pyramid, sam_embed = self._pyramid(images)
-        head = self.head(pyramid, lang)  # mask_logits (B, T, h, w), iou_pred (B, T)
-        b, t, h, w = head.mask_logits.shape
+        head = self.head(pyramid, lang)  # mask_logits (B, Tq, h, w), iou_pred (B, Tq); Tq = max(T, 1)
+        b, tq, h, w = head.mask_logits.shape
         head_up = head.mask_logits
-        if t == 0:  # interpolate refuses empty inputs
-            head_up = head.mask_logits.new_zeros(b, 0, s, s)
-        elif (h, w) != (s, s):  # (B, T, h, w) -> (B, T, S, S)
+        if (h, w) != (s, s):  # (B, Tq, h, w) -> (B, Tq, S, S)
             head_up = F.interpolate(head.mask_logits, (s, s), mode="bilinear", align_corners=False)
-        seg = _Segmentation(mask_logits=head.mask_logits, iou_pred=head.iou_pred, head_up=head_up)
+        seg = _Segmentation(
+            mask_logits=head.mask_logits[:, :t], iou_pred=head.iou_pred[:, :t], head_up=head_up[:, :t]
+        )
         if self.sam_stage is None or self.prompt_builder is None:
-            return seg
-        if t == 0:  # no query in the whole batch: nothing to prompt SAM with
-            seg.sam_logits, seg.sam_iou_pred = head_up, head.iou_pred
             return seg
         if sam_embed is None:
             sam_embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)
         queries = lang.queries if self.prompt_builder.cfg.sparse else None
-        prompts = self.prompt_builder(queries, head.mask_logits)  # N = B * T pairs, sample-major
+        prompts = self.prompt_builder(queries, head.mask_logits)  # N = B * Tq pairs, sample-major
         out = self.sam_stage(sam_embed, prompts)  # mask_logits (N, 1, M, M), iou_pred (N,)
         up = self.sam_stage.upsample(out.mask_logits, (s, s))  # (N, 1, S, S) over the same canvas
-        seg.sam_logits = up.view(b, t, s, s)  # (N, 1, S, S) -> (B, T, S, S)
-        seg.sam_iou_pred = out.iou_pred.view(b, t)
+        seg.sam_logits = up.view(b, tq, s, s)[:, :t]  # (N, 1, S, S) -> (B, T, S, S)
+        seg.sam_iou_pred = out.iou_pred.view(b, tq)[:, :t]
         return seg
 
     def _sam_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -343,7 +375,9 @@ class RISModel(nn.Module):
                 order = match_targets(seg.mask_logits, targets, pair_valid, batch.valid)  # (B, T)
                 targets = targets.gather(1, order[..., None, None].expand_as(targets))
             terms["lm"] = extra.lm * q.lm_loss
-            terms["no_target"] = no_target_loss(q.reject_logit, batch.has_target, extra.no_target)
+            terms["no_target"] = no_target_loss(
+                q.reject_logit, batch.has_target, extra.no_target, extra.no_target_pos_weight
+            )
         args = (targets, pair_valid, has_target, batch.valid, cfg)
         terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))
         if seg.sam_logits is not None and seg.sam_iou_pred is not None:

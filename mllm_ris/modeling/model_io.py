@@ -144,7 +144,6 @@ def load_model(
             if name != "mllm" or not quantized:
                 child.to(device)
             else:  # a bitsandbytes base stays where its loader put it; the heads follow `device`
-                child.seg_mlp.to(device)
-                child.reject_head.to(device)
+                child.heads_to(device)
         model._mean, model._std = model._mean.to(device), model._std.to(device)
     return model.eval()

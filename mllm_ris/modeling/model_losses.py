@@ -9,7 +9,7 @@ Terms (each already weighted; their sum is the loss):
 * ``sam_bce`` / ``sam_dice`` / ``sam_iou`` — the same on SAM's masks and predicted IoU,
   x ``LossConfig.sam``;
 * ``no_target`` — BCE of the reject logit against "this expression has no target",
-  x ``LossConfig.no_target``.
+  x ``LossConfig.no_target``, the no-target class weighted ``LossConfig.no_target_pos_weight``.
 
 **Target matching.** Every ``[SEG]`` token is the same token, so which ``[SEG]`` should segment which
 target is not given by the text: the order of a sample's masks is the annotation's order. With
@@ -120,6 +120,11 @@ def match_targets(
     return order
 
 
-def no_target_loss(reject_logit: torch.Tensor, has_target: torch.Tensor, weight: float) -> torch.Tensor:
-    """``weight`` x BCE of ``reject_logit (B,)`` against ``~has_target (B,)`` (1 = nothing matches)."""
-    return weight * F.binary_cross_entropy_with_logits(reject_logit.float(), (~has_target).float())
+def no_target_loss(
+    reject_logit: torch.Tensor, has_target: torch.Tensor, weight: float, pos_weight: float = 1.0
+) -> torch.Tensor:
+    """``weight`` x BCE of ``reject_logit (B,)`` against ``~has_target (B,)`` (1 = nothing matches),
+    the no-target class weighted ``pos_weight``."""
+    pw = reject_logit.new_tensor(pos_weight, dtype=torch.float32)
+    target = (~has_target).float()
+    return weight * F.binary_cross_entropy_with_logits(reject_logit.float(), target, pos_weight=pw)

@@ -17,7 +17,14 @@ from torch import nn
 
 from mllm_ris.config import TrainConfig
 
-__all__ = ["bare_model", "fill_deepspeed_auto", "launch_kwargs", "param_digest", "rng_preserved"]
+__all__ = [
+    "bare_model",
+    "fill_deepspeed_auto",
+    "launch_kwargs",
+    "param_digest",
+    "register_zero3_external_parameters",
+    "rng_preserved",
+]
 
 
 def _has_accelerator() -> bool:
@@ -81,6 +88,25 @@ def hf_zero3_init_off(accelerator: Accelerator) -> Iterator[None]:
         yield
     finally:
         plugin.set_deepspeed_weakref()  # restore what accelerate set
+
+
+def register_zero3_external_parameters(model: nn.Module) -> int:
+    """Tell ZeRO-3 which module needs the parameters it reads without owning them; returns their count.
+
+    ZeRO-3 gathers a module's own parameters around its forward and backward. peft's token rows
+    (:func:`mllm_ris.modeling.lora.zero3_external_parameters`) are read by a layer that does not
+    own them; registered with that layer, they are gathered for its backward too. Call before
+    ``accelerator.prepare``.
+    """
+    from mllm_ris.modeling.lora import zero3_external_parameters
+
+    pairs = zero3_external_parameters(model)
+    if pairs:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for module, param in pairs:
+            register_external_parameter(module, param)
+    return len(pairs)
 
 
 def bare_model(

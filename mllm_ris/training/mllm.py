@@ -18,17 +18,16 @@
   training checkpoints.
 
 **Unused parameters under DDP / ZeRO.** A micro-batch whose samples are all no-target has
-``T = 0`` queries: the SAM stage is skipped and the pixel encoder, head and grounding MLP produce
-empty outputs, so their parameters get no gradient on that rank. DDP's default
-(``find_unused_parameters=False``) then fails at the next step ("Expected to have finished
-reduction in the prior iteration"), and DeepSpeed ZeRO-2 ranks run mismatched collectives (gloo:
-"Received data size doesn't match expected size"); both were seen here. The loss therefore gets
-``0 * Σ p[0]`` over the trainable parameters (:func:`tie_all_parameters`): every parameter is in
-every graph, the loss value and gradients are unchanged (a parameter without a gradient gets a zero
-one), and the cost is one element read per tensor, with no per-step graph traversal as
-``find_unused_parameters=True`` would add. It is applied in every run, so one process and many
-follow the same optimizer semantics. Not under ZeRO-3, whose parameters are partitioned outside
-``forward`` (there the model would have to run every part for every batch).
+``T = 0`` queries. The model still runs every module then (the head and the SAM stage segment one
+padded query slot and keep none of it, ``FusionHead.forward``), because DeepSpeed ZeRO-3's ranks
+gather parameters module by module, a collective each, and must all run the same modules (a rank
+that skipped them aborted gloo: "Received data size doesn't match expected size", seen here).
+Outside ZeRO-3 the loss also gets ``0 * Σ p[0]`` over the trainable parameters
+(:func:`tie_all_parameters`): every parameter is in every graph whatever a model skips, so DDP's
+default ``find_unused_parameters=False`` never fails ("Expected to have finished reduction in the
+prior iteration") and ZeRO-2's ranks reduce the same gradients; the loss value and gradients are
+unchanged (a parameter without a gradient gets a zero one), it costs one element read per tensor,
+and it is applied in every run, so one process and many follow the same optimizer semantics.
 """
 
 from __future__ import annotations
@@ -54,7 +53,13 @@ from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.modeling.superpixel_cache import SuperpixelCache
 from mllm_ris.training.sampling import build_mixture, open_dataset
 
-__all__ = ["MLLMTask", "batch_seed", "external_state_keys", "tie_all_parameters", "write_model_folder"]
+__all__ = [
+    "MLLMTask",
+    "batch_seed",
+    "external_state_keys",
+    "tie_all_parameters",
+    "write_model_folder",
+]
 
 CACHE_DIR_NAME = "superpixel_cache"
 
@@ -177,10 +182,11 @@ class MLLMTask:
 
     def loss(self, model: nn.Module, batch: MLLMBatch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
         """``model(batch).loss`` (LM + no-target + mask terms) and its terms, detached."""
+        partitioned = getattr(model, "zero_optimization_partition_weights", None)  # a DeepSpeed engine
+        zero3 = partitioned is not None and partitioned()
         out = model(batch)
         loss = out.loss
-        partitioned = getattr(model, "zero_optimization_partition_weights", None)  # a DeepSpeed engine
-        if partitioned is None or not partitioned():  # a T = 0 batch leaves parameters unused
+        if not zero3:  # ZeRO-3 parameters are partitioned outside forward (module doc)
             loss = tie_all_parameters(loss, [p for p in model.parameters() if p.requires_grad])
         return loss, {k: v.detach() for k, v in out.loss_terms.items()}
 

@@ -36,6 +36,7 @@ from mllm_ris.training._runtime import (
     hf_zero3_init_off,
     launch_kwargs,
     param_digest,
+    register_zero3_external_parameters,
     rng_preserved,
 )
 from mllm_ris.training.checkpoint import (
@@ -93,6 +94,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, tc)  # stepped here, once per optimizer step
         if plugin is not None:  # our loader is not prepared: give DeepSpeed the sizes it asks for
             fill_deepspeed_auto(plugin.deepspeed_config, tc, acc.num_processes)
+        if self.zero3:  # parameters a module reads without owning them (peft's token rows)
+            register_zero3_external_parameters(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         if self.external:
