@@ -39,6 +39,8 @@ from _common import ROOT, machine, replace_section, shown
 
 from mllm_ris.config import Config, load_config
 from mllm_ris.data.synthetic import make_synthref
+from mllm_ris.modeling.model import RISModel
+from mllm_ris.modeling.predictor import RISPredictor
 from mllm_ris.training.mllm import MLLMTask
 from mllm_ris.training.trainer import Trainer
 
@@ -167,6 +169,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + (f" --threads {args.threads}" if args.threads else "")
         + options,
         "eval": report.to_json(),
+        "reject": reject_separation(cfg, out / label, args.eval_limit),
+    }
+
+
+def reject_separation(cfg: Config, model_dir: Path, limit: int | None) -> dict[str, float | None]:
+    """How well the trained reject head separates val negatives from positives, whatever the answer
+    text says: the AUC of its no-target probability (1 = perfect, 0.5 = chance) and its mean on
+    each class, over the first ``limit`` val samples (those the evaluation scores)."""
+    model = RISModel.from_pretrained(model_dir)
+    predictor = RISPredictor(model, image_size=cfg.data.image_size, batch_size=16)
+    data = next(iter(MLLMTask(cfg).val_data().values()))
+    samples = [data[i] for i in range(min(len(data), limit or len(data)))]
+    probs, negative = [], []
+    for i in range(0, len(samples), 16):
+        chunk = samples[i : i + 16]
+        probs += [p.no_target_prob for p in predictor.predict(chunk)]
+        negative += [s.no_target for s in chunk]
+    prob, neg = torch.tensor(probs), torch.tensor(negative)
+    n_neg, n_pos = int(neg.sum()), int((~neg).sum())
+    if not n_neg or not n_pos:
+        return {"auc": None, "prob_negative": None, "prob_positive": None}
+    ranks = prob.argsort().argsort().double() + 1  # ties are rare for float probabilities
+    auc = (ranks[neg].sum() - n_neg * (n_neg + 1) / 2) / (n_neg * n_pos)  # Mann-Whitney U / (n_neg n_pos)
+    return {
+        "auc": round(float(auc), 4),
+        "prob_negative": round(float(prob[neg].mean()), 4),
+        "prob_positive": round(float(prob[~neg].mean()), 4),
     }
 
 
@@ -178,11 +207,17 @@ def headline(record: dict[str, Any]) -> dict[str, float | None]:
     row["multi_gIoU"] = diff.get("multi", {}).get("gIoU")
     row["n_acc"] = diff.get("negative", {}).get("n_acc")
     row["cIoU"], row["gIoU"] = ev.get("cIoU"), ev.get("gIoU")
+    row["t_acc"] = ev.get("t_acc")
+    row["reject_auc"] = (record.get("reject") or {}).get("auc")
     return row
 
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _auc(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
 
 
 def _vs_target(key: str, value: float | None) -> str:
@@ -216,13 +251,15 @@ def write_table(results: Path, doc: Path | None) -> str:
         "`configs/model/tiny-synth.yaml` (random ViT, tiny Llama fully trained, S²RM head, direct "
         "masks) with `configs/train/synthref-mllm.yaml`, trained on SynthRef train (2000 images, 128 px) "
         "for a time budget on the CPU, evaluated on SynthRef val by generation (one mask per `[SEG]`, "
-        "none for `[REJ]`). cIoU per difficulty level, gIoU on multi-target, N-acc on negatives, in %; "
-        "targets: simple ≥ 92, relational ≥ 85, N-acc ≥ 95. `load` is the 1-minute load average "
-        "before the run; steps come from a short calibration unless the command fixes them.",
+        "none for `[REJ]`). cIoU per difficulty level, gIoU on multi-target, N-acc on negatives, "
+        "T-acc on targeted expressions (answered with a mask), in %; targets: simple ≥ 92, relational "
+        "≥ 85, N-acc ≥ 95. `reject AUC`: how well the reject head's no-target probability separates "
+        "negatives from positives (0.5 = chance), whatever the answer. `load` is the 1-minute load "
+        "average before the run; steps come from a short calibration unless the command fixes them.",
         "",
         "| run | steps | train min | samples/s | overall cIoU | simple | spatial | relational | multi "
-        "| multi gIoU | negative N-acc | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| multi gIoU | negative N-acc | T-acc | reject AUC | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         row = headline(r)
@@ -230,7 +267,8 @@ def write_table(results: Path, doc: Path | None) -> str:
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['train_seconds'] / 60:.1f} | {r['samples_per_s']} | "
             f"{_pct(row['cIoU'])} | {' | '.join(cells)} | {_pct(row['multi_gIoU'])} | "
-            f"{_vs_target('n_acc', row['n_acc'])} | {r['load_before']} |"
+            f"{_vs_target('n_acc', row['n_acc'])} | {_pct(row['t_acc'])} | "
+            f"{_auc(row['reject_auc'])} | {r['load_before']} |"
         )
     lines += ["", "Commands:", ""]
     lines += [f"- {r['label']}: `{r['command']}` ({r['machine']}, {r['date']})" for r in records]
