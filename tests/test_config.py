@@ -82,6 +82,8 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
         (["model.mllm.quantization=3bit"], "model.mllm.quantization: must be one of"),
         (["model.projector.kind=tokens"], "model.projector.kind: must be one of"),
         (["model.superpixels.method=quickshift"], "model.superpixels.method: must be one of"),
+        (["model.reject_threshold=1.5"], "model.reject_threshold: must be in (0, 1) or null"),
+        (["model.loss.no_target_pos_weight=0"], "model.loss.no_target_pos_weight: must be > 0"),
     ],
 )
 def test_errors_name_the_field(overrides: list[str], message: str) -> None:
