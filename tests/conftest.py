@@ -1,11 +1,15 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and the shared default-model fixtures."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from test_pipeline_kit import default_model_dir
+
+from mllm_ris.inference import RISPipeline
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,3 +20,15 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled default model, or a rigged tiny one when it is not installed (read only)."""
+    return default_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir: Path) -> RISPipeline:
+    """A pipeline on :func:`model_dir`."""
+    return RISPipeline.from_pretrained(model_dir)

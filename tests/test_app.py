@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 from _launch_kit import free_port
-from test_pipeline_kit import default_model_dir, scene_image, write_png
+from test_pipeline_kit import scene_image, write_png
 
 from mllm_ris.cli import main
 from mllm_ris.errors import NotAvailableError
@@ -29,16 +29,6 @@ if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return default_model_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir: Path) -> RISPipeline:
-    return RISPipeline.from_pretrained(model_dir)
 
 
 def test_segment_for_app(pipe: RISPipeline, tmp_path: Path) -> None:

@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline_kit import default_model_dir, png_header, scene_image, write_png
+from test_pipeline_kit import png_header, scene_image, write_png
 
 from mllm_ris.cli import main
 from mllm_ris.inference import default_model as dm
 from mllm_ris.inference import outputs
 
 ERR = "mllm-ris: error: "
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return default_model_dir(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(autouse=True)

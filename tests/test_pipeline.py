@@ -19,7 +19,6 @@ from test_pipeline_kit import (
     REJ_ANSWER,
     SEG_ANSWER,
     TEST_SIZE,
-    default_model_dir,
     save_model_dir,
     scene_image,
     using_bundled,
@@ -35,16 +34,6 @@ from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import Prediction, RISResult
 
 rigged = pytest.mark.skipif(using_bundled(), reason="answer-specific: runs on the rigged tiny model only")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return default_model_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir: Path) -> RISPipeline:
-    return RISPipeline.from_pretrained(model_dir)
 
 
 def _check_result(result: RISResult, hw: tuple[int, int]) -> None:

@@ -56,6 +56,7 @@ from mllm_ris.modeling.tokens import (
     load_tokenizer,
 )
 from mllm_ris.modeling.visual_tokens import VisualTokens
+from mllm_ris.modeling.weights import check_state_fits
 
 if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds)
     from peft import PeftModel
@@ -78,6 +79,11 @@ def _gather_rows(
     picked = mlp(hidden[select].float())  # (M, width), row-major = (b, position) order
     packed = picked.new_zeros((hidden.shape[0], n_max, width))
     return packed.masked_scatter(valid[..., None], picked), valid  # fills (b, n) in the same order
+
+
+def _state_mlp(hidden: int, out: int) -> nn.Sequential:
+    """LISA's ``text_hidden_fcs`` on LLM states: ``Linear(D, D) → ReLU → Linear(D, out)``."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
 class GroundingOutput(NamedTuple):
@@ -157,17 +163,11 @@ class GroundingMLLM(nn.Module):
         self.cfg = config if config is not None else MLLMConfig(seg_dim=seg_dim)
         hidden = int(llm.get_input_embeddings().weight.shape[1])
         self.hidden_size, self.seg_dim = hidden, seg_dim
-        # LISA's text_hidden_fcs: Linear(D, D) → ReLU → Linear(D, Dg); heads stay in float32
-        self.seg_mlp = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, seg_dim)
-        )
+        # heads stay in float32
+        self.seg_mlp = _state_mlp(hidden, seg_dim)
         self.reject_head = nn.Linear(hidden, 1)
-        # word states for the head (DESIGN: "g, optionally word states"), same shape of MLP
-        self.word_mlp = (
-            nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, seg_dim))
-            if self.cfg.word_states
-            else None
-        )
+        # word states for the head (DESIGN: "g, optionally word states")
+        self.word_mlp = _state_mlp(hidden, seg_dim) if self.cfg.word_states else None
 
     # ----------------------------------------------------------------------------- training pass
 
@@ -333,19 +333,17 @@ class GroundingMLLM(nn.Module):
         """Fold the LoRA adapters and token rows into the LLM weights (export; no-op without LoRA)."""
         self.llm = merge_lora(self.llm)
 
+    def _heads(self) -> dict[str, nn.Module]:
+        """The float32 heads this model has, by attribute name (``word_mlp`` only when on)."""
+        return {n: getattr(self, n) for n in _HEAD_MODULES if getattr(self, n) is not None}
+
     def heads_to(self, device: str | torch.device) -> None:
         """Move the float32 heads (grounding / word MLPs, reject head) to ``device``, not the LLM."""
-        for name in _HEAD_MODULES:
-            if getattr(self, name) is not None:
-                getattr(self, name).to(device)
+        for head in self._heads().values():
+            head.to(device)
 
     def _heads_state(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{n}.{k}": v
-            for n in _HEAD_MODULES
-            if getattr(self, n) is not None
-            for k, v in getattr(self, n).state_dict().items()
-        }
+        return {f"{n}.{k}": v for n, head in self._heads().items() for k, v in head.state_dict().items()}
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``mllm_config.json``, ``tokenizer/``, ``heads.safetensors``, ``adapter/`` (LoRA + token
@@ -402,17 +400,10 @@ class GroundingMLLM(nn.Module):
             raise CheckpointError(f"{str(folder)!r}: config has LoRA enabled but there is no adapter/ folder")
         model = cls(llm=llm, tokenizer=tokenizer, token_ids=token_ids, seg_dim=cfg.seg_dim, config=cfg)
         state = load_file(str(folder / _HEADS_FILE))
-        expected = model._heads_state()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        if missing or unexpected or bad:
-            raise CheckpointError(
-                f"{str(folder / _HEADS_FILE)!r} does not fit: missing {missing}, unexpected {unexpected}, "
-                f"mis-shaped {bad}"
-            )
-        for name in (n for n in _HEAD_MODULES if getattr(model, n) is not None):
-            getattr(model, name).load_state_dict(
-                {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name)}
+        check_state_fits(state, model._heads_state(), name=repr(str(folder / _HEADS_FILE)))
+        for name, head in model._heads().items():
+            head.load_state_dict(
+                {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
             )
         if not trainable:
             model.requires_grad_(False)

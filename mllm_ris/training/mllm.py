@@ -19,7 +19,7 @@
 
 **Unused parameters under DDP / ZeRO.** A micro-batch whose samples are all no-target has
 ``T = 0`` queries. The model still runs every module then (the head and the SAM stage segment one
-padded query slot and keep none of it, ``FusionHead.forward``), because DeepSpeed ZeRO-3's ranks
+padded query slot and keep none of it, ``RISModel._segment``), because DeepSpeed ZeRO-3's ranks
 gather parameters module by module, a collective each, and must all run the same modules (a rank
 that skipped them aborted gloo: "Received data size doesn't match expected size", seen here).
 Outside ZeRO-3 the loss also gets ``0 * Σ p[0]`` over the trainable parameters
