@@ -50,6 +50,12 @@ def _add_dataset_args(p: argparse.ArgumentParser, *, split_default: str | None) 
         "--split", default=split_default, help="split name, or 'all' for every split (default: %(default)s)"
     )
     p.add_argument("--split-by", default=None, help="refer layout annotation source: unc|google|umd|berkeley")
+    p.add_argument(
+        "--image-root",
+        default=None,
+        metavar="DIR",
+        help="folder the annotation's image paths are relative to (default: the dataset's own layout)",
+    )
 
 
 def _split(args: argparse.Namespace) -> str | None:
@@ -176,7 +182,12 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from mllm_ris.data.check import COUNT_KEYS, check_dataset
 
     report = check_dataset(
-        args.dataset, args.root, args.split, split_by=args.split_by, progress=not args.json
+        args.dataset,
+        args.root,
+        args.split,
+        split_by=args.split_by,
+        image_root=args.image_root,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(report.to_json()))
@@ -220,7 +231,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    dataset = build_dataset(args.dataset, args.root, _split(args), split_by=args.split_by)
+    dataset = build_dataset(
+        args.dataset, args.root, _split(args), split_by=args.split_by, image_root=args.image_root
+    )
     if args.checkpoint is not None:
         from mllm_ris.training.export import trained_predictor
 

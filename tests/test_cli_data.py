@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -173,3 +174,17 @@ def test_make_synthref_then_check_and_eval(tmp_path: Path, capsys: pytest.Captur
 def test_make_synthref_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["make-synthref", str(tmp_path / "x"), "--images", "0"]) == 2
     assert "--images: must be >= 1" in capsys.readouterr().err
+
+
+def test_image_root_flag_for_data_check_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--image-root`` points ``data check`` and ``eval`` at images kept anywhere."""
+    info = make_riscq(tmp_path / "riscq")
+    shutil.move(str(info.root / "images"), str(tmp_path / "coco"))
+    args = [*_dataset_args(info), "--image-root", str(tmp_path / "coco")]
+    assert main(["data", "check", *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["refs"] == info.refs
+    out = tmp_path / "eval"
+    code = main(["eval", *args, "--split", "val", "--predictor", "gt-box", "--out", str(out), "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)
+    assert main(["data", "check", *_dataset_args(info)]) == 2  # without it: one line naming the paths tried
+    assert "image not found; tried: " in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -313,3 +314,33 @@ def test_build_dataset_by_name(tmp_path: Path, name: str) -> None:
     assert len(ds) == info.samples and ds.name == name
     sample = ds[len(ds) - 1]
     assert sample.dataset == name and sample.image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("layout", ["root", "images", "elsewhere"])
+def test_riscq_finds_images_where_coco_users_keep_them(layout: str, tmp_path: Path) -> None:
+    """``<root>/<file_name>`` (COCO's own layout), ``<root>/images/<file_name>``, or any image_root."""
+    info = make_riscq(tmp_path / "riscq")
+    image_root = None
+    if layout == "root":  # root/train2017/x.jpg
+        for folder in list((info.root / "images").iterdir()):
+            shutil.move(str(folder), str(info.root / folder.name))
+    elif layout == "elsewhere":
+        image_root = tmp_path / "coco"
+        shutil.move(str(info.root / "images"), str(image_root))
+    ds = RISCQDataset(info.root, split="train", image_root=image_root)
+    expected = {"root": info.root, "images": info.root / "images", "elsewhere": image_root}[layout]
+    assert ds.refs[0].image_path == expected / "train2017" / "000000000017.jpg"
+    assert ds[0].masks.shape == (1, 36, 44)
+
+
+def test_riscq_missing_image_lists_every_path_tried(tmp_path: Path) -> None:
+    info = make_riscq(tmp_path)
+    (info.root / "images" / "val2017" / "000000000031.jpg").unlink()
+    with pytest.raises(DatasetError) as err:
+        RISCQDataset(info.root, split="val")
+    message = str(err.value)
+    assert "val.json entry 0: image not found; tried: " in message
+    assert str(info.root / "val2017" / "000000000031.jpg") in message
+    assert str(info.root / "images" / "val2017" / "000000000031.jpg") in message
+    with pytest.raises(DatasetError, match=r"tried: [^,]*elsewhere[/\\]val2017[/\\]000000000031\.jpg$"):
+        RISCQDataset(info.root, split="val", image_root=tmp_path / "elsewhere")

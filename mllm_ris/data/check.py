@@ -108,12 +108,14 @@ def check_dataset(
     split: str | None = None,
     *,
     split_by: str | None = None,
+    image_root: str | Path | None = None,
     progress: bool = True,
 ) -> CheckReport:
-    """Open a dataset by name and check it (see :func:`check_loaded_dataset`).
+    """Open a dataset by name (images under ``image_root`` when given) and check it (see
+    :func:`check_loaded_dataset`).
 
     Raises:
         DatasetError: the dataset cannot be opened at all (missing or malformed annotation file).
     """
-    ds = build_dataset(name, root, split, split_by=split_by)
+    ds = build_dataset(name, root, split, split_by=split_by, image_root=image_root)
     return check_loaded_dataset(ds, root=str(root), progress=progress)

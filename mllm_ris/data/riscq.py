@@ -7,7 +7,8 @@ The release (``lili0415/DuMoGa``, ``benchmark/sub_ris.json``) is a JSON list of
 
     <root>/<split>.json                     one JSON list per split (train.json, val.json,
                                             test.json, or the released sub_ris.json)
-    <root>/images/train2017/….jpg           file_name under the image root (default <root>/images)
+    <root>/train2017/….jpg                  file_name under <root> (where COCO users keep it), or
+    <root>/images/train2017/….jpg           under <root>/images; --image-root DIR: DIR/<file_name>
     <root>/panoptic_train2017/….png         pan_seg_file under <root>
 
 One entry is one ref with one sentence and one target (``T == 1``).
@@ -61,7 +62,8 @@ class RISCQDataset(ReferringDataset):
         root: the folder holding ``<split>.json`` and the panoptic PNG folders.
         split: a split file stem (``train``, ``val``, ``test``, ``sub_ris`` or any other
             ``<split>.json`` in ``root``); None reads those of :data:`RISCQ_SPLITS` present.
-        image_root: folder the ``file_name`` values are relative to (default ``<root>/images``).
+        image_root: folder the ``file_name`` values are relative to; by default each image is looked
+            for at ``<root>/<file_name>``, then ``<root>/images/<file_name>``.
 
     Raises:
         DatasetError: no / unknown split file, a malformed entry (naming file and index), or a
@@ -72,7 +74,8 @@ class RISCQDataset(ReferringDataset):
         self, root: str | Path, *, split: str | None = None, image_root: str | Path | None = None
     ) -> None:
         self.root = Path(root)
-        self.image_root = Path(image_root) if image_root is not None else self.root / "images"
+        self.image_root = Path(image_root) if image_root is not None else None
+        self._image_roots = [self.image_root] if self.image_root else [self.root, self.root / "images"]
         present = [s for s in RISCQ_SPLITS if (self.root / f"{s}.json").is_file()]
         if split is None and not present:
             raise DatasetError(
@@ -100,7 +103,7 @@ class RISCQDataset(ReferringDataset):
         sentence = require(entry, "sentence", str, where=where)
         pan_seg_file = require(entry, "pan_seg_file", str, where=where)
         segment_id = require(entry, "id", int, where=where)
-        image_path = self.image_root / file_name
+        image_path = self._find_image(file_name, where=where)
         height, width = sizes(image_path, where=where)
         ref_id = f"{split}:{index}"
         return RefEntry(
@@ -114,6 +117,15 @@ class RISCQDataset(ReferringDataset):
             target_ids=(segment_id,),
             payload=self.root / pan_seg_file,
         )
+
+    def _find_image(self, file_name: str, *, where: str) -> Path:
+        """The first existing ``<image root>/<file_name>``; a missing image names every path tried."""
+        tried = [folder / file_name for folder in self._image_roots]
+        for path in tried:
+            if path.is_file():
+                return path
+        hint = "" if self.image_root else " (or pass --image-root / image_root)"
+        raise DatasetError(f"{where}: image not found; tried: {', '.join(map(str, tried))}{hint}")
 
     def load_masks(self, ref: RefEntry) -> np.ndarray:
         """``(1, H, W)`` bool: the pixels of the panoptic PNG whose id is the entry's ``id``."""

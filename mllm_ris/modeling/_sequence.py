@@ -145,7 +145,7 @@ def greedy_decode(
             inputs_embeds=embed(tok[:, None]),  # (B, 1, D)
             attention_mask=mask,
             position_ids=pos[:, None],
-            past_key_values=out.past_key_values,
+            cache=out.cache,  # transformers >= 5.25 names the KV cache `cache` (was past_key_values)
             use_cache=True,
             output_hidden_states=True,
         )
