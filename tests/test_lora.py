@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from mllm_ris.modeling.tokens import add_grounding_tokens, train_bpe_tokenizer
 from mllm_ris.modeling.visual_tokens import VisualTokens
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "pad_token_id": 0}
+# widths are multiples of 64, bitsandbytes' 4-bit block size (test_qlora_cpu_widths says why)
+TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "pad_token_id": 0}
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,46 @@ def test_qlora_4bit_forward_backward_and_round_trip(llm_dir: str, tmp_path: Path
         out = loaded(ids, mask, vis, labels)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.seg_embeds, ref.seg_embeds, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not importable: QLoRA (4-bit NF4) cannot be tested")
+def test_qlora_cpu_widths(llm_dir: str, tmp_path: Path) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU kernel (on AVX512-BF16 CPUs, in eval mode) with
+    ``absmax.reshape(out, in // 64)``: widths below the 64-wide block fail there ("shape '[32, 0]' is
+    invalid"), real widths pass. A narrow model is refused at load time, naming the field."""
+    tokenizer = train_bpe_tokenizer()
+    narrow = random_causal_lm(
+        arch="llama", vocab_size=len(tokenizer), tie_embeddings=False, **{**TINY, "hidden_size": 32}
+    )
+    narrow.save_pretrained(str(tmp_path / "narrow"))
+    with pytest.raises(ConfigError, match=r"hidden_size divisible by 64.*hidden_size=32"):
+        load_causal_lm(tmp_path / "narrow", quantization="4bit", device="cpu")
+    import bitsandbytes.functional as bnbf
+
+    convert = getattr(bnbf, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU repacking step")
+    model = load_causal_lm(llm_dir, quantization="4bit", device="cpu")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers
+    for layer in layers:  # the repacking the AVX512-BF16 path runs, on copies (pure torch, any CPU)
+        state = copy.deepcopy(layer.weight.quant_state)
+        packed, state = convert(layer.weight.data.clone(), state)
+        assert packed.shape == (layer.out_features, layer.in_features // 2)
+        assert state.absmax.shape == (layer.in_features // 64, layer.out_features)
+
+
+def test_keep_layers_through_build_and_reload(llm_dir: str, tmp_path: Path) -> None:
+    """``keep_layers`` truncates a pretrained base when built and again when reloaded (adapters fit)."""
+    torch.manual_seed(0)
+    cfg = MLLMConfig(name_or_path=llm_dir, seg_dim=8, keep_layers=1, lora=LoraSettings(dropout=0.0))
+    model = build_grounding_mllm(cfg).eval()
+    assert len(model.llm.get_base_model().model.layers) == 1
+    ids, mask, vis, labels = _inputs(model)
+    with torch.no_grad():
+        ref = model(ids, mask, vis, labels)
+    model.save_pretrained(tmp_path / "k")
+    loaded = GroundingMLLM.from_pretrained(tmp_path / "k")
+    assert len(loaded.llm.get_base_model().model.layers) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, vis, labels).logits, ref.logits)

