@@ -322,3 +322,18 @@ def test_llava_checkpoint_parts_match_transformers(tok_dir: str, tmp_path: Path)
 def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{field}: "):
         MLLMConfig(**kwargs)
+
+
+def test_heads_cast_to_bf16_still_run(tok_dir: str) -> None:
+    """DeepSpeed's bf16 mode casts every module, the float32 heads included; the heads then read the
+    LLM's states in their own dtype (no "mat1 and mat2 must have the same dtype")."""
+    model = _build(tok_dir, pointer_dim=8, word_states=True)
+    for head in model._heads().values():
+        head.to(torch.bfloat16)
+    ids, mask, labels = _batch(model, [(["a"], [1]), (["both squares"], [2])])
+    with torch.no_grad():
+        out = model(ids, mask, _visual([2, 4], model.hidden_size), labels, target_counts=[1, 2])
+        gen = model.generate(ids[:1, :-4], mask[:1, :-4], _visual([2], model.hidden_size), max_new_tokens=3)
+    assert out.seg_embeds.dtype == out.reject_logit.dtype == out.region_logits.dtype == torch.bfloat16
+    assert out.region_logits.shape == (2, 2, 4) and torch.isfinite(out.region_logits).all()
+    assert gen.reject_logit.dtype == torch.bfloat16

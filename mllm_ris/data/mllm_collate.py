@@ -8,6 +8,9 @@
 * ``superpixels (B, S, S)`` long: the generator's label map of the *original* image (so a disk
   cache keyed on image content is hit across epochs and sizes), resized nearest into the
   letterbox, ``-1`` on the padding (the projector ignores negative labels);
+* ``regions`` (``descriptors=True``): each region's shape crop, CIELAB colour and geometry
+  (:func:`mllm_ris.processing.regions.region_descriptors`) on the letterboxed canvas, regions in
+  token order (the superpixel projector's :meth:`region_labels` numbering);
 * the conversation: one turn per sample (``ChatTemplate``), answered with one ``[SEG]`` per target
   or ``[REJ]`` when training, left open (a prompt) for inference; right-padded ``input_ids``,
   ``attention_mask`` and ``labels`` (answer tokens only).
@@ -23,12 +26,16 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris
+from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch, RISTransform, collate_ris
 from mllm_ris.data.conversation import ChatTemplate, collate_conversations
 from mllm_ris.data.sample import RISSample
+from mllm_ris.processing.labels import token_order_labels
+from mllm_ris.processing.regions import RegionDescriptorBatch, batch_region_descriptors, region_descriptors
 
 __all__ = ["MLLMBatch", "MLLMCollator", "letterbox_labels", "letterbox_masks"]
 
+IMAGENET_MEAN_T = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+IMAGENET_STD_T = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 SuperpixelFn = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 -> (H, W) int labels
 
 
@@ -41,6 +48,7 @@ class MLLMBatch(RISBatch):
         target_valid: ``(B, T)`` bool, True for real targets.
         superpixels: ``(B, S, S)`` long labels, ``-1`` outside the image; None without a generator.
         input_ids, attention_mask, labels: ``(B, L)`` long; ``labels`` is -100 off the answers.
+        regions: region descriptors ``(B, K, ...)`` in token order (``descriptors=True``), else None.
     """
 
     target_masks: torch.Tensor | None = None
@@ -49,6 +57,7 @@ class MLLMBatch(RISBatch):
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    regions: RegionDescriptorBatch | None = None
 
     @property
     def target_counts(self) -> torch.Tensor:
@@ -63,6 +72,8 @@ class MLLMBatch(RISBatch):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        if self.regions is not None:
+            self.regions = self.regions.to(device)
         return self
 
 
@@ -100,6 +111,7 @@ class MLLMCollator:
         superpixels: label-map generator (e.g. a :class:`SuperpixelCache`); None for patch tokens.
         answers: True to append the answer (training); False leaves the turn open (inference).
         keep_samples: keep the source samples in the batch (evaluation needs them).
+        descriptors: also compute region descriptors (needs ``superpixels``).
     """
 
     def __init__(
@@ -111,6 +123,7 @@ class MLLMCollator:
         superpixels: SuperpixelFn | None = None,
         answers: bool = True,
         keep_samples: bool = False,
+        descriptors: bool = False,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError(
@@ -122,6 +135,9 @@ class MLLMCollator:
         self.superpixels = superpixels
         self.answers = answers
         self.keep_samples = keep_samples
+        if descriptors and superpixels is None:
+            raise ValueError("descriptors: region descriptors need a superpixel generator")
+        self.descriptors = descriptors
 
     def __call__(self, samples: Sequence[RISSample]) -> MLLMBatch:
         base = collate_ris(samples, self.transform, keep_samples=self.keep_samples)
@@ -139,11 +155,13 @@ class MLLMCollator:
         input_ids, attention_mask, labels = collate_conversations(
             encoded, pad_id=int(self.tokenizer.pad_token_id)
         )
-        superpixels = None
+        superpixels, regions = None, None
         if self.superpixels is not None:
             superpixels = torch.stack(
                 [letterbox_labels(self.superpixels(s.image), self.transform) for s in samples]
             )  # (B, S, S)
+            if self.descriptors:
+                regions = _descriptors(base.images, superpixels)
         return MLLMBatch(
             **{f: getattr(base, f) for f in RISBatch.__dataclass_fields__},
             target_masks=targets,
@@ -152,4 +170,16 @@ class MLLMCollator:
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels,
+            regions=regions,
         )
+
+
+def _descriptors(images: torch.Tensor, superpixels: torch.Tensor) -> RegionDescriptorBatch:
+    """Descriptors of the letterboxed canvases ``images (B, 3, S, S)`` (ImageNet-normalised) over
+    ``superpixels (B, S, S)``, regions numbered as the superpixel projector numbers its tokens."""
+    canvas = (images * IMAGENET_STD_T + IMAGENET_MEAN_T).clamp(0, 1).mul(255).round().byte()  # (B, 3, S, S)
+    dense = token_order_labels(superpixels)  # (B, S, S), ids 0..K_b-1, -1 = none
+    per_image = [
+        region_descriptors(c.permute(1, 2, 0).numpy(), d.numpy()) for c, d in zip(canvas, dense, strict=True)
+    ]  # (S, S, 3) uint8 each
+    return batch_region_descriptors(per_image)

@@ -27,14 +27,25 @@ class LossConfig:
         },
     )
     sam: float = field(default=1.0, metadata={"help": "scale of the bce/dice/iou terms on SAM's masks"})
+    region_bce: float = field(
+        default=1.0, metadata={"help": "BCE of the region pointer's logits against the target's regions"}
+    )
+    region_dice: float = field(
+        default=1.0, metadata={"help": "soft Dice of the pointer's painted region prior"}
+    )
+    region_threshold: float = field(
+        default=0.5, metadata={"help": "a region belongs to a target when the target covers this fraction"}
+    )
     match_targets: bool = field(
         default=True, metadata={"help": "assign targets to [SEG] queries by minimum BCE + Dice (Hungarian)"}
     )
 
     def __post_init__(self) -> None:
-        for name in ("bce", "dice", "iou", "lm", "no_target", "sam"):
+        for name in ("bce", "dice", "iou", "lm", "no_target", "sam", "region_bce", "region_dice"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.region_threshold <= 1.0:
+            raise ValueError(f"region_threshold: must be in (0, 1], got {self.region_threshold}")
         if self.no_target_pos_weight <= 0:
             raise ValueError(f"no_target_pos_weight: must be > 0, got {self.no_target_pos_weight}")
 

@@ -44,9 +44,12 @@ from mllm_ris.modeling.lora import (
     load_base_llm,
     load_causal_lm,
     merge_lora,
+    peft_deprecations_silenced,
     prepare_for_training,
     random_causal_lm,
 )
+from mllm_ris.modeling.pointer import RegionPointer
+from mllm_ris.modeling.pretrained_llm import truncate_layers
 from mllm_ris.modeling.tokens import (
     GroundingTokenIds,
     add_grounding_tokens,
@@ -64,7 +67,7 @@ if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds
 __all__ = ["GroundingGeneration", "GroundingMLLM", "GroundingOutput", "MLLMConfig", "build_grounding_mllm"]
 
 _CONFIG_FILE, _HEADS_FILE = "mllm_config.json", "heads.safetensors"
-_HEAD_MODULES = ("seg_mlp", "reject_head", "word_mlp")  # float32 heads saved in heads.safetensors
+_HEAD_MODULES = ("seg_mlp", "reject_head", "word_mlp", "pointer")  # float32 heads in heads.safetensors
 
 
 def _gather_rows(
@@ -76,9 +79,15 @@ def _gather_rows(
     n_max = int(counts.max()) if counts.numel() else 0
     valid = torch.arange(n_max, device=hidden.device)[None, :] < counts[:, None]  # (B, N)
     # run the MLP even on 0 rows: the output stays connected to its weights (zero grads, not None)
-    picked = mlp(hidden[select].float())  # (M, width), row-major = (b, position) order
+    picked = mlp(hidden[select].to(_head_dtype(mlp)))  # (M, width), row-major = (b, position) order
     packed = picked.new_zeros((hidden.shape[0], n_max, width))
     return packed.masked_scatter(valid[..., None], picked), valid  # fills (b, n) in the same order
+
+
+def _head_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a head computes in: its weights' (float32, unless DeepSpeed cast the model to bf16 /
+    fp16); float32 for a module without weights."""
+    return next(module.parameters(), torch.empty(0)).dtype
 
 
 def _state_mlp(hidden: int, out: int) -> nn.Sequential:
@@ -101,6 +110,9 @@ class GroundingOutput(NamedTuple):
         attention_mask: ``(B, L')`` long of the spliced sequence.
         word_states: ``(B, W, Dg)`` states of the prompt's text tokens (``mllm.word_states``), else None.
         word_mask: ``(B, W)`` bool, True for real word states; None with ``word_states``.
+        region_logits: ``(B, T, K)`` each ``[SEG]`` state scored against the output states at the
+            ``K`` visual-token positions (``mllm.pointer_dim``; ``K`` = ``visual_tokens`` width, padded
+            regions at ``MASKED_LOGIT``), else None.
     """
 
     loss: torch.Tensor | None
@@ -111,6 +123,7 @@ class GroundingOutput(NamedTuple):
     attention_mask: torch.Tensor
     word_states: torch.Tensor | None = None
     word_mask: torch.Tensor | None = None
+    region_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -123,6 +136,7 @@ class GroundingGeneration:
         seg_embeds: ``(B, T, Dg)``, one per generated ``[SEG]``; ``seg_valid (B, T)`` bool.
         reject_logit: ``(B,)`` at the last prompt token.
         word_states, word_mask: as in :class:`GroundingOutput` (the same prompt tokens; None when off).
+        region_logits: ``(B, T, K)`` as in :class:`GroundingOutput`, for the generated ``[SEG]`` tokens.
     """
 
     text: list[str]
@@ -132,6 +146,7 @@ class GroundingGeneration:
     reject_logit: torch.Tensor
     word_states: torch.Tensor | None = None
     word_mask: torch.Tensor | None = None
+    region_logits: torch.Tensor | None = None
 
 
 class GroundingMLLM(nn.Module):
@@ -168,6 +183,10 @@ class GroundingMLLM(nn.Module):
         self.reject_head = nn.Linear(hidden, 1)
         # word states for the head (DESIGN: "g, optionally word states")
         self.word_mlp = _state_mlp(hidden, seg_dim) if self.cfg.word_states else None
+        # DESIGN "the one idea": identify the referent where the LLM sees words and regions together
+        self.pointer: RegionPointer | None = None
+        if self.cfg.pointer_dim is not None:
+            self.pointer = RegionPointer(query_dim=hidden, region_dim=hidden, dim=self.cfg.pointer_dim)
 
     # ----------------------------------------------------------------------------- training pass
 
@@ -190,6 +209,21 @@ class GroundingMLLM(nn.Module):
             image_token_id=self.token_ids.image,
             left_pad=left_pad,
         )
+
+    def _region_logits(
+        self, seg_states: torch.Tensor, hidden: torch.Tensor, sp: Spliced, visual: VisualTokens
+    ) -> torch.Tensor | None:
+        """``seg_states (B, T, D)`` (last-layer states at ``[SEG]``) against the last-layer states at the
+        visual-token positions of ``hidden (B, L', D)`` → ``(B, T, K)`` (``K`` = ``visual.mask`` width;
+        region ``k`` of image ``b`` is its ``k``-th visual token); None without a pointer."""
+        if self.pointer is None:
+            return None
+        select = sp.attention_mask.bool() & (sp.token_ids == VISUAL_ID)  # (B, L') the spliced visual rows
+        regions, _ = _gather_rows(nn.Identity(), hidden, select, hidden.shape[-1])  # (B, K', D), K' <= K
+        k = visual.mask.shape[1]
+        regions = F.pad(regions, (0, 0, 0, k - regions.shape[1]))  # (B, K', D) -> (B, K, D)
+        dtype = _head_dtype(self.pointer)
+        return self.pointer(seg_states.to(dtype), regions.to(dtype), visual.mask)
 
     def _seg_embeddings(
         self, hidden: torch.Tensor, seg_mask: torch.Tensor
@@ -221,7 +255,7 @@ class GroundingMLLM(nn.Module):
     def _reject_logit(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """``(B,)`` from the state at the last prompt position ``last (B,)``."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.reject_head(hidden[rows, last].float()).squeeze(-1)
+        return self.reject_head(hidden[rows, last].to(_head_dtype(self.reject_head))).squeeze(-1)
 
     def forward(
         self,
@@ -262,7 +296,12 @@ class GroundingMLLM(nn.Module):
                 loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), shifted.flatten())
             else:
                 loss = out.logits.sum() * 0.0  # a batch without answer tokens
-        seg_embeds, seg_valid = self._seg_embeddings(hidden, sp.token_ids == self.token_ids.seg)
+        seg_mask = sp.token_ids == self.token_ids.seg  # (B, L')
+        seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
+        region_logits = None
+        if self.pointer is not None:
+            seg_states, _ = _gather_rows(nn.Identity(), hidden, seg_mask, hidden.shape[-1])  # (B, T, D)
+            region_logits = self._region_logits(seg_states, hidden, sp, visual_tokens)
         last = self._prompt_end(sp)
         words, word_mask = self._word_states(hidden, sp, last)
         return GroundingOutput(
@@ -274,6 +313,7 @@ class GroundingMLLM(nn.Module):
             attention_mask=sp.attention_mask,
             word_states=words,
             word_mask=word_mask,
+            region_logits=region_logits,
         )
 
     # ------------------------------------------------------------------------------- generation
@@ -315,13 +355,16 @@ class GroundingMLLM(nn.Module):
             max_new_tokens=max_new_tokens,
         )
         prompt_state = prompt_hidden[:, -1]  # (B, D) the last prompt token (left padding)
-        reject_logit = self.reject_head(prompt_state.float()).squeeze(-1)  # (B,)
+        reject_logit = self.reject_head(prompt_state.to(_head_dtype(self.reject_head))).squeeze(-1)  # (B,)
         last = torch.full_like(reject_logit, prompt_hidden.shape[1] - 1, dtype=torch.long)  # (B,)
         words, word_mask = self._word_states(prompt_hidden, sp, last)
         hidden, seg_mask = pack_states(seg_states, prompt_state)  # (B, T, D), (B, T)
         seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
+        region_logits = self._region_logits(hidden, prompt_hidden, sp, visual)  # (B, T, K) or None
         text = [self._decode(row, eos) for row in sequences.tolist()]
-        return GroundingGeneration(text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask)
+        return GroundingGeneration(
+            text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask, region_logits
+        )
 
     def _decode(self, ids: list[int], eos: int) -> str:
         ids = ids[: ids.index(eos)] if eos in ids else ids
@@ -388,6 +431,7 @@ class GroundingMLLM(nn.Module):
             quantization=cfg.quantization,
             dtype=cfg.dtype,
             device=device,
+            keep_layers=cfg.keep_layers,
         )
         token_ids = add_grounding_tokens(tokenizer, llm)
         if (folder / "adapter").is_dir():
@@ -395,7 +439,8 @@ class GroundingMLLM(nn.Module):
                 llm = prepare_for_training(llm, gradient_checkpointing=cfg.gradient_checkpointing)
             from peft import PeftModel
 
-            llm = PeftModel.from_pretrained(llm, str(folder / "adapter"), is_trainable=trainable)
+            with peft_deprecations_silenced():
+                llm = PeftModel.from_pretrained(llm, str(folder / "adapter"), is_trainable=trainable)
         elif cfg.lora.enabled:
             raise CheckpointError(f"{str(folder)!r}: config has LoRA enabled but there is no adapter/ folder")
         model = cls(llm=llm, tokenizer=tokenizer, token_ids=token_ids, seg_dim=cfg.seg_dim, config=cfg)
@@ -432,8 +477,16 @@ def build_grounding_mllm(
 
         parts = load_llava_checkpoint(cfg.llava_path, dtype=cfg.dtype)
         llm, tokenizer = parts.llm, tokenizer or parts.tokenizer
+        if cfg.keep_layers is not None:
+            llm = truncate_layers(llm, cfg.keep_layers)
     elif llm is None and cfg.name_or_path is not None:
-        llm = load_causal_lm(cfg.name_or_path, quantization=cfg.quantization, dtype=cfg.dtype, device=device)
+        llm = load_causal_lm(
+            cfg.name_or_path,
+            quantization=cfg.quantization,
+            dtype=cfg.dtype,
+            device=device,
+            keep_layers=cfg.keep_layers,
+        )
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer, model_dir=model_dir)
     ensure_special_tokens(tokenizer)

@@ -6,9 +6,12 @@ where the queries come from (``S`` = canvas side of the batch, ``T`` = queries p
     classic  texts ──TextEncoder──► words (B, L, D) + one query (B, 1, D)
     mllm     images ──VisionTower──► (B, N, Cv) ──projector(+ superpixels)──► VisualTokens (B, K, D_llm)
              chat ──GroundingMLLM──► [SEG] embeddings (B, T, Dg), reject logit (B,), LM loss
+             (pointer) region logits (B, T, K) ──painted through the superpixels──► prior (B, T, S, S)
     both     images ──PixelEncoder──► pyramid ──head(queries)──► mask_logits (B, T, S/4, S/4), iou (B, T)
              [sam | auto] prompts(queries, head logits) ──SAM──► sam_logits (B, T, S, S), sam iou (B, T)
 
+With the region pointer (``mllm.pointer_dim``) the head refines the prior: its logits are a residual
+added to the prior (clamped to ``±PRIOR_CLAMP``), so SAM's prompts and every mask loss see prior + head.
 Output modes: ``direct`` (head masks), ``sam`` (SAM's), ``auto`` (per query, the one with the higher
 predicted IoU). Losses: :mod:`mllm_ris.modeling.model_losses`. Saving and loading:
 :mod:`mllm_ris.modeling.model_io`; inference on samples: :mod:`mllm_ris.modeling.predictor`.
@@ -35,7 +38,9 @@ from mllm_ris.modeling.model_losses import (
     match_targets,
     no_target_loss,
     pair_mask_losses,
+    region_losses,
 )
+from mllm_ris.modeling.pointer import paint_regions
 from mllm_ris.modeling.projector import VisualProjector
 from mllm_ris.modeling.tokens import REJ_TOKEN, SEG_TOKEN
 from mllm_ris.modeling.vision import VisionTower
@@ -50,7 +55,9 @@ from s2rm_head.types import LanguageFeatures, pad_query_slot
 if TYPE_CHECKING:
     from mllm_ris.config import ModelConfig
 
-__all__ = ["RISModel", "RISOutput", "build_model"]
+__all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model"]
+
+PRIOR_CLAMP = 20.0  # region-prior logits are clamped to +-this before the head's residual is added
 
 
 @dataclass
@@ -75,6 +82,8 @@ class RISOutput:
         matched_targets: ``(B, T, S, S)`` the targets in query order (after matching) when a loss was
             computed, else None.
         text: the generated answers (:meth:`RISModel.generate` in mllm mode), else None.
+        region_logits: ``(B, T, K)`` the region pointer's scores (mllm with ``pointer_dim``), else None.
+        prior: ``(B, T, S, S)`` those scores painted through the superpixels (clamped), else None.
     """
 
     loss: torch.Tensor | None
@@ -90,6 +99,8 @@ class RISOutput:
     from_sam: torch.Tensor | None = None
     matched_targets: torch.Tensor | None = None
     text: list[str] | None = None
+    region_logits: torch.Tensor | None = None
+    prior: torch.Tensor | None = None
 
 
 @dataclass
@@ -100,6 +111,10 @@ class _Queries:
     reject_logit: torch.Tensor | None = None  # (B,) mllm only
     lm_loss: torch.Tensor | None = None
     text: list[str] | None = None
+    region_logits: torch.Tensor | None = None  # (B, T, K) pointer scores
+    region_mask: torch.Tensor | None = None  # (B, K) real regions
+    region_labels: torch.Tensor | None = None  # (B, S, S) region id per pixel, -1 = none
+    prior: torch.Tensor | None = None  # (B, T, S, S) clamped painted scores
 
 
 @dataclass
@@ -182,7 +197,10 @@ class RISModel(nn.Module):
         feats = feats.to(self.projector.mlp[0].weight.dtype)  # a bf16 tower feeds a float32 projector
         if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
             raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
-        vis = self.projector(feats, batch.superpixels)  # embeds (B, K, D_llm), mask (B, K)
+        if self.projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors)
+            vis = self.projector(feats, batch.superpixels, batch.regions)  # embeds (B, K, D_llm), mask (B, K)
+        else:
+            vis = self.projector(feats, batch.superpixels)
         # parameters(), not .weight: on peft's token-row wrapper .weight builds the merged matrix
         dtype = next(self.mllm.llm.get_input_embeddings().parameters()).dtype
         return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
@@ -201,7 +219,7 @@ class RISModel(nn.Module):
                 batch.input_ids, batch.attention_mask, vis, max_new_tokens=max_new_tokens
             )
             seg, seg_valid, reject, text, lm = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text, None
-            words, word_mask = gen.word_states, gen.word_mask
+            words, word_mask, region_logits = gen.word_states, gen.word_mask, gen.region_logits
             seg_valid, text = self._apply_reject_threshold(reject, seg_valid, text)
         else:
             labels = batch.labels
@@ -213,14 +231,32 @@ class RISModel(nn.Module):
             counts = batch.target_counts if batch.target_valid is not None else None
             out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
             seg, seg_valid, reject, text, lm = out.seg_embeds, out.seg_valid, out.reject_logit, None, out.loss
-            words, word_mask = out.word_states, out.word_mask
+            words, word_mask, region_logits = out.word_states, out.word_mask, out.region_logits
         # each (image, [SEG]) pair is one query; the head's "words" are the sample's [SEG] embeddings,
         # after the prompt's text-token states when mllm.word_states is on
         tokens, mask = seg, seg_valid
         if words is not None and word_mask is not None:
             tokens, mask = torch.cat([words, seg], dim=1), torch.cat([word_mask, seg_valid], dim=1)
         lang = LanguageFeatures(tokens=tokens, mask=mask, queries=seg, query_mask=seg_valid)
-        return _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text)
+        q = _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text)
+        if region_logits is not None:
+            self._add_prior(q, batch, region_logits, vis.mask)
+        return q
+
+    def _add_prior(
+        self, q: _Queries, batch: MLLMBatch, region_logits: torch.Tensor, region_mask: torch.Tensor
+    ) -> None:
+        """Paint ``region_logits (B, T, K)`` through the batch's superpixels (in token order) into the
+        region prior ``(B, T, S, S)`` the head refines."""
+        assert self.projector is not None and batch.superpixels is not None
+        labels = self.projector.region_labels(batch.superpixels)  # (B, S, S) token order, -1 = none
+        if labels.shape[-2:] != batch.images.shape[-2:]:
+            raise ValueError(
+                f"superpixels: {tuple(labels.shape[-2:])} label maps, but the canvas is "
+                f"{tuple(batch.images.shape[-2:])}: the prior is painted on the canvas"
+            )
+        q.region_logits, q.region_mask, q.region_labels = region_logits, region_mask, labels
+        q.prior = paint_regions(region_logits, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
 
     def _apply_reject_threshold(
         self, reject_logit: torch.Tensor, seg_valid: torch.Tensor, text: list[str]
@@ -254,13 +290,17 @@ class RISModel(nn.Module):
             images = F.interpolate(images, (side, side), mode="bilinear", align_corners=False)
         return self.pixel_encoder(images), None
 
-    def _segment(self, images: torch.Tensor, lang: LanguageFeatures) -> _Segmentation:
+    def _segment(
+        self, images: torch.Tensor, lang: LanguageFeatures, prior: torch.Tensor | None = None
+    ) -> _Segmentation:
         """``images (B, 3, S, S)``, queries ``(B, T, D)`` → head (+ SAM) masks.
 
         A batch without query slots (``T = 0``: every answer ``[REJ]``) is segmented with one padded
         slot, dropped at the end: the same modules run in the same order whatever ``T`` is (DeepSpeed
         ZeRO-3's ranks gather parameters module by module and must all do the same), and the padded
         query comes from the ``[SEG]`` embeddings (empty), so the grounding MLP stays in the graph.
+        With a region ``prior (B, T, S, S)`` the head's logits are a residual on it (the prior is
+        area-averaged to the head's grid for ``mask_logits``).
         """
         s = images.shape[-1]
         t = lang.queries.shape[1]
@@ -269,18 +309,22 @@ class RISModel(nn.Module):
         pyramid, sam_embed = self._pyramid(images)
         head = self.head(pyramid, lang)  # mask_logits (B, Tq, h, w), iou_pred (B, Tq); Tq = max(T, 1)
         b, tq, h, w = head.mask_logits.shape
-        head_up = head.mask_logits
+        mask_logits, head_up = head.mask_logits, head.mask_logits
         if (h, w) != (s, s):  # (B, Tq, h, w) -> (B, Tq, S, S)
             head_up = F.interpolate(head.mask_logits, (s, s), mode="bilinear", align_corners=False)
+        if prior is not None:  # the head refines the prior: residual logits (padded slot: prior 0)
+            prior = F.pad(prior, (0, 0, 0, 0, 0, tq - prior.shape[1]))  # (B, T, S, S) -> (B, Tq, S, S)
+            head_up = head_up + prior
+            mask_logits = mask_logits + F.adaptive_avg_pool2d(prior, (h, w))  # (B, Tq, h, w)
         seg = _Segmentation(
-            mask_logits=head.mask_logits[:, :t], iou_pred=head.iou_pred[:, :t], head_up=head_up[:, :t]
+            mask_logits=mask_logits[:, :t], iou_pred=head.iou_pred[:, :t], head_up=head_up[:, :t]
         )
         if self.sam_stage is None or self.prompt_builder is None:
             return seg
         if sam_embed is None:
             sam_embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)
         queries = lang.queries if self.prompt_builder.cfg.sparse else None
-        prompts = self.prompt_builder(queries, head.mask_logits)  # N = B * Tq pairs, sample-major
+        prompts = self.prompt_builder(queries, mask_logits)  # N = B * Tq pairs, sample-major
         out = self.sam_stage(sam_embed, prompts)  # mask_logits (N, 1, M, M), iou_pred (N,)
         up = self.sam_stage.upsample(out.mask_logits, (s, s))  # (N, 1, S, S) over the same canvas
         seg.sam_logits = up.view(b, tq, s, s)[:, :t]  # (N, 1, S, S) -> (B, T, S, S)
@@ -333,7 +377,7 @@ class RISModel(nn.Module):
         return self._finish(batch, q, with_loss=False)
 
     def _finish(self, batch: RISBatch, q: _Queries, *, with_loss: bool) -> RISOutput:
-        seg = self._segment(batch.images, q.lang)
+        seg = self._segment(batch.images, q.lang, q.prior)
         masks, scores, from_sam = self._choose(seg)
         if q.reject_logit is not None:
             no_target_prob = torch.sigmoid(q.reject_logit.float())
@@ -353,6 +397,8 @@ class RISModel(nn.Module):
             sam_iou_pred=seg.sam_iou_pred,
             from_sam=from_sam,
             text=q.text,
+            region_logits=q.region_logits,
+            prior=q.prior,
         )
         if with_loss:
             self._add_losses(out, batch, q, seg)
@@ -378,6 +424,11 @@ class RISModel(nn.Module):
             terms["no_target"] = no_target_loss(
                 q.reject_logit, batch.has_target, extra.no_target, extra.no_target_pos_weight
             )
+            if q.region_logits is not None:
+                assert q.region_mask is not None and q.region_labels is not None
+                terms.update(
+                    region_losses(q.region_logits, q.region_mask, q.region_labels, targets, pair_valid, extra)
+                )
         args = (targets, pair_valid, has_target, batch.valid, cfg)
         terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))
         if seg.sam_logits is not None and seg.sam_iou_pred is not None:

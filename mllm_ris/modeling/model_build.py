@@ -132,6 +132,11 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         text = build_text_encoder(cfg.text)
         kwargs["text_encoder"], lang_dim = text, text.dim
     else:
+        if cfg.mllm.pointer_dim is not None and cfg.projector.kind != "superpixel":
+            raise ConfigError(
+                "mllm.pointer_dim: the region pointer needs projector.kind superpixel, "
+                f"got {cfg.projector.kind!r}"
+            )
         vision, mllm, projector_state = _mllm_side(cfg, mllm, notes)
         proj_cfg = _replace(cfg.projector, vision_dim=vision.dim, grid=vision.grid, llm_dim=mllm.hidden_size)
         projector = build_projector(proj_cfg)

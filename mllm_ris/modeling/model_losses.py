@@ -9,7 +9,11 @@ Terms (each already weighted; their sum is the loss):
 * ``sam_bce`` / ``sam_dice`` / ``sam_iou`` — the same on SAM's masks and predicted IoU,
   x ``LossConfig.sam``;
 * ``no_target`` — BCE of the reject logit against "this expression has no target",
-  x ``LossConfig.no_target``, the no-target class weighted ``LossConfig.no_target_pos_weight``.
+  x ``LossConfig.no_target``, the no-target class weighted ``LossConfig.no_target_pos_weight``;
+* ``region_bce`` / ``region_dice`` — the region pointer (``mllm.pointer_dim``): BCE of each ``[SEG]``'s
+  region logits against its target's regions (a region is the target's when the target covers at
+  least ``LossConfig.region_threshold`` of it) and Dice of the painted prior, x ``LossConfig.region_bce``
+  / ``region_dice`` (:func:`region_losses`).
 
 **Target matching.** Every ``[SEG]`` token is the same token, so which ``[SEG]`` should segment which
 target is not given by the text: the order of a sample's masks is the annotation's order. With
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from mllm_ris.modeling.losses import LossConfig, mask_losses
+from mllm_ris.modeling.pointer import pointer_loss
 
-__all__ = ["match_targets", "no_target_loss", "pair_mask_losses"]
+__all__ = ["match_targets", "no_target_loss", "pair_mask_losses", "region_coverage", "region_losses"]
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -128,3 +133,51 @@ def no_target_loss(
     pw = reject_logit.new_tensor(pos_weight, dtype=torch.float32)
     target = (~has_target).float()
     return weight * F.binary_cross_entropy_with_logits(reject_logit.float(), target, pos_weight=pw)
+
+
+def region_coverage(labels: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Fraction of each region inside each target.
+
+    Args:
+        labels: ``(B, S, S)`` long region ids ``0..K-1`` (``-1`` = no region).
+        targets: ``(B, T, S, S)`` in {0, 1}.
+        k: ``K``, the number of region slots.
+
+    Returns:
+        ``(B, T, K)`` float: target pixels of region ``k`` / pixels of region ``k`` (0 for empty ids).
+    """
+    b, t = targets.shape[:2]
+    flat = labels.reshape(b, -1)  # (B, S*S)
+    inside = (flat >= 0).float()  # (B, S*S)
+    index = flat.clamp_min(0)
+    area = targets.new_zeros(b, k).scatter_add_(1, index, inside)  # (B, K) pixels per region
+    hits = targets.flatten(2).float() * inside[:, None]  # (B, T, S, S) -> (B, T, S*S)
+    covered = targets.new_zeros(b, t, k).scatter_add_(2, index[:, None].expand(b, t, index.shape[1]), hits)
+    return covered / area.clamp_min(1.0)[:, None]  # (B, T, K)
+
+
+def region_losses(
+    region_logits: torch.Tensor,
+    region_mask: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    pair_valid: torch.Tensor,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """``region_bce`` and ``region_dice`` of the pointer (``region_logits (B, T, K)``, ``region_mask
+    (B, K)``) against ``targets (B, T, S, S)`` in query order over the real pairs ``pair_valid (B, T)``;
+    ``labels (B, S, S)`` are the region ids the logits index (``-1`` = none)."""
+    region_targets = (
+        region_coverage(labels, targets, region_logits.shape[-1]) >= cfg.region_threshold
+    ).float()
+    bce, dice = pointer_loss(
+        region_logits.float(),
+        region_targets,
+        region_mask,
+        pair_valid,
+        labels,
+        targets,
+        bce_weight=cfg.region_bce,
+        dice_weight=cfg.region_dice,
+    )
+    return {"region_bce": bce, "region_dice": dice}

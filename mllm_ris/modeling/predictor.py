@@ -57,6 +57,7 @@ def build_collator(
         superpixels=superpixels,
         answers=answers,
         keep_samples=keep_samples,
+        descriptors=model.projector.cfg.descriptors,
     )
 
 

@@ -27,6 +27,8 @@ from torch import nn
 
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.visual_tokens import VisualTokens
+from mllm_ris.processing.labels import keep_largest, relabel, token_order_labels
+from mllm_ris.processing.regions import COLOR_DIM, GEOMETRY_DIM, SHAPE_SIZE, RegionDescriptorBatch
 
 __all__ = [
     "GEOMETRY_FEATURES",
@@ -62,6 +64,13 @@ class ProjectorConfig:
     aggregator: bool = field(default=True, metadata={"help": "superpixel: coverage-biased attention pooling"})
     num_heads: int = field(default=4, metadata={"help": "superpixel: aggregator attention heads"})
     pos_embed: bool = field(default=True, metadata={"help": "superpixel: geometry positional embedding"})
+    descriptors: bool = field(
+        default=False,
+        metadata={
+            "help": "superpixel: add an MLP embedding of each region's descriptors (16x16 shape crop, "
+            "CIELAB colour, geometry; computed by the collator) to its token"
+        },
+    )
     mlp_bias: bool = field(default=True, metadata={"help": "biases in mlp (LLaVA multimodal_projector_bias)"})
 
     def __post_init__(self) -> None:
@@ -76,6 +85,10 @@ class ProjectorConfig:
                 raise ConfigError(f"grid: need two positive ints (h, w), got {self.grid}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens: must be >= 1 or null, got {self.max_tokens}")
+        if self.descriptors and (self.kind != "superpixel" or self.max_tokens is not None):
+            raise ConfigError(
+                "descriptors: need kind superpixel and max_tokens null (descriptors cover every region)"
+            )
         if self.aggregator and self.vision_dim % self.num_heads:
             raise ConfigError(f"num_heads: vision_dim={self.vision_dim} is not divisible by {self.num_heads}")
 
@@ -173,22 +186,38 @@ class SuperpixelProjector(VisualProjector):
         self.pos_mlp: nn.Sequential | None = None
         if cfg.pos_embed:
             self.pos_mlp = nn.Sequential(nn.Linear(len(GEOMETRY_FEATURES), c), nn.GELU(), nn.Linear(c, c))
+        self.desc_mlp: nn.Sequential | None = None
+        if cfg.descriptors:
+            width = SHAPE_SIZE * SHAPE_SIZE + COLOR_DIM + GEOMETRY_DIM
+            self.desc_mlp = nn.Sequential(nn.Linear(width, c), nn.GELU(), nn.Linear(c, c))
 
     def num_regions(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` distinct non-negative labels per label map ``(B, H', W')`` (before the cap)."""
-        return _relabel(superpixels.long())[1].cpu()
+        return relabel(superpixels.long())[1].cpu()
+
+    def region_labels(self, superpixels: torch.Tensor) -> torch.Tensor:
+        """``(B, H', W')`` label maps → the region id of every pixel in token order ``(B, H', W')`` long:
+        region ``k`` is the image's ``k``-th token, ``-1`` = no token (padding, or dropped by
+        ``max_tokens``). Painting region scores through this map puts each on its region's pixels."""
+        return token_order_labels(superpixels, max_tokens=self.cfg.max_tokens)
 
     def num_tokens(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` tokens each image gets: regions, capped at ``max_tokens``."""
         counts = self.num_regions(superpixels)
         return counts if self.cfg.max_tokens is None else counts.clamp(max=self.cfg.max_tokens)
 
-    def forward(self, patch_feats: torch.Tensor, superpixels: torch.Tensor | None = None) -> VisualTokens:
+    def forward(
+        self,
+        patch_feats: torch.Tensor,
+        superpixels: torch.Tensor | None = None,
+        descriptors: RegionDescriptorBatch | None = None,
+    ) -> VisualTokens:
         """Pool patch features into one token per superpixel.
 
         Args:
             patch_feats: ``(B, N, Cv)``, row-major over the ``(h, w)`` patch grid.
             superpixels: ``(B, H', W')`` integer label maps of the same images (any size).
+            descriptors: the regions' descriptors ``(B, K, ...)`` in token order (``cfg.descriptors``).
 
         Returns:
             ``VisualTokens(embeds (B, K, D), mask (B, K))``, ``K`` = most regions in the batch.
@@ -207,9 +236,9 @@ class SuperpixelProjector(VisualProjector):
             raise ValueError(f"superpixels: expected an integer label map, got {superpixels.dtype}")
         gh, gw = self.grid_for(n)
         # region statistics for the whole batch at once, on the maps' device (CPU from a DataLoader)
-        dense, total = _relabel(superpixels.long())  # (B, H', W') ids 0..K0_b-1 per image, -1 = none
-        if self.cfg.max_tokens is not None:
-            dense = _keep_largest(dense, total, self.cfg.max_tokens)
+        dense, total = relabel(superpixels.long())  # (B, H', W') ids 0..K0_b-1 per image, -1 = none
+        if self.cfg.max_tokens is not None:  # (region_labels: the same map)
+            dense = keep_largest(dense, total, self.cfg.max_tokens)
         counts = dense.flatten(1).amax(1).clamp_min(-1) + 1  # (B,) tokens per image
         k = int(counts.max()) if b else 0
         self.last_dropped = (total - counts).cpu()
@@ -230,6 +259,8 @@ class SuperpixelProjector(VisualProjector):
             x = x + self._aggregate(pooled, patch_feats, coverage)
         if self.pos_mlp is not None:
             x = x + self.pos_mlp(geometry)
+        if self.desc_mlp is not None:
+            x = x + self.desc_mlp(_descriptor_features(descriptors, k, dtype))  # (B, K, Cv)
         embeds = self.mlp(x) * mask[..., None].to(dtype)  # (B, K, D), padding zeroed
         return VisualTokens(embeds=embeds, mask=mask)
 
@@ -250,47 +281,21 @@ class SuperpixelProjector(VisualProjector):
         return self.attn["out"](out.transpose(1, 2).reshape(b, k, c))  # (B, h, K, d) -> (B, K, C)
 
 
-def _relabel(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``labels (B, H', W')`` any integer ids (negative = no region) → consecutive ids per image in
-    increasing id order ``(B, H', W')`` (-1 kept) and the region count per image ``(B,)``.
-
-    Counting ids (``bincount``) replaces a per-image sort; sparse huge ids are first compacted with
-    one ``torch.unique`` over the batch.
-    """
-    b = labels.shape[0]
-    flat = labels.reshape(b, -1)
-    valid = flat >= 0
-    if not bool(valid.any()):
-        return torch.full_like(labels, -1), torch.zeros(b, dtype=torch.long, device=labels.device)
-    m = int(flat.max()) + 1
-    if m > flat.numel():  # sparse ids: compact them (keeps their order) before counting
-        compact = torch.unique(flat[valid], return_inverse=True)[1]
-        flat = torch.full_like(flat, -1).masked_scatter(valid, compact)
-        m = int(compact.max()) + 1
-    rows = torch.arange(b, device=labels.device)[:, None]
-    index = rows * m + flat.clamp_min(0)  # (B, P) id in a per-image block of m
-    present = torch.bincount(index[valid], minlength=b * m).view(b, m) > 0  # (B, m)
-    rank = present.cumsum(1) - 1  # (B, m) consecutive id of each present label
-    dense = torch.where(valid, rank.gather(1, flat.clamp_min(0)), -1)
-    return dense.view_as(labels), present.sum(1)
-
-
-def _keep_largest(dense: torch.Tensor, total: torch.Tensor, cap: int) -> torch.Tensor:
-    """Keep each image's ``cap`` regions with the most pixels (ties: smaller id), renumbered in id order;
-    the others become -1. ``dense (B, H', W')`` consecutive ids, ``total (B,)`` regions per image."""
-    b = dense.shape[0]
-    k0 = int(total.max()) if b else 0
-    if k0 <= cap:
-        return dense
-    flat = dense.reshape(b, -1)
-    valid = flat >= 0
-    rows = torch.arange(b, device=dense.device)[:, None]
-    area = torch.bincount((rows * k0 + flat.clamp_min(0))[valid], minlength=b * k0).view(b, k0)
-    order = torch.sort(-area, dim=1, stable=True).indices  # largest first; ties: smaller id; absent ids last
-    chosen = torch.arange(k0, device=dense.device)[None, :] < total.clamp(max=cap)[:, None]  # (B, k0)
-    selected = torch.zeros_like(chosen).scatter(1, order, chosen)  # (B, k0) by region id
-    remap = torch.where(selected, selected.cumsum(1) - 1, -1)  # kept regions renumbered in id order
-    return torch.where(valid, remap.gather(1, flat.clamp_min(0)), -1).view_as(dense)
+def _descriptor_features(
+    descriptors: RegionDescriptorBatch | None, k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(B, K, 16*16 + 6 + G)``: shape crop, colour and geometry of each region side by side."""
+    if descriptors is None:
+        raise ValueError(
+            "descriptors: None, but projector.descriptors is on (build the collator from the model)"
+        )
+    if descriptors.shape.shape[1] != k:
+        raise ValueError(
+            f"descriptors: {descriptors.shape.shape[1]} regions per image, the label maps give {k}"
+        )
+    shape = descriptors.shape.flatten(2)  # (B, K, 16, 16) -> (B, K, 256)
+    feats = torch.cat([shape, descriptors.color, descriptors.geometry], dim=-1)  # (B, K, 256 + 6 + G)
+    return feats.to(dtype) * descriptors.mask[..., None].to(dtype)
 
 
 def _coverage(dense: torch.Tensor, k: int, gh: int, gw: int) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""The region pointer in RISModel (mllm.pointer_dim): region logits from [SEG] states over the visual
+tokens, the painted prior, the head as a residual on it, the region losses, generate, save / load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_model_kit import SIZE, TEMPLATE, synth_samples, tiny_cfg
+
+from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
+from mllm_ris.modeling.model_losses import region_coverage
+from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
+from mllm_ris.modeling.predictor import build_collator
+
+POINTER = "model.mllm.pointer_dim=16"
+
+
+def _build(output_mode: str = "direct", *extra: str) -> RISModel:
+    torch.manual_seed(0)
+    return build_model(tiny_cfg("mllm", output_mode, POINTER, *extra))
+
+
+def _batch(model: RISModel, answers: bool = True):
+    return build_collator(model, image_size=SIZE, answers=answers, template=TEMPLATE)(synth_samples())
+
+
+@pytest.mark.parametrize(("output_mode", "descriptors"), [("direct", True), ("auto", False)])
+def test_pointer_prior_losses_and_gradients(output_mode: str, descriptors: bool) -> None:
+    model = _build(output_mode, f"model.projector.descriptors={str(descriptors).lower()}").train()
+    batch = _batch(model)
+    assert (batch.regions is not None) == descriptors
+    out = model(batch)
+    k = int(model.projector.num_tokens(batch.superpixels).max())
+    assert out.region_logits.shape == (3, 2, k) and out.prior.shape == (3, 2, SIZE, SIZE)
+    assert {"region_bce", "region_dice"} <= set(out.loss_terms) and torch.isfinite(out.loss)
+    # the prior is the region logits painted through the superpixels in token order, clamped
+    labels = model.projector.region_labels(batch.superpixels)
+    painted = paint_regions(out.region_logits, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
+    torch.testing.assert_close(out.prior, painted)
+    assert (out.prior[labels[:, None].expand_as(out.prior) < 0] == -PRIOR_CLAMP).all()
+    # padded regions never score
+    real = model.projector.num_tokens(batch.superpixels)
+    for b, n in enumerate(real.tolist()):
+        assert (out.region_logits[b, :, n:] == MASKED_LOGIT).all()
+    # the head refines the prior: head_up - prior is the head's own upsampled output
+    if output_mode == "direct":
+        assert not torch.equal(out.masks, out.prior)
+    out.loss.backward()
+    pointer = model.mllm.pointer
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pointer.parameters())
+    # the region losses reach the LLM through the [SEG] and visual-token states
+    region_only = model(batch)
+    model.zero_grad()
+    (region_only.loss_terms["region_bce"]).backward()
+    llm_grads = [p.grad for p in model.mllm.llm.parameters() if p.requires_grad and p.grad is not None]
+    assert any(g.abs().sum() > 0 for g in llm_grads)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    if descriptors:  # the descriptor MLP is in the graph, regions numbered as the tokens
+        assert all(p.grad is not None for p in model.projector.desc_mlp.parameters())
+        assert batch.regions.shape.shape[:2] == out.region_logits.shape[::2]
+        assert torch.equal(
+            batch.regions.mask, model.projector.num_tokens(batch.superpixels)[:, None] > torch.arange(k)
+        )
+
+
+def test_region_coverage_counts_pixels() -> None:
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, -1, -1], [2, 2, -1, -1]]])  # (1, 4, 4)
+    target = torch.zeros(1, 1, 4, 4)
+    target[0, 0, :2, :2] = 1  # all of region 0
+    target[0, 0, 0, 2] = 1  # a quarter of region 1
+    target[0, 0, 3, 3] = 1  # a padding pixel: counts for no region
+    cov = region_coverage(labels, target, 4)
+    torch.testing.assert_close(cov, torch.tensor([[[1.0, 0.25, 0.0, 0.0]]]))
+
+
+def test_pointer_generate_and_no_target_batch() -> None:
+    model = _build("direct").eval()
+    out = model.generate(_batch(model, answers=False), max_new_tokens=6)
+    assert out.region_logits is not None and out.region_logits.shape[:2] == out.masks.shape[:2]
+    neg = build_collator(model, image_size=SIZE)([synth_samples()[2]] * 2)
+    model.train()
+    out = model(neg)  # T = 0: no pair, the region terms are 0 and backward works
+    assert out.region_logits.shape[1] == 0 and out.loss_terms["region_bce"] == 0
+    out.loss.backward()
+
+
+def test_pointer_save_load_round_trip(tmp_path: Path) -> None:
+    model = _build("direct").eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        ref = model(batch)
+    model.save_pretrained(tmp_path / "m")
+    loaded = RISModel.from_pretrained(tmp_path / "m")
+    assert loaded.mllm.pointer is not None
+    with torch.no_grad():
+        out = loaded(batch)
+    torch.testing.assert_close(out.region_logits, ref.region_logits)
+    torch.testing.assert_close(out.masks, ref.masks)
+
+
+def test_pointer_needs_superpixel_tokens() -> None:
+    with pytest.raises(ConfigError, match=r"mllm\.pointer_dim: the region pointer needs projector\.kind"):
+        build_model(tiny_cfg("mllm", "direct", POINTER, "model.projector.kind=patch"))
+    with pytest.raises(
+        ConfigError, match=r"descriptors: need kind superpixel and max_tokens null \(descriptors"
+    ):
+        tiny_cfg("mllm", "direct", "model.projector.descriptors=true", "model.projector.max_tokens=4")
