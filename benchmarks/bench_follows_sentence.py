@@ -55,6 +55,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100, help="at most this many pairs (one per image)")
     parser.add_argument("--model", action="append", default=[], help="LABEL=PATH (repeatable)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-reject-head",
+        action="store_true",
+        help="answer from the LLM's text only (model.reject_threshold = null): masks of every query",
+    )
     args = parser.parse_args()
     dataset = build_dataset("synthref", args.data, args.split)
     pairs = sentence_pairs(dataset, limit=args.pairs)
@@ -64,7 +69,11 @@ def main() -> None:
     ]
     for item in args.model:
         label, _, path = item.partition("=")
-        models.append((label, trained_predictor(path), path))
+        predictor = trained_predictor(path)
+        if args.no_reject_head:
+            predictor.model.cfg.reject_threshold = None  # type: ignore[attr-defined]
+            label += "@no-reject-head"
+        models.append((label, predictor, path))
     args.results.mkdir(parents=True, exist_ok=True)
     print(f"{len(pairs)} pairs from SynthRef {args.split} ({args.data})")
     print("| model | pairs | follows % | same mask % | s |")

@@ -108,3 +108,35 @@ def test_pointer_needs_superpixel_tokens() -> None:
         ConfigError, match=r"descriptors: need kind superpixel and max_tokens null \(descriptors"
     ):
         tiny_cfg("mllm", "direct", "model.projector.descriptors=true", "model.projector.max_tokens=4")
+
+
+def test_pointer_learns_two_queries_of_one_image() -> None:
+    """Overfit: two sentences about one image name different objects; after training, each [SEG]'s
+    best region lies inside its own target (the pointer reads the sentence, not the saliency)."""
+    from test_model_kit import BLUE, RED, scene
+
+    shapes = [("disc", RED, 20, 22, 12), ("square", BLUE, 44, 44, 10)]
+    samples = [
+        scene(7, [(*s, i == t) for i, s in enumerate(shapes)], text)
+        for t, text in ((0, "the red circle"), (1, "the blue square"))
+    ]
+    torch.manual_seed(0)
+    model = build_model(
+        tiny_cfg(
+            "mllm", "direct", POINTER, "model.projector.descriptors=true", "model.mllm.lora.enabled=false"
+        )
+    ).train()
+    batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(samples)
+    labels = model.projector.region_labels(batch.superpixels)
+    coverage = region_coverage(labels, batch.target_masks, labels.max() + 1)[:, 0]  # (2, K)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    for _ in range(120):
+        out = model(batch)
+        best = out.region_logits[:, 0].argmax(-1)  # (2,) the chosen region per query
+        if (coverage.gather(1, best[:, None]) >= 0.5).all() and out.loss_terms["lm"] < 0.1:
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert (coverage.gather(1, best[:, None]) >= 0.5).all(), coverage.gather(1, best[:, None])
+    assert best[0] != best[1]
