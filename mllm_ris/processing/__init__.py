@@ -1,39 +1,11 @@
-"""Input preparation that is not learned: letterbox, superpixels, region descriptors, chat encoding.
+"""Input preparation that is not learned: superpixel label maps in token order (``labels``) and
+per-region descriptors, region targets and the superpixel ceiling (``regions``).
 
-- ``regions``: per-region descriptors (shape crop, CIELAB colour, geometry), their batching, and region
-  targets / the superpixel oracle ceiling.
+The public names are those of :mod:`mllm_ris.processing.regions` (import the label helpers from
+:mod:`mllm_ris.processing.labels`).
 """
 
-from mllm_ris.processing.regions import (
-    COLOR_DIM,
-    GEOMETRY_DIM,
-    GEOMETRY_FIELDS,
-    SHAPE_SIZE,
-    RegionDescriptorBatch,
-    RegionDescriptors,
-    RegionInputError,
-    batch_region_descriptors,
-    oracle_mask,
-    region_coverage,
-    region_descriptors,
-    region_targets,
-    superpixel_ceiling_counts,
-    superpixel_ceiling_iou,
-)
+from mllm_ris.processing import regions as _regions
+from mllm_ris.processing.regions import *  # noqa: F403  (the public API: regions.__all__)
 
-__all__ = [
-    "COLOR_DIM",
-    "GEOMETRY_DIM",
-    "GEOMETRY_FIELDS",
-    "SHAPE_SIZE",
-    "RegionDescriptorBatch",
-    "RegionDescriptors",
-    "RegionInputError",
-    "batch_region_descriptors",
-    "oracle_mask",
-    "region_coverage",
-    "region_descriptors",
-    "region_targets",
-    "superpixel_ceiling_counts",
-    "superpixel_ceiling_iou",
-]
+__all__ = list(_regions.__all__)
