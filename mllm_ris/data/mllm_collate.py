@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch, RISTransform, collate_ris
+from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris
 from mllm_ris.data.conversation import ChatTemplate, collate_conversations
 from mllm_ris.data.sample import RISSample
 from mllm_ris.processing.labels import token_order_labels
@@ -34,8 +34,6 @@ from mllm_ris.processing.regions import RegionDescriptorBatch, batch_region_desc
 
 __all__ = ["MLLMBatch", "MLLMCollator", "letterbox_labels", "letterbox_masks"]
 
-IMAGENET_MEAN_T = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-IMAGENET_STD_T = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 SuperpixelFn = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 -> (H, W) int labels
 
 
@@ -161,7 +159,7 @@ class MLLMCollator:
                 [letterbox_labels(self.superpixels(s.image), self.transform) for s in samples]
             )  # (B, S, S)
             if self.descriptors:
-                regions = _descriptors(base.images, superpixels)
+                regions = _descriptors(base.images, superpixels, self.transform)
         return MLLMBatch(
             **{f: getattr(base, f) for f in RISBatch.__dataclass_fields__},
             target_masks=targets,
@@ -174,10 +172,13 @@ class MLLMCollator:
         )
 
 
-def _descriptors(images: torch.Tensor, superpixels: torch.Tensor) -> RegionDescriptorBatch:
-    """Descriptors of the letterboxed canvases ``images (B, 3, S, S)`` (ImageNet-normalised) over
-    ``superpixels (B, S, S)``, regions numbered as the superpixel projector numbers its tokens."""
-    canvas = (images * IMAGENET_STD_T + IMAGENET_MEAN_T).clamp(0, 1).mul(255).round().byte()  # (B, 3, S, S)
+def _descriptors(
+    images: torch.Tensor, superpixels: torch.Tensor, transform: RISTransform
+) -> RegionDescriptorBatch:
+    """Descriptors of the letterboxed canvases ``images (B, 3, S, S)`` (normalised by ``transform``)
+    over ``superpixels (B, S, S)``, regions numbered as the superpixel projector numbers its tokens."""
+    x01 = images * transform.std + transform.mean  # (B, 3, S, S) back to [0, 1] with the transform's stats
+    canvas = x01.clamp(0, 1).mul(255).round().byte()  # (B, 3, S, S) uint8
     dense = token_order_labels(superpixels)  # (B, S, S), ids 0..K_b-1, -1 = none
     per_image = [
         region_descriptors(c.permute(1, 2, 0).numpy(), d.numpy()) for c, d in zip(canvas, dense, strict=True)
