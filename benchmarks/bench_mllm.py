@@ -62,6 +62,7 @@ def build_config(args: argparse.Namespace, label: str, steps: int, out: Path) ->
         f"train.batch_size={args.batch}",
         f"train.seed={args.seed}",
         f"train.warmup_steps={min(100, max(1, steps // 10))}",
+        f"train.pointer_warmup_steps={round(args.pointer_warmup * steps)}",
         "train.eval_every=0",
         "train.save_every=0",
         "train.tensorboard=false",
@@ -78,12 +79,14 @@ def build_config(args: argparse.Namespace, label: str, steps: int, out: Path) ->
 def calibrate(cfg: Config, steps: int = 6) -> tuple[float, float, int]:
     """Time a few training steps of the benchmark's model and data.
 
-    Returns seconds per step with a warm superpixel cache (median of steps 2..``steps``), seconds of
+    Returns seconds per step with a warm superpixel cache (mean of steps 2..``steps``: warm-up and full
+    steps in the schedule's proportion), seconds of
     superpixels per new image (about 0 for patch tokens) and the number of training images.
     """
     task = MLLMTask(cfg)
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().train()
+    warm_fraction = cfg.train.pointer_warmup_steps / cfg.train.max_steps
     dataset, _ = task.train_data()
     images = len({r.image_id for d in dataset.datasets for r in getattr(d, "refs", [])}) or len(dataset)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
@@ -96,13 +99,15 @@ def calibrate(cfg: Config, steps: int = 6) -> tuple[float, float, int]:
         t1 = time.perf_counter()
         batch = task.collate(samples)  # warm
         t2 = time.perf_counter()
+        # steps alternate in the schedule's proportion of pointer warm-up (language side only) steps
+        task.begin_step(0 if (i + 0.5) / steps < warm_fraction else cfg.train.max_steps)
         loss, _ = task.loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         warm.append(time.perf_counter() - t1)
         per_image.append(max(0.0, (t1 - t0) - (t2 - t1)) / len({s.image_id for s in samples}))
-    return statistics.median(warm[1:]), statistics.median(per_image[1:]), images
+    return statistics.mean(warm[1:]), statistics.median(per_image[1:]), images
 
 
 def planned_steps(budget_s: float, step_s: float, image_s: float, images: int, batch: int) -> int:
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_s = None
     steps = args.steps
     if not steps:
+        # the blend of the two step costs: pointer warm-up (language side only) and full steps
         step_s, image_s, images = calibrate(build_config(args, label + ".calibration", 1000, out))
         shutil.rmtree(out / (label + ".calibration"), ignore_errors=True)
         steps = max(10, planned_steps(0.9 * budget, step_s, image_s, images, args.batch))
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + (f" --steps {args.steps}" if args.steps else "")
         + f" --batch {args.batch} --seed {args.seed}"
         + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --pointer-warmup {args.pointer_warmup:g}" if args.pointer_warmup else "")
         + options,
         "eval": report.to_json(),
         "reject": reject_separation(cfg, out / label, args.eval_limit),
@@ -292,6 +299,12 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=0, help="first N val samples only (0 = all)")
     parser.add_argument("--cache-dir", default=None, help="a shared superpixel cache (default: in the run)")
     parser.add_argument("--tag", default="", help="label a repeated run (e.g. 40min)")
+    parser.add_argument(
+        "--pointer-warmup",
+        type=float,
+        default=0.0,
+        help="fraction of the steps that train the language side only (train.pointer_warmup_steps)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_mllm", help="run folders")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON records go")

@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], help="config override (repeatable)")
+    parser.add_argument(
+        "--pointer-only", action="store_true", help="the pointer warm-up step (language side only)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config([args.model], args.set)
@@ -44,6 +47,9 @@ def main() -> None:
     start = time.perf_counter()
     batch = collate(samples)
     print(f"collate (superpixels computed): {time.perf_counter() - start:.3f} s")
+    start = time.perf_counter()
+    batch = collate(samples)
+    print(f"collate again (superpixels computed again, no cache): {time.perf_counter() - start:.3f} s")
     spent: dict[str, float] = {}
 
     def timed(name: str, module: torch.nn.Module) -> None:
@@ -59,7 +65,7 @@ def main() -> None:
     for _ in range(args.steps):
         spent.clear()
         start = time.perf_counter()
-        out = model(batch)
+        out = model(batch, segment=not args.pointer_only)
         forward = time.perf_counter() - start
         start = time.perf_counter()
         out.loss.backward()

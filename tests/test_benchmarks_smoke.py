@@ -67,3 +67,35 @@ def test_bench_train_speed(tmp_path: Path) -> None:
     kinds = _json(tmp_path, "train_speed_cpu")["kinds"]
     assert kinds["patch"]["tokens_mean"] == 1024 and kinds["superpixel"]["tokens_mean"] < 1024
     assert all(k["samples_per_s"] > 0 for k in kinds.values())
+
+
+def test_bench_pointer_probe(tmp_path: Path) -> None:
+    """The GRU + descriptor pointer reference trains on a tiny SynthRef and writes its curve."""
+    from mllm_ris.data.synthetic import make_synthref
+
+    data = tmp_path / "synthref"
+    make_synthref(data, images=12, seed=3, size=128, workers=1, progress=False)
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("bench_pointer_probe")
+        argv = [
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "sp"),
+            "--minutes",
+            "0.02",
+            "--train",
+            "40",
+            "--held",
+            "12",
+            "--batch",
+            "8",
+        ]
+        assert module.main([*argv, "--eval-every", "2", "--results", str(tmp_path / "results")]) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    record = _json(tmp_path, "pointer_probe_L2")
+    assert record["train_expressions"] == 40 and 1 <= record["held_expressions"] <= 12
+    assert record["steps"] >= 1 and 0.0 <= record["final"]["all"]["top1"] <= 1.0
+    assert record["curve"] and record["curve"][0]["samples"] == 16

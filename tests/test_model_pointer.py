@@ -140,3 +140,45 @@ def test_pointer_learns_two_queries_of_one_image() -> None:
         opt.step()
     assert (coverage.gather(1, best[:, None]) >= 0.5).all(), coverage.gather(1, best[:, None])
     assert best[0] != best[1]
+
+
+def test_pointer_warmup_step_and_prior_output_mode() -> None:
+    """segment=False trains the language side only (no head terms, the head gets no gradient); output mode
+    prior returns the painted prior as the masks, in forward and generate."""
+    model = _build("direct", "model.mllm.pointer_layers=1").train()
+    batch = _batch(model)
+    out = model(batch, segment=False)
+    assert not any(k.startswith("head") for k in out.loss_terms)
+    assert {"lm", "no_target", "region_bce", "region_dice"} <= set(out.loss_terms)
+    torch.testing.assert_close(out.masks, out.prior)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mllm.pointer.mix.parameters())
+    prior_model = _build("prior").eval()
+    assert prior_model.sam_stage is None
+    gen = prior_model.generate(_batch(prior_model, answers=False), max_new_tokens=6)
+    torch.testing.assert_close(gen.masks, gen.prior)
+    assert ((gen.scores >= 0) & (gen.scores <= 1)).all()
+    with pytest.raises(ConfigError, match="needs the region pointer"):
+        build_model(tiny_cfg("mllm", "direct")).train()(batch, segment=False)
+    with pytest.raises(ConfigError, match="pointer_layers: needs pointer_dim set"):
+        tiny_cfg("mllm", "direct", "model.mllm.pointer_layers=1")
+
+
+def test_collator_memoises_descriptors_per_canvas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A canvas seen again reuses its descriptors (same values, no recomputation); the memo is bounded."""
+    import mllm_ris.data.mllm_collate as mc
+
+    model = _build("direct", "model.projector.descriptors=true")
+    collate = build_collator(model, image_size=SIZE, template=TEMPLATE)
+    first = collate(synth_samples())
+    calls: list[int] = []
+    original = mc.region_descriptors
+    monkeypatch.setattr(mc, "region_descriptors", lambda *a: calls.append(1) or original(*a))
+    again = collate(synth_samples())
+    assert calls == [] and torch.equal(first.regions.shape, again.regions.shape)
+    assert torch.equal(first.regions.color, again.regions.color)
+    monkeypatch.setattr(mc, "DESCRIPTOR_MEMO", 1)
+    collate._memo.clear()
+    collate(synth_samples())
+    assert len(collate._memo) == 1 and len(calls) == len({s.image_id for s in synth_samples()})

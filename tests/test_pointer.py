@@ -30,6 +30,33 @@ def test_pointer_shapes_and_masking() -> None:
     assert (regions.grad[mask].abs().sum(-1) > 0).all()
 
 
+def test_pointer_layers_mix_regions_under_the_query() -> None:
+    """With layers, a region's score depends on the other regions (masked padding excluded) and on the
+    query; padded regions change nothing; T = 0 works."""
+    torch.manual_seed(0)
+    pointer = RegionPointer(query_dim=8, region_dim=12, dim=16, layers=2)
+    queries = torch.randn(2, 3, 8)
+    regions = torch.randn(2, 5, 12, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False, False], [True, False, True, True, True]])
+    logits = pointer(queries, regions, mask)
+    assert logits.shape == (2, 3, 5) and torch.isfinite(logits).all()
+    assert (logits[~mask[:, None, :].expand(2, 3, 5)] == MASKED_LOGIT).all()
+    logits.sum().backward()
+    assert (regions.grad[~mask] == 0).all() and (regions.grad[mask].abs().sum(-1) > 0).all()
+    with torch.no_grad():
+        moved = regions.detach().clone()
+        moved[0, 3:] += 100.0  # padding: no effect on real scores
+        torch.testing.assert_close(pointer(queries, moved, mask)[0, :, :3], logits[0, :, :3])
+        moved = regions.detach().clone()
+        moved[0, 2] += 1.0  # another real region: region 0's score changes (they attend to each other)
+        assert not torch.allclose(pointer(queries, moved, mask)[0, :, 0], logits[0, :, 0])
+        other = pointer(queries.flip(1), regions, mask)  # another query: other scores
+        assert not torch.allclose(other[:, 0], logits[:, 0])
+    assert pointer(queries[:, :0], regions, mask).shape == (2, 0, 5)
+    with pytest.raises(ValueError, match="layers: must be >= 0 with dim divisible by 4"):
+        RegionPointer(query_dim=8, region_dim=8, dim=6, layers=1)
+
+
 def test_pointer_matches_its_formula() -> None:
     torch.manual_seed(1)
     pointer = RegionPointer(query_dim=4, region_dim=6, dim=8, bias_init=-2.0)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from mllm_ris.cli import main
 from mllm_ris.config import Config, load_config
 from mllm_ris.data.synthetic import make_synthref
+from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.lora import random_causal_lm
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.tokens import ensure_special_tokens, load_tokenizer
@@ -129,6 +130,19 @@ def test_mllm_10_steps_equal_5_plus_resumed_5(tmp_path: Path, synthref: Path, ll
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["data"]["image_size"] == 64
     assert any((tmp_path / "a" / "superpixel_cache").rglob("*.npy"))
+
+
+def test_pointer_warmup_then_full_steps(tmp_path: Path, synthref: Path) -> None:
+    """train.pointer_warmup_steps: the first steps log only language-side terms, the rest the head's too."""
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="direct", batch=2)
+    pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true")
+    cfg = _cfg(files, tmp_path / "run", "train.max_steps=4", "train.pointer_warmup_steps=2", *pointer)
+    Trainer(cfg, progress=False).fit()
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "region_bce" in r]
+    assert [("head_bce" in r) for r in steps] == [False, False, True, True]
+    with pytest.raises(ConfigError, match="pointer_warmup_steps: needs the region pointer"):
+        MLLMTask(_cfg(files, tmp_path / "x", "train.pointer_warmup_steps=2"))
 
 
 def test_train_command_with_two_config_files(

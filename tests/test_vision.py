@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,30 @@ def test_preprocess_resizes_and_normalises() -> None:
     assert floats.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"expected \(B, 3, 32, 32\)"):
         tower(torch.zeros(1, 3, 64, 64))
+
+
+def test_feature_memo_reuses_features_of_seen_images() -> None:
+    """feature_memo_mb: the same pixels give the same features without running the model again; the
+    memo stays within its size; it needs a frozen tower and is cleared by a state-dict load."""
+    cfg = VisionTowerConfig(random_image_size=32, random_patch_size=4, random_hidden_size=16)
+    torch.manual_seed(0)
+    plain = build_vision_tower(cfg)
+    memo = build_vision_tower(replace(cfg, feature_memo_mb=1.0))
+    memo.load_state_dict(plain.state_dict())
+    calls: list[int] = []
+    memo.model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(len(k["pixel_values"])), with_kwargs=True
+    )
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(memo(x), plain(x))
+    y = torch.cat([x[1:], torch.randn(1, 3, 32, 32)])  # two seen, one new
+    torch.testing.assert_close(memo(y), plain(y))
+    assert calls == [3, 1]
+    per_image = 64 * 16 * 4  # (h*w, Cv) float32
+    small = build_vision_tower(replace(cfg, feature_memo_mb=2.5 * per_image / 2**20))
+    small(torch.randn(4, 3, 32, 32))
+    assert len(small._memo) == 2 and small._memo_used == 2 * per_image
+    memo.load_state_dict(plain.state_dict())
+    assert not memo._memo
+    with pytest.raises(ConfigError, match="feature_memo_mb: needs freeze"):
+        VisionTowerConfig(freeze=False, feature_memo_mb=1.0)

@@ -139,6 +139,15 @@ class MLLMConfig:
             "positions in a space of this width -> region_logits (B, T, K); null = off (the [SEG]-only path)"
         },
     )
+    pointer_layers: int = field(
+        default=0,
+        metadata={
+            "help": "region pointer: transformer layers over [query, regions + query] per [SEG] before "
+            "scoring (the LLM's visual states come before the sentence and cannot see it; these layers "
+            "let regions compare each other under the query: 'the leftmost', 'left of ...'); "
+            "0 = bilinear score only"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
@@ -166,6 +175,12 @@ class MLLMConfig:
             self.pointer_dim is None or self.pointer_dim >= 1,
             "pointer_dim",
             f"must be >= 1 or null, got {self.pointer_dim}",
+        )
+        _check(self.pointer_layers >= 0, "pointer_layers", f"must be >= 0, got {self.pointer_layers}")
+        _check(
+            self.pointer_layers == 0 or (self.pointer_dim is not None and self.pointer_dim % 4 == 0),
+            "pointer_layers",
+            f"needs pointer_dim set and divisible by 4 (attention heads), got pointer_dim={self.pointer_dim}",
         )
         _check(
             self.name_or_path is None or self.llava_path is None,

@@ -186,7 +186,9 @@ class GroundingMLLM(nn.Module):
         # DESIGN "the one idea": identify the referent where the LLM sees words and regions together
         self.pointer: RegionPointer | None = None
         if self.cfg.pointer_dim is not None:
-            self.pointer = RegionPointer(query_dim=hidden, region_dim=hidden, dim=self.cfg.pointer_dim)
+            self.pointer = RegionPointer(
+                query_dim=hidden, region_dim=hidden, dim=self.cfg.pointer_dim, layers=self.cfg.pointer_layers
+            )
 
     # ----------------------------------------------------------------------------- training pass
 

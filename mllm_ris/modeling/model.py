@@ -13,7 +13,8 @@ where the queries come from (``S`` = canvas side of the batch, ``T`` = queries p
 With the region pointer (``mllm.pointer_dim``) the head refines the prior: its logits are a residual
 added to the prior (clamped to ``±PRIOR_CLAMP``), so SAM's prompts and every mask loss see prior + head.
 Output modes: ``direct`` (head masks), ``sam`` (SAM's), ``auto`` (per query, the one with the higher
-predicted IoU). Losses: :mod:`mllm_ris.modeling.model_losses`. Saving and loading:
+predicted IoU), ``prior`` (the painted region prior alone; the pixel side is not run). Losses:
+:mod:`mllm_ris.modeling.model_losses`. Saving and loading:
 :mod:`mllm_ris.modeling.model_io`; inference on samples: :mod:`mllm_ris.modeling.predictor`.
 """
 
@@ -163,7 +164,7 @@ class RISModel(nn.Module):
             raise ConfigError("mode: classic needs a text encoder and no vision / projector / mllm")
         if cfg.mode == "mllm" and (text_encoder is not None or any(p is None for p in mllm_parts)):
             raise ConfigError("mode: mllm needs vision, projector and mllm and no text encoder")
-        if (cfg.output_mode != "direct") != (sam_stage is not None and prompt_builder is not None):
+        if (cfg.output_mode in ("sam", "auto")) != (sam_stage is not None and prompt_builder is not None):
             raise ConfigError(f"output_mode: {cfg.output_mode!r} with sam_stage={sam_stage is not None}")
         if share_sam_vit and (sam_stage is None or not isinstance(pixel_encoder, SAMViTEncoder)):
             raise ConfigError("pixel: sharing SAM's ViT needs a SAM stage and a sam-vit pixel encoder")
@@ -354,17 +355,26 @@ class RISModel(nn.Module):
 
     # ------------------------------------------------------------------------------------- passes
 
-    def forward(self, batch: RISBatch) -> RISOutput:
+    def forward(self, batch: RISBatch, *, segment: bool = True) -> RISOutput:
         """Teacher-forced pass with losses (classic: a :class:`RISBatch`; mllm: an answered ``MLLMBatch``).
+
+        Args:
+            segment: False skips the pixel side (pixel encoder, head, SAM): the masks are the region
+                prior and the loss has only the language-side terms (``lm``, ``no_target``, ``region_*``).
+                Needs the region pointer; used for the pointer warm-up (``train.pointer_warmup_steps``),
+                which costs about a fifth of a full step on CPU.
 
         Raises:
             TokenCountError: a sample's ``[SEG]`` count differs from its number of target masks.
+            ConfigError: ``segment=False`` without a region pointer.
         """
         if self.mode == "classic":
             q = self._classic_queries(batch)
         else:
             q = self._mllm_queries(batch, generate=False, max_new_tokens=0)
-        return self._finish(batch, q, with_loss=True)
+        if not segment and q.prior is None:
+            raise ConfigError("segment=False (pointer warm-up) needs the region pointer (mllm.pointer_dim)")
+        return self._finish(batch, q, with_loss=True, segment=segment and self.cfg.output_mode != "prior")
 
     @torch.no_grad()
     def generate(self, batch: RISBatch, *, max_new_tokens: int = 32) -> RISOutput:
@@ -374,10 +384,17 @@ class RISModel(nn.Module):
             q = self._classic_queries(batch)
         else:
             q = self._mllm_queries(batch, generate=True, max_new_tokens=max_new_tokens)
-        return self._finish(batch, q, with_loss=False)
+        return self._finish(batch, q, with_loss=False, segment=self.cfg.output_mode != "prior")
 
-    def _finish(self, batch: RISBatch, q: _Queries, *, with_loss: bool) -> RISOutput:
-        seg = self._segment(batch.images, q.lang, q.prior)
+    def _finish(self, batch: RISBatch, q: _Queries, *, with_loss: bool, segment: bool = True) -> RISOutput:
+        if segment:
+            seg = self._segment(batch.images, q.lang, q.prior)
+        else:  # the prior is the mask; its score: the most confident region's probability (B, T)
+            if q.prior is None or q.region_logits is None:
+                raise ConfigError("output_mode prior needs the region pointer (mllm.pointer_dim)")
+            score = torch.sigmoid(q.region_logits.float()).amax(-1) if q.region_logits.shape[-1] else None
+            iou = score if score is not None else q.prior.new_zeros(q.prior.shape[:2])
+            seg = _Segmentation(mask_logits=q.prior, iou_pred=iou.to(q.prior.dtype), head_up=q.prior)
         masks, scores, from_sam = self._choose(seg)
         if q.reject_logit is not None:
             no_target_prob = torch.sigmoid(q.reject_logit.float())
@@ -401,10 +418,12 @@ class RISModel(nn.Module):
             prior=q.prior,
         )
         if with_loss:
-            self._add_losses(out, batch, q, seg)
+            self._add_losses(out, batch, q, seg, masks=segment)
         return out
 
-    def _add_losses(self, out: RISOutput, batch: RISBatch, q: _Queries, seg: _Segmentation) -> None:
+    def _add_losses(
+        self, out: RISOutput, batch: RISBatch, q: _Queries, seg: _Segmentation, *, masks: bool = True
+    ) -> None:
         """Fill ``loss``, ``loss_terms`` and ``matched_targets`` (terms: ``model_losses``)."""
         cfg, extra = self.cfg.loss, self.loss_cfg
         terms: dict[str, torch.Tensor] = {}
@@ -417,7 +436,7 @@ class RISModel(nn.Module):
             assert q.lm_loss is not None and q.reject_logit is not None and batch.target_valid is not None
             targets, pair_valid = batch.target_masks, batch.target_valid  # (B, T, S, S), (B, T)
             has_target = pair_valid
-            if extra.match_targets:
+            if extra.match_targets and masks:
                 order = match_targets(seg.mask_logits, targets, pair_valid, batch.valid)  # (B, T)
                 targets = targets.gather(1, order[..., None, None].expand_as(targets))
             terms["lm"] = extra.lm * q.lm_loss
@@ -430,7 +449,8 @@ class RISModel(nn.Module):
                     region_losses(q.region_logits, q.region_mask, q.region_labels, targets, pair_valid, extra)
                 )
         args = (targets, pair_valid, has_target, batch.valid, cfg)
-        terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))
+        if masks:
+            terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))
         if seg.sam_logits is not None and seg.sam_iou_pred is not None:
             terms.update(
                 pair_mask_losses(seg.sam_logits, seg.sam_iou_pred, *args, prefix="sam", scale=extra.sam)

@@ -119,7 +119,7 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     """Build every part ``cfg`` asks for (rules in the module doc); ``mllm`` replaces ``cfg.mllm``'s."""
     notes: list[str] = []
     stage = builder = None
-    if cfg.output_mode != "direct":
+    if cfg.output_mode in ("sam", "auto"):
         stage = build_sam_stage(cfg.sam)
         if cfg.sam.checkpoint is not None:
             notes.append(f"sam: {cfg.sam.variant} weights from {cfg.sam.checkpoint}")

@@ -2,7 +2,12 @@
 through the superpixel label map, are the region prior that the segmentation head refines.
 
 ``region_logits (B, T, K) = exp(s) * <W_q q, W_k r> / sqrt(dim) + b`` with a learned log-scale ``s`` and bias
-``b`` (both scalars, optional). Invalid regions (padding, empty ids) and label ``-1`` pixels get
+``b`` (both scalars, optional). With ``layers > 0`` a small transformer first runs, per query, over the
+sequence ``[W_q q, W_k r_1 + W_q q, ..., W_k r_K + W_q q]`` (``1 + K`` tokens, padded regions masked) and
+a linear layer scores each region's output instead of the bilinear product: in a causal LLM the visual
+tokens come before the sentence, so their states cannot depend on it, and a bilinear score alone cannot
+express "the leftmost of these" or "the one left of that"; these layers let the regions compare each
+other under the query. Invalid regions (padding, empty ids) and label ``-1`` pixels get
 :data:`MASKED_LOGIT` = ``-1e4``: finite in float16 / bfloat16 / float32 (no ``inf - inf`` NaNs), and
 ``sigmoid(-1e4) == 0`` exactly in float32, so a masked region is never chosen and its pixels never painted.
 Consumers that feed the painted logits to a convolution rather than a sigmoid should clamp them first
@@ -25,6 +30,7 @@ from torch import nn
 __all__ = ["MASKED_LOGIT", "PointerLosses", "RegionPointer", "paint_regions", "pointer_loss"]
 
 MASKED_LOGIT = -1.0e4
+_MIX_HEADS = 4  # attention heads of the pointer's optional transformer layers
 
 
 class RegionPointer(nn.Module):
@@ -38,6 +44,8 @@ class RegionPointer(nn.Module):
         learn_bias: learn a scalar bias ``b`` (initialised to ``bias_init``).
         bias_init: initial bias; ``-log(K - 1)`` for about ``K`` regions with one positive gives the prior
             probability ``1 / K`` at initialisation (0 by default).
+        layers: transformer layers (pre-norm, 4 heads, feed-forward ``2 * dim``) over query + regions per
+            query before the score; 0 = the bilinear score alone. ``dim`` must be divisible by 4.
     """
 
     def __init__(
@@ -49,12 +57,26 @@ class RegionPointer(nn.Module):
         learn_scale: bool = True,
         learn_bias: bool = True,
         bias_init: float = 0.0,
+        layers: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("query_dim", query_dim), ("region_dim", region_dim), ("dim", dim)):
             if value <= 0:
                 raise ValueError(f"{name}: must be > 0, got {value}")
+        if layers < 0 or (layers and dim % _MIX_HEADS):
+            raise ValueError(
+                f"layers: must be >= 0 with dim divisible by {_MIX_HEADS}, got {layers}, dim {dim}"
+            )
         self.dim = dim
+        self.mix: nn.TransformerEncoder | None = None
+        if layers:
+            layer = nn.TransformerEncoderLayer(
+                dim, _MIX_HEADS, 2 * dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.mix = nn.TransformerEncoder(
+                layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False
+            )
+            self.score = nn.Linear(dim, 1)  # each region's mixed state -> its score
         self.query_proj = nn.Linear(query_dim, dim)
         self.region_proj = nn.Linear(region_dim, dim)
         scale = torch.zeros(())
@@ -96,10 +118,27 @@ class RegionPointer(nn.Module):
             )
         q = self.query_proj(queries)  # (B, T, D)
         r = self.region_proj(regions)  # (B, K, D)
-        logits = torch.einsum("btd,bkd->btk", q, r) / math.sqrt(self.dim)  # (B, T, K)
+        if self.mix is None:
+            logits = torch.einsum("btd,bkd->btk", q, r) / math.sqrt(self.dim)  # (B, T, K)
+        else:
+            logits = self._mixed_scores(q, r, region_mask.bool())
         logits = logits * self.log_scale.exp() + self.bias
         # (B, K) -> (B, 1, K): the same regions are masked for every query
         return logits.masked_fill(~region_mask.bool()[:, None, :], MASKED_LOGIT)
+
+    def _mixed_scores(self, q: torch.Tensor, r: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """``q (B, T, D)``, ``r (B, K, D)``, ``region_mask (B, K)`` → ``(B, T, K)`` mixed scores."""
+        assert self.mix is not None
+        b, t, d = q.shape
+        k = r.shape[1]
+        if t == 0 or k == 0:  # nothing to mix; zeros keep the graph
+            return q.new_zeros(b, t, k) + (q.sum() + r.sum()) * 0.0
+        # (B, T, 1, D) and (B, 1, K, D) + (B, T, 1, D) -> (B, T, 1 + K, D) -> (B*T, 1 + K, D)
+        x = torch.cat([q[:, :, None], r[:, None] + q[:, :, None]], dim=2).flatten(0, 1)
+        keep = torch.cat([region_mask.new_ones(b, 1), region_mask], dim=1)  # (B, 1 + K)
+        pad = ~keep[:, None].expand(b, t, 1 + k).flatten(0, 1)  # (B*T, 1 + K), True = ignored
+        x = self.mix(x, src_key_padding_mask=pad).view(b, t, 1 + k, d)
+        return self.score(x[:, :, 1:]).squeeze(-1)  # (B, T, K, D) -> (B, T, K)
 
 
 def paint_regions(region_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ when it has one, else taken from the model family's HF default; nothing is downl
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,14 @@ class VisionTowerConfig:
         default=-2, metadata={"help": "hidden_states index (0 = patch embeddings, -1 = last layer)"}
     )
     freeze: bool = field(default=True, metadata={"help": "freeze the tower and keep it in eval mode"})
+    feature_memo_mb: float = field(
+        default=0.0,
+        metadata={
+            "help": "a frozen tower keeps the features of the images it saw, up to this many MB (least "
+            "recently used dropped first), and reuses them for the same pixels; 0 = off. Training sees "
+            "each image many times: on CPU the tiny tower is ~60 % of a pointer warm-up step"
+        },
+    )
     random_image_size: int = field(default=128, metadata={"help": "input side S (random init only)"})
     random_patch_size: int = field(default=4, metadata={"help": "patch side (random init only)"})
     random_hidden_size: int = field(default=32, metadata={"help": "Cv (random init only)"})
@@ -71,6 +81,12 @@ class VisionTowerConfig:
             self.random_hidden_size % self.random_num_heads == 0,
             "random_hidden_size",
             f"{self.random_hidden_size} not divisible by random_num_heads={self.random_num_heads}",
+        )
+        _check(self.feature_memo_mb >= 0, "feature_memo_mb", f"must be >= 0, got {self.feature_memo_mb}")
+        _check(
+            self.feature_memo_mb == 0 or self.freeze,
+            "feature_memo_mb",
+            "needs freeze: true (a trained tower's features change)",
         )
         for name in ("random_patch_size", "random_num_layers", "random_num_heads"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -132,8 +148,11 @@ class VisionTower(nn.Module):
         freeze: bool = True,
         image_mean: tuple[float, ...] = _IMAGENET_MEAN,
         image_std: tuple[float, ...] = _IMAGENET_STD,
+        feature_memo_mb: float = 0.0,
     ) -> None:
         super().__init__()
+        if feature_memo_mb and not freeze:
+            raise ConfigError("feature_memo_mb: needs freeze (a trained tower's features change)")
         cfg = model.config
         for name in ("image_size", "patch_size", "hidden_size"):
             if not isinstance(getattr(cfg, name, None), int):
@@ -151,11 +170,20 @@ class VisionTower(nn.Module):
         self.frozen = freeze
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.memo_bytes = int(feature_memo_mb * 2**20)
+        self._memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # pixels' hash -> (h*w, Cv)
+        self._memo_used = 0
         if freeze:
             model.requires_grad_(False)
         else:
             self._freeze_unused()
         self.train(self.training)
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.clear_memo())
+
+    def clear_memo(self) -> None:
+        """Forget the memoised features (done on every state-dict load)."""
+        self._memo.clear()
+        self._memo_used = 0
 
     @property
     def num_patches(self) -> int:
@@ -179,12 +207,45 @@ class VisionTower(nn.Module):
             p.requires_grad_(g is not None)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values (B, 3, S, S)`` normalised → patch features ``(B, h * w, Cv)`` in row-major order."""
+        """``pixel_values (B, 3, S, S)`` normalised → patch features ``(B, h * w, Cv)`` in row-major order.
+
+        With a feature memo (``feature_memo_mb``), images whose exact pixels were seen before reuse their
+        features and only the others go through the model."""
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(
                 f"vision tower: pixel_values {tuple(pixel_values.shape)}, expected "
                 f"(B, 3, {self.image_size}, {self.image_size}); resize with preprocess() first"
             )
+        if not self.memo_bytes or not len(pixel_values):
+            return self._features(pixel_values)
+        keys = [
+            hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest() for x in pixel_values
+        ]
+        found: dict[bytes, torch.Tensor] = {}
+        for k in keys:
+            if k in self._memo:
+                self._memo.move_to_end(k)
+                found[k] = self._memo[k]
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        if missing:
+            fresh = self._features(pixel_values[missing])  # (M, h*w, Cv)
+            for i, f in zip(missing, fresh, strict=True):
+                found[keys[i]] = f.detach().clone()  # a copy: not a view of the batch
+                self._remember(keys[i], found[keys[i]])
+        rows = [found[k] for k in keys]
+        return torch.stack(rows).to(pixel_values.device)  # (B, h*w, Cv)
+
+    def _remember(self, key: bytes, feats: torch.Tensor) -> None:
+        if key in self._memo:
+            return
+        self._memo[key] = feats
+        self._memo_used += feats.numel() * feats.element_size()
+        while self._memo_used > self.memo_bytes and len(self._memo) > 1:
+            _, old = self._memo.popitem(last=False)
+            self._memo_used -= old.numel() * old.element_size()
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's patch features ``(B, h * w, Cv)`` of ``pixel_values (B, 3, S, S)``."""
         param = next(self.model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.model(pixel_values=pixel_values.to(param.dtype), output_hidden_states=True)
@@ -256,5 +317,10 @@ def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
         model, config = _load_vision_model(path)
         mean, std = default_image_stats(config, path)
     return VisionTower(
-        model, feature_layer=cfg.feature_layer, freeze=cfg.freeze, image_mean=mean, image_std=std
+        model,
+        feature_layer=cfg.feature_layer,
+        freeze=cfg.freeze,
+        image_mean=mean,
+        image_std=std,
+        feature_memo_mb=cfg.feature_memo_mb,
     )

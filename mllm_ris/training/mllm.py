@@ -132,8 +132,16 @@ class MLLMTask:
     def __init__(self, cfg: Config) -> None:
         if cfg.model.mode != "mllm":
             raise ConfigError(f"model.mode: this task trains mllm mode, got {cfg.model.mode!r}")
+        if cfg.train.pointer_warmup_steps and cfg.model.mllm.pointer_dim is None:
+            raise ConfigError("train.pointer_warmup_steps: needs the region pointer (model.mllm.pointer_dim)")
         self.cfg = cfg
         self._collate: Callable[[Sequence[RISSample]], MLLMBatch] | None = None
+        self._segment = not cfg.train.pointer_warmup_steps  # False during the pointer warm-up
+
+    def begin_step(self, step: int) -> None:
+        """Called by the trainer before optimizer step ``step`` (0-based): the pixel side joins after
+        ``train.pointer_warmup_steps``."""
+        self._segment = step >= self.cfg.train.pointer_warmup_steps
 
     @property
     def superpixel_cache_dir(self) -> Path | None:
@@ -184,7 +192,7 @@ class MLLMTask:
         """``model(batch).loss`` (LM + no-target + mask terms) and its terms, detached."""
         partitioned = getattr(model, "zero_optimization_partition_weights", None)  # a DeepSpeed engine
         zero3 = partitioned is not None and partitioned()
-        out = model(batch)
+        out = model(batch, segment=self._segment)
         loss = out.loss
         if not zero3:  # ZeRO-3 parameters are partitioned outside forward (module doc)
             loss = tie_all_parameters(loss, [p for p in model.parameters() if p.requires_grad])

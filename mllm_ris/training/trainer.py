@@ -301,6 +301,8 @@ class Trainer:
                 while self.state.step < end:
                     t0 = time.perf_counter()
                     deadline = None if budget is None else t0 + budget - seconds  # rank 0's clock decides
+                    if hasattr(self.task, "begin_step"):  # optional hook: tasks with a step schedule
+                        self.task.begin_step(self.state.step)
                     out = self._step(batches, stop, deadline)
                     seconds += time.perf_counter() - t0
                     self.state.step += 1
