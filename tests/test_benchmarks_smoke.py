@@ -99,3 +99,28 @@ def test_bench_pointer_probe(tmp_path: Path) -> None:
     assert record["train_expressions"] == 40 and 1 <= record["held_expressions"] <= 12
     assert record["steps"] >= 1 and 0.0 <= record["final"]["all"]["top1"] <= 1.0
     assert record["curve"] and record["curve"][0]["samples"] == 16
+
+
+def test_diag_pointer_scores_a_saved_pointer_model(tmp_path: Path) -> None:
+    """Teacher-forced top-1 of a (random) pointer model: a rate per level; a model without a pointer
+    is refused in one line."""
+    import pytest
+    import torch
+    from test_model_kit import SIZE, tiny_cfg
+
+    from mllm_ris.data.synthetic import make_synthref
+    from mllm_ris.modeling.model import build_model
+
+    data = tmp_path / "synthref"
+    make_synthref(data, images=12, seed=3, size=SIZE, workers=1, progress=False)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("mllm", "direct", "model.mllm.pointer_dim=16"))
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("diag_pointer")
+        top1 = module.pointer_top1(model, data, limit=8, image_size=SIZE)
+        assert set(top1) >= {"all"} and all(0.0 <= v <= 1.0 for v in top1.values())
+        with pytest.raises(SystemExit, match="no region pointer"):
+            module.pointer_top1(build_model(tiny_cfg("mllm", "direct")), data, limit=2, image_size=SIZE)
+    finally:
+        sys.path.remove(str(BENCH))

@@ -145,7 +145,7 @@ def test_pointer_learns_two_queries_of_one_image() -> None:
 def test_pointer_warmup_step_and_prior_output_mode() -> None:
     """segment=False trains the language side only (no head terms, the head gets no gradient); output mode
     prior returns the painted prior as the masks, in forward and generate."""
-    model = _build("direct", "model.mllm.pointer_layers=1").train()
+    model = _build("direct", "model.mllm.pointer_layers=1", "model.mllm.pointer_words=true").train()
     batch = _batch(model)
     out = model(batch, segment=False)
     assert not any(k.startswith("head") for k in out.loss_terms)
@@ -161,6 +161,9 @@ def test_pointer_warmup_step_and_prior_output_mode() -> None:
     assert ((gen.scores >= 0) & (gen.scores <= 1)).all()
     with pytest.raises(ConfigError, match="needs the region pointer"):
         build_model(tiny_cfg("mllm", "direct")).train()(batch, segment=False)
+    assert model.mllm.pointer.word_proj.weight.grad.abs().sum() > 0  # the words reach the pointer
+    with pytest.raises(ConfigError, match="pointer_words: needs pointer_layers > 0"):
+        tiny_cfg("mllm", "direct", POINTER, "model.mllm.pointer_words=true")
     with pytest.raises(ConfigError, match="pointer_layers: needs pointer_dim set"):
         tiny_cfg("mllm", "direct", "model.mllm.pointer_layers=1")
 

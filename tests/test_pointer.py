@@ -57,6 +57,26 @@ def test_pointer_layers_mix_regions_under_the_query() -> None:
         RegionPointer(query_dim=8, region_dim=8, dim=6, layers=1)
 
 
+def test_pointer_layers_read_words() -> None:
+    """word_dim: the words join the layers' sequence; other words give other scores, padded words none."""
+    torch.manual_seed(0)
+    pointer = RegionPointer(query_dim=8, region_dim=12, dim=16, layers=1, word_dim=6)
+    queries, regions = torch.randn(2, 1, 8), torch.randn(2, 4, 12)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    words, word_mask = torch.randn(2, 3, 6), torch.tensor([[True, True, False], [True, True, True]])
+    logits = pointer(queries, regions, mask, words, word_mask)
+    assert logits.shape == (2, 1, 4)
+    moved = words.clone()
+    moved[0, 2] += 50.0  # a padded word: nothing changes
+    torch.testing.assert_close(pointer(queries, regions, mask, moved, word_mask), logits)
+    moved[1, 0] += 1.0  # a real word: image 1's scores change
+    assert not torch.allclose(pointer(queries, regions, mask, moved, word_mask)[1], logits[1])
+    with pytest.raises(ValueError, match="needs words"):
+        pointer(queries, regions, mask)
+    with pytest.raises(ValueError, match="set layers > 0"):
+        RegionPointer(query_dim=8, region_dim=8, dim=8, word_dim=4)
+
+
 def test_pointer_matches_its_formula() -> None:
     torch.manual_seed(1)
     pointer = RegionPointer(query_dim=4, region_dim=6, dim=8, bias_init=-2.0)

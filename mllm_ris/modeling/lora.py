@@ -148,6 +148,13 @@ class MLLMConfig:
             "0 = bilinear score only"
         },
     )
+    pointer_words: bool = field(
+        default=False,
+        metadata={
+            "help": "region pointer: its layers (pointer_layers > 0) also attend to the prompt's text-token "
+            "states, so regions read the words directly, not only through the [SEG] state"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
@@ -181,6 +188,11 @@ class MLLMConfig:
             self.pointer_layers == 0 or (self.pointer_dim is not None and self.pointer_dim % 4 == 0),
             "pointer_layers",
             f"needs pointer_dim set and divisible by 4 (attention heads), got pointer_dim={self.pointer_dim}",
+        )
+        _check(
+            not self.pointer_words or self.pointer_layers > 0,
+            "pointer_words",
+            "needs pointer_layers > 0 (the words are attended to by the pointer's layers)",
         )
         _check(
             self.name_or_path is None or self.llava_path is None,

@@ -187,7 +187,11 @@ class GroundingMLLM(nn.Module):
         self.pointer: RegionPointer | None = None
         if self.cfg.pointer_dim is not None:
             self.pointer = RegionPointer(
-                query_dim=hidden, region_dim=hidden, dim=self.cfg.pointer_dim, layers=self.cfg.pointer_layers
+                query_dim=hidden,
+                region_dim=hidden,
+                dim=self.cfg.pointer_dim,
+                layers=self.cfg.pointer_layers,
+                word_dim=hidden if self.cfg.pointer_words else None,
             )
 
     # ----------------------------------------------------------------------------- training pass
@@ -213,11 +217,18 @@ class GroundingMLLM(nn.Module):
         )
 
     def _region_logits(
-        self, seg_states: torch.Tensor, hidden: torch.Tensor, sp: Spliced, visual: VisualTokens
+        self,
+        seg_states: torch.Tensor,
+        hidden: torch.Tensor,
+        sp: Spliced,
+        visual: VisualTokens,
+        last: torch.Tensor,
     ) -> torch.Tensor | None:
         """``seg_states (B, T, D)`` (last-layer states at ``[SEG]``) against the last-layer states at the
         visual-token positions of ``hidden (B, L', D)`` → ``(B, T, K)`` (``K`` = ``visual.mask`` width;
-        region ``k`` of image ``b`` is its ``k``-th visual token); None without a pointer."""
+        region ``k`` of image ``b`` is its ``k``-th visual token); None without a pointer. With
+        ``mllm.pointer_words`` the pointer's layers also see the prompt's text-token states (positions
+        up to ``last (B,)``)."""
         if self.pointer is None:
             return None
         select = sp.attention_mask.bool() & (sp.token_ids == VISUAL_ID)  # (B, L') the spliced visual rows
@@ -225,7 +236,19 @@ class GroundingMLLM(nn.Module):
         k = visual.mask.shape[1]
         regions = F.pad(regions, (0, 0, 0, k - regions.shape[1]))  # (B, K', D) -> (B, K, D)
         dtype = _head_dtype(self.pointer)
-        return self.pointer(seg_states.to(dtype), regions.to(dtype), visual.mask)
+        words = word_mask = None
+        if self.cfg.pointer_words:
+            words, word_mask = _gather_rows(
+                nn.Identity(), hidden, self._text_rows(hidden, sp, last), hidden.shape[-1]
+            )
+            words = words.to(dtype)  # (B, W, D)
+        return self.pointer(seg_states.to(dtype), regions.to(dtype), visual.mask, words, word_mask)
+
+    @staticmethod
+    def _text_rows(hidden: torch.Tensor, sp: Spliced, last: torch.Tensor) -> torch.Tensor:
+        """``(B, L')`` True at the prompt's text tokens: real, not visual, at or before ``last (B,)``."""
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]  # (1, L')
+        return sp.attention_mask.bool() & (sp.token_ids != VISUAL_ID) & (pos <= last[:, None])
 
     def _seg_embeddings(
         self, hidden: torch.Tensor, seg_mask: torch.Tensor
@@ -240,9 +263,7 @@ class GroundingMLLM(nn.Module):
         tokens and padding left out) and their ``(B, W)`` mask; ``(None, None)`` when off."""
         if self.word_mlp is None:
             return None, None
-        pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]  # (1, L')
-        text = sp.attention_mask.bool() & (sp.token_ids != VISUAL_ID) & (pos <= last[:, None])  # (B, L')
-        return _gather_rows(self.word_mlp, hidden, text, self.seg_dim)
+        return _gather_rows(self.word_mlp, hidden, self._text_rows(hidden, sp, last), self.seg_dim)
 
     def _prompt_end(self, sp: Spliced) -> torch.Tensor:
         """``(B,)`` the last prompt position: before the last answer (labels), else the last real token."""
@@ -301,10 +322,10 @@ class GroundingMLLM(nn.Module):
         seg_mask = sp.token_ids == self.token_ids.seg  # (B, L')
         seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
         region_logits = None
+        last = self._prompt_end(sp)
         if self.pointer is not None:
             seg_states, _ = _gather_rows(nn.Identity(), hidden, seg_mask, hidden.shape[-1])  # (B, T, D)
-            region_logits = self._region_logits(seg_states, hidden, sp, visual_tokens)
-        last = self._prompt_end(sp)
+            region_logits = self._region_logits(seg_states, hidden, sp, visual_tokens, last)
         words, word_mask = self._word_states(hidden, sp, last)
         return GroundingOutput(
             loss=loss,
@@ -362,7 +383,7 @@ class GroundingMLLM(nn.Module):
         words, word_mask = self._word_states(prompt_hidden, sp, last)
         hidden, seg_mask = pack_states(seg_states, prompt_state)  # (B, T, D), (B, T)
         seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
-        region_logits = self._region_logits(hidden, prompt_hidden, sp, visual)  # (B, T, K) or None
+        region_logits = self._region_logits(hidden, prompt_hidden, sp, visual, last)  # (B, T, K) or None
         text = [self._decode(row, eos) for row in sequences.tolist()]
         return GroundingGeneration(
             text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask, region_logits

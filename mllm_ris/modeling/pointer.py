@@ -46,6 +46,8 @@ class RegionPointer(nn.Module):
             probability ``1 / K`` at initialisation (0 by default).
         layers: transformer layers (pre-norm, 4 heads, feed-forward ``2 * dim``) over query + regions per
             query before the score; 0 = the bilinear score alone. ``dim`` must be divisible by 4.
+        word_dim: width of word states that join the layers' sequence (``[q, words, regions + q]``),
+            given to :meth:`forward` as ``words``; None = no words. Needs ``layers > 0``.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class RegionPointer(nn.Module):
         learn_bias: bool = True,
         bias_init: float = 0.0,
         layers: int = 0,
+        word_dim: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("query_dim", query_dim), ("region_dim", region_dim), ("dim", dim)):
@@ -77,6 +80,9 @@ class RegionPointer(nn.Module):
                 layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False
             )
             self.score = nn.Linear(dim, 1)  # each region's mixed state -> its score
+        if word_dim is not None and not layers:
+            raise ValueError("word_dim: words are read by the mixing layers; set layers > 0")
+        self.word_proj = nn.Linear(word_dim, dim) if word_dim is not None else None
         self.query_proj = nn.Linear(query_dim, dim)
         self.region_proj = nn.Linear(region_dim, dim)
         scale = torch.zeros(())
@@ -92,7 +98,12 @@ class RegionPointer(nn.Module):
             self.register_buffer("bias", bias, persistent=False)
 
     def forward(
-        self, queries: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        regions: torch.Tensor,
+        region_mask: torch.Tensor,
+        words: torch.Tensor | None = None,
+        word_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Region logits.
 
@@ -100,6 +111,8 @@ class RegionPointer(nn.Module):
             queries: ``(B, T, Dq)``.
             regions: ``(B, K, Dr)``.
             region_mask: ``(B, K)`` bool, True for real regions.
+            words: ``(B, W, Dw)`` word states (built with ``word_dim``), else None.
+            word_mask: ``(B, W)`` bool, True for real words.
 
         Returns:
             ``(B, T, K)`` logits; ``MASKED_LOGIT`` where ``region_mask`` is False.
@@ -121,24 +134,43 @@ class RegionPointer(nn.Module):
         if self.mix is None:
             logits = torch.einsum("btd,bkd->btk", q, r) / math.sqrt(self.dim)  # (B, T, K)
         else:
-            logits = self._mixed_scores(q, r, region_mask.bool())
+            w = None
+            if self.word_proj is not None:
+                if words is None or word_mask is None:
+                    raise ValueError(
+                        "words: this pointer was built with word_dim and needs words + word_mask"
+                    )
+                w = (self.word_proj(words), word_mask.bool())  # (B, W, D), (B, W)
+            logits = self._mixed_scores(q, r, region_mask.bool(), w)
         logits = logits * self.log_scale.exp() + self.bias
         # (B, K) -> (B, 1, K): the same regions are masked for every query
         return logits.masked_fill(~region_mask.bool()[:, None, :], MASKED_LOGIT)
 
-    def _mixed_scores(self, q: torch.Tensor, r: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
-        """``q (B, T, D)``, ``r (B, K, D)``, ``region_mask (B, K)`` → ``(B, T, K)`` mixed scores."""
+    def _mixed_scores(
+        self,
+        q: torch.Tensor,
+        r: torch.Tensor,
+        region_mask: torch.Tensor,
+        words: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``q (B, T, D)``, ``r (B, K, D)``, ``region_mask (B, K)`` (+ projected words ``(B, W, D)`` and
+        their ``(B, W)`` mask) → ``(B, T, K)`` mixed scores."""
         assert self.mix is not None
         b, t, d = q.shape
         k = r.shape[1]
         if t == 0 or k == 0:  # nothing to mix; zeros keep the graph
-            return q.new_zeros(b, t, k) + (q.sum() + r.sum()) * 0.0
-        # (B, T, 1, D) and (B, 1, K, D) + (B, T, 1, D) -> (B, T, 1 + K, D) -> (B*T, 1 + K, D)
-        x = torch.cat([q[:, :, None], r[:, None] + q[:, :, None]], dim=2).flatten(0, 1)
-        keep = torch.cat([region_mask.new_ones(b, 1), region_mask], dim=1)  # (B, 1 + K)
-        pad = ~keep[:, None].expand(b, t, 1 + k).flatten(0, 1)  # (B*T, 1 + K), True = ignored
-        x = self.mix(x, src_key_padding_mask=pad).view(b, t, 1 + k, d)
-        return self.score(x[:, :, 1:]).squeeze(-1)  # (B, T, K, D) -> (B, T, K)
+            zero = (q.sum() + r.sum() + (words[0].sum() if words is not None else 0.0)) * 0.0
+            return q.new_zeros(b, t, k) + zero
+        w, w_mask = words if words is not None else (q.new_zeros(b, 0, d), region_mask.new_zeros(b, 0))
+        n = w.shape[1]
+        # per query: [q, words, regions + q]: (B, T, 1 + W + K, D) -> (B*T, 1 + W + K, D)
+        x = torch.cat(
+            [q[:, :, None], w[:, None].expand(b, t, n, d), r[:, None] + q[:, :, None]], dim=2
+        ).flatten(0, 1)
+        keep = torch.cat([region_mask.new_ones(b, 1), w_mask, region_mask], dim=1)  # (B, 1 + W + K)
+        pad = ~keep[:, None].expand(b, t, 1 + n + k).flatten(0, 1)  # (B*T, 1 + W + K), True = ignored
+        x = self.mix(x, src_key_padding_mask=pad).view(b, t, 1 + n + k, d)
+        return self.score(x[:, :, 1 + n :]).squeeze(-1)  # (B, T, K, D) -> (B, T, K)
 
 
 def paint_regions(region_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
