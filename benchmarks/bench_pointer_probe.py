@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed}",
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"pointer_probe_L{args.layers}.json"
+    path = args.results / f"pointer_probe_L{args.layers}_b{args.batch}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(final), f"\nwrote {path}")
     return 0

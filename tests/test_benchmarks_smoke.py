@@ -95,7 +95,7 @@ def test_bench_pointer_probe(tmp_path: Path) -> None:
         assert module.main([*argv, "--eval-every", "2", "--results", str(tmp_path / "results")]) == 0
     finally:
         sys.path.remove(str(BENCH))
-    record = _json(tmp_path, "pointer_probe_L2")
+    record = _json(tmp_path, "pointer_probe_L2_b8")
     assert record["train_expressions"] == 40 and 1 <= record["held_expressions"] <= 12
     assert record["steps"] >= 1 and 0.0 <= record["final"]["all"]["top1"] <= 1.0
     assert record["curve"] and record["curve"][0]["samples"] == 16
