@@ -185,3 +185,18 @@ def test_collator_memoises_descriptors_per_canvas(monkeypatch: pytest.MonkeyPatc
     collate._memo.clear()
     collate(synth_samples())
     assert len(collate._memo) == 1 and len(calls) == len({s.image_id for s in synth_samples()})
+
+
+def test_pointer_regions_tokens_scores_the_visual_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mllm.pointer_regions=tokens: the pointer's region states are the visual tokens the LLM received."""
+    model = _build("direct", "model.mllm.pointer_regions=tokens").eval()
+    batch = _batch(model)
+    seen: list[torch.Tensor] = []
+    original = model.mllm.pointer.forward
+    monkeypatch.setattr(model.mllm.pointer, "forward", lambda q, r, *a: seen.append(r) or original(q, r, *a))
+    with torch.no_grad():
+        model(batch, segment=False)
+        tokens = model.visual_tokens(batch).embeds
+    torch.testing.assert_close(seen[0], tokens)
+    with pytest.raises(ConfigError, match=r"pointer_regions: must be one of \['llm', 'tokens'\]"):
+        tiny_cfg("mllm", "direct", POINTER, "model.mllm.pointer_regions=pixels")

@@ -155,6 +155,13 @@ class MLLMConfig:
             "states, so regions read the words directly, not only through the [SEG] state"
         },
     )
+    pointer_regions: Literal["llm", "tokens"] = field(
+        default="llm",
+        metadata={
+            "help": "region pointer: the region states it scores: the LLM's output states at the visual "
+            "tokens (llm), or the visual tokens themselves, before the LLM (tokens)"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
@@ -188,6 +195,11 @@ class MLLMConfig:
             self.pointer_layers == 0 or (self.pointer_dim is not None and self.pointer_dim % 4 == 0),
             "pointer_layers",
             f"needs pointer_dim set and divisible by 4 (attention heads), got pointer_dim={self.pointer_dim}",
+        )
+        _check(
+            self.pointer_regions in ("llm", "tokens"),
+            "pointer_regions",
+            f"must be llm or tokens, got {self.pointer_regions!r}",
         )
         _check(
             not self.pointer_words or self.pointer_layers > 0,

@@ -231,10 +231,13 @@ class GroundingMLLM(nn.Module):
         up to ``last (B,)``)."""
         if self.pointer is None:
             return None
-        select = sp.attention_mask.bool() & (sp.token_ids == VISUAL_ID)  # (B, L') the spliced visual rows
-        regions, _ = _gather_rows(nn.Identity(), hidden, select, hidden.shape[-1])  # (B, K', D), K' <= K
         k = visual.mask.shape[1]
-        regions = F.pad(regions, (0, 0, 0, k - regions.shape[1]))  # (B, K', D) -> (B, K, D)
+        if self.cfg.pointer_regions == "tokens":  # the visual tokens as the LLM received them
+            regions = visual.embeds  # (B, K, D)
+        else:
+            select = sp.attention_mask.bool() & (sp.token_ids == VISUAL_ID)  # (B, L') spliced visual rows
+            regions, _ = _gather_rows(nn.Identity(), hidden, select, hidden.shape[-1])  # (B, K', D), K' <= K
+            regions = F.pad(regions, (0, 0, 0, k - regions.shape[1]))  # (B, K', D) -> (B, K, D)
         dtype = _head_dtype(self.pointer)
         words = word_mask = None
         if self.cfg.pointer_words:
