@@ -181,7 +181,7 @@ def test_collator_memoises_descriptors_per_canvas(monkeypatch: pytest.MonkeyPatc
     again = collate(synth_samples())
     assert calls == [] and torch.equal(first.regions.shape, again.regions.shape)
     assert torch.equal(first.regions.color, again.regions.color)
-    monkeypatch.setattr(mc, "DESCRIPTOR_MEMO", 1)
+    collate._memo.capacity = 1  # DESCRIPTOR_MEMO = 1
     collate._memo.clear()
     collate(synth_samples())
     assert len(collate._memo) == 1 and len(calls) == len({s.image_id for s in synth_samples()})

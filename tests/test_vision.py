@@ -145,7 +145,7 @@ def test_feature_memo_reuses_features_of_seen_images() -> None:
     per_image = 64 * 16 * 4  # (h*w, Cv) float32
     small = build_vision_tower(replace(cfg, feature_memo_mb=2.5 * per_image / 2**20))
     small(torch.randn(4, 3, 32, 32))
-    assert len(small._memo) == 2 and small._memo_used == 2 * per_image
+    assert len(small._memo) == 2 and small._memo.used == 2 * per_image
     memo.load_state_dict(plain.state_dict())
     assert not memo._memo
     with pytest.raises(ConfigError, match="feature_memo_mb: needs freeze"):

@@ -18,8 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris
 from mllm_ris.data.conversation import ChatTemplate, collate_conversations
 from mllm_ris.data.sample import RISSample
 from mllm_ris.processing.labels import token_order_labels
+from mllm_ris.processing.memo import LruMemo, digest
 from mllm_ris.processing.regions import (
     RegionDescriptorBatch,
     RegionDescriptors,
@@ -146,7 +145,7 @@ class MLLMCollator:
         self.descriptors = descriptors
         # per-canvas descriptors, memoised: rgb2lab and the per-region crops cost ~7 ms per 128 px image,
         # the hash of canvas + label map ~0.05 ms; epochs revisit the same images
-        self._memo: OrderedDict[bytes, RegionDescriptors] = OrderedDict()
+        self._memo: LruMemo[RegionDescriptors] = LruMemo(DESCRIPTOR_MEMO)
 
     def __call__(self, samples: Sequence[RISSample]) -> MLLMBatch:
         base = collate_ris(samples, self.transform, keep_samples=self.keep_samples)
@@ -192,13 +191,10 @@ class MLLMCollator:
         dense = token_order_labels(superpixels).numpy()  # (B, S, S), ids 0..K_b-1, -1 = none
         per_image = []
         for c, d in zip(canvas, dense, strict=True):
-            key = hashlib.blake2b(c.tobytes() + d.tobytes(), digest_size=16).digest()
+            key = digest(c, d)
             found = self._memo.get(key)
             if found is None:
-                found = self._memo[key] = region_descriptors(c, d)
-                if len(self._memo) > DESCRIPTOR_MEMO:
-                    self._memo.popitem(last=False)
-            else:
-                self._memo.move_to_end(key)
+                found = region_descriptors(c, d)
+                self._memo.put(key, found)
             per_image.append(found)
         return batch_region_descriptors(per_image)

@@ -70,7 +70,8 @@ class RISOutput:
         loss_terms: the weighted terms that apply: ``lm``, ``head_bce``, ``head_dice``, ``iou``,
             ``sam_bce``, ``sam_dice``, ``sam_iou``, ``no_target``.
         mask_logits: ``(B, T, h, w)`` the head's logits on its stride-4 grid (``h = S/4`` for encoders
-            that read the ``S x S`` batch; ``img_size/4`` for a SAM-ViT pixel encoder).
+            that read the ``S x S`` batch; ``img_size/4`` for a SAM-ViT pixel encoder); without the pixel
+            side (``segment=False``, output mode ``prior``) the prior ``(B, T, S, S)``.
         iou_pred: ``(B, T)`` the head's predicted IoU.
         masks: ``(B, T, S, S)`` logits of the output mode (auto: per query, head or SAM).
         scores: ``(B, T)`` predicted IoU of the masks in ``masks``.
@@ -392,9 +393,11 @@ class RISModel(nn.Module):
         else:  # the prior is the mask; its score: the most confident region's probability (B, T)
             if q.prior is None or q.region_logits is None:
                 raise ConfigError("output_mode prior needs the region pointer (mllm.pointer_dim)")
-            score = torch.sigmoid(q.region_logits.float()).amax(-1) if q.region_logits.shape[-1] else None
-            iou = score if score is not None else q.prior.new_zeros(q.prior.shape[:2])
-            seg = _Segmentation(mask_logits=q.prior, iou_pred=iou.to(q.prior.dtype), head_up=q.prior)
+            if q.region_logits.shape[-1]:
+                iou = torch.sigmoid(q.region_logits.float()).amax(-1).to(q.prior.dtype)
+            else:  # no region in the batch
+                iou = q.prior.new_zeros(q.prior.shape[:2])
+            seg = _Segmentation(mask_logits=q.prior, iou_pred=iou, head_up=q.prior)
         masks, scores, from_sam = self._choose(seg)
         if q.reject_logit is not None:
             no_target_prob = torch.sigmoid(q.reject_logit.float())

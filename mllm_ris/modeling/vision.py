@@ -10,9 +10,7 @@ when it has one, else taken from the model family's HF default; nothing is downl
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, ViTConfig
 
 from mllm_ris.errors import ConfigError
+from mllm_ris.processing.memo import LruMemo, digest
 
 __all__ = ["VisionTower", "VisionTowerConfig", "build_vision_tower", "default_image_stats"]
 
@@ -170,9 +169,10 @@ class VisionTower(nn.Module):
         self.frozen = freeze
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
-        self.memo_bytes = int(feature_memo_mb * 2**20)
-        self._memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # pixels' hash -> (h*w, Cv)
-        self._memo_used = 0
+        # pixels' digest -> (h*w, Cv) features, bounded in bytes
+        self._memo: LruMemo[torch.Tensor] = LruMemo(
+            feature_memo_mb * 2**20, lambda f: f.numel() * f.element_size()
+        )
         if freeze:
             model.requires_grad_(False)
         else:
@@ -183,7 +183,6 @@ class VisionTower(nn.Module):
     def clear_memo(self) -> None:
         """Forget the memoised features (done on every state-dict load)."""
         self._memo.clear()
-        self._memo_used = 0
 
     @property
     def num_patches(self) -> int:
@@ -216,33 +215,17 @@ class VisionTower(nn.Module):
                 f"vision tower: pixel_values {tuple(pixel_values.shape)}, expected "
                 f"(B, 3, {self.image_size}, {self.image_size}); resize with preprocess() first"
             )
-        if not self.memo_bytes or not len(pixel_values):
+        if not self._memo.capacity or not len(pixel_values):
             return self._features(pixel_values)
-        keys = [
-            hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest() for x in pixel_values
-        ]
-        found: dict[bytes, torch.Tensor] = {}
-        for k in keys:
-            if k in self._memo:
-                self._memo.move_to_end(k)
-                found[k] = self._memo[k]
+        keys = [digest(x.detach().cpu().numpy()) for x in pixel_values]
+        found = {k: v for k in keys if (v := self._memo.get(k)) is not None}
         missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
             fresh = self._features(pixel_values[missing])  # (M, h*w, Cv)
             for i, f in zip(missing, fresh, strict=True):
                 found[keys[i]] = f.detach().clone()  # a copy: not a view of the batch
-                self._remember(keys[i], found[keys[i]])
-        rows = [found[k] for k in keys]
-        return torch.stack(rows).to(pixel_values.device)  # (B, h*w, Cv)
-
-    def _remember(self, key: bytes, feats: torch.Tensor) -> None:
-        if key in self._memo:
-            return
-        self._memo[key] = feats
-        self._memo_used += feats.numel() * feats.element_size()
-        while self._memo_used > self.memo_bytes and len(self._memo) > 1:
-            _, old = self._memo.popitem(last=False)
-            self._memo_used -= old.numel() * old.element_size()
+                self._memo.put(keys[i], found[keys[i]])
+        return torch.stack([found[k] for k in keys]).to(pixel_values.device)  # (B, h*w, Cv)
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The model's patch features ``(B, h * w, Cv)`` of ``pixel_values (B, 3, S, S)``."""
