@@ -93,12 +93,21 @@ def test_bench_pointer_probe(tmp_path: Path) -> None:
             "8",
         ]
         assert module.main([*argv, "--eval-every", "2", "--results", str(tmp_path / "results")]) == 0
+        # the MLLM path: the model's grounding LLM + pointer over descriptor tokens / its own projector
+        for regions in ("descriptors", "projector"):
+            extra = ["--query", "mllm", "--regions", regions, "--tag", regions, "--max-samples", "16"]
+            extra += ["--schedule", "cosine", "--lm", "0.5"]
+            assert module.main([*argv, *extra, "--results", str(tmp_path / "results")]) == 0
     finally:
         sys.path.remove(str(BENCH))
     record = _json(tmp_path, "pointer_probe_L2_b8")
     assert record["train_expressions"] == 40 and 1 <= record["held_expressions"] <= 12
     assert record["steps"] >= 1 and 0.0 <= record["final"]["all"]["top1"] <= 1.0
     assert record["curve"] and record["curve"][0]["samples"] == 16
+    for regions in ("descriptors", "projector"):
+        mllm = _json(tmp_path, f"pointer_probe_L2_b8_mllm_cosine_{regions}")
+        assert mllm["query"] == "mllm" and mllm["regions"] == regions and mllm["steps"] == 2
+        assert 0.0 <= mllm["final"]["all"]["top1"] <= 1.0 and "--regions " + regions in mllm["command"]
 
 
 def test_diag_pointer_scores_a_saved_pointer_model(tmp_path: Path) -> None:

@@ -62,6 +62,15 @@ def test_tiny_configs_build_as_written(name: str, mode: str) -> None:
     _step(model, image_size=128)
 
 
+def test_pointer_overlay_builds_the_bundled_models_architecture() -> None:
+    """tiny-synth.yaml + tiny-synth-pointer.yaml: region pointer over descriptor tokens, no tower, prior."""
+    torch.manual_seed(0)
+    model = build_model(load_config([CONFIGS / "tiny-synth.yaml", CONFIGS / "tiny-synth-pointer.yaml"]).model)
+    assert model.vision is None and model.cfg.output_mode == "prior" and model.mllm.pointer is not None
+    assert model.cfg.projector.descriptors and not model.cfg.projector.tower
+    _step(model, image_size=128)
+
+
 def test_llava_config_wiring_at_reduced_size_on_meta() -> None:
     """The LISA-scale file, paths nulled and a tiny LLM: vit_h SAM (on the meta device: no memory) whose
     ViT the pixel pyramid shares; widths derived from the built parts."""

@@ -14,6 +14,7 @@ from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
 from mllm_ris.modeling.model_losses import region_coverage
 from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
 from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.projector import descriptor_features
 
 POINTER = "model.mllm.pointer_dim=16"
 
@@ -200,3 +201,32 @@ def test_pointer_regions_tokens_scores_the_visual_tokens(monkeypatch: pytest.Mon
     torch.testing.assert_close(seen[0], tokens)
     with pytest.raises(ConfigError, match=r"pointer_regions: must be one of \['llm', 'tokens'\]"):
         tiny_cfg("mllm", "direct", POINTER, "model.mllm.pointer_regions=pixels")
+
+
+def test_tokens_from_descriptors_alone_build_and_run_no_tower() -> None:
+    """projector.tower false: no vision tower is built or run, every visual token is the region encoder's
+    embedding of its descriptors, and the model trains, saves and loads as usual."""
+    model = _build("prior", "model.projector.descriptors=true", "model.projector.tower=false").train()
+    assert model.vision is None and model.projector.attn is None and model.projector.pos_mlp is None
+    assert not hasattr(model.projector, "mlp")
+    batch = _batch(model)
+    vis = model.visual_tokens(batch)
+    k = int(model.projector.num_tokens(batch.superpixels).max())
+    assert vis.embeds.shape == (3, k, model.mllm.hidden_size)
+    expected = model.projector.desc_mlp(descriptor_features(batch.regions, k, torch.float32))
+    torch.testing.assert_close(vis.embeds, expected * vis.mask[..., None])
+    out = model(batch, segment=False)  # the language side trains through the region encoder
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.projector.desc_mlp.parameters())
+
+
+def test_tower_off_needs_descriptors_and_round_trips(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tower: false builds tokens from the descriptors alone"):
+        tiny_cfg("mllm", "direct", "model.projector.tower=false")
+    model = _build("prior", "model.projector.descriptors=true", "model.projector.tower=false").eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = RISModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.vision is None and not (tmp_path / "m" / "vision.safetensors").exists()
+    batch = _batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).region_logits, model(batch).region_logits)

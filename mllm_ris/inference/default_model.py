@@ -27,10 +27,12 @@ __all__ = [
     "ASSETS_DIR",
     "DEFAULT_MODEL_ENV",
     "BundledScene",
+    "SceneReference",
     "bundled_scenes",
     "default_model_installed",
     "default_model_path",
     "make_sample_scenes",
+    "scene_references",
 ]
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -168,3 +170,57 @@ def make_sample_scenes(
         json.dumps({**meta, "scenes": entries}, indent=2) + "\n", encoding="utf-8"
     )
     return bundled_scenes(out)
+
+
+@dataclass(frozen=True)
+class SceneReference:
+    """One single-target SynthRef expression of a sample scene and its ground truth.
+
+    Attributes:
+        scene: the scene's file stem (``scene_1``).
+        text: the expression.
+        difficulty: simple / spatial / relational.
+        target: the referred object's index in the scene (two expressions with the same index name the
+            same object).
+        mask: ``(H, W)`` bool, the object's visible pixels.
+    """
+
+    scene: str
+    text: str
+    difficulty: str
+    target: int
+    mask: np.ndarray
+
+
+def scene_references(folder: str | Path | None = None) -> list[SceneReference]:
+    """Every single-target expression SynthRef made for each sample scene, with its target mask,
+    re-rendered from the seed and index in ``scenes.json`` (deterministic; the PNG is checked against
+    the render). The ground truth of the "does the model follow the sentence" check on these scenes.
+
+    Raises:
+        NotAvailableError: ``scenes.json`` has no seed / index, or a render differs from its PNG.
+    """
+    from mllm_ris.data._synth_render import render_image
+    from mllm_ris.data.masks import decode_segmentation
+
+    root = Path(folder) if folder is not None else _SCENES_DIR
+    meta = json.loads((root / _SCENES_FILE).read_text(encoding="utf-8"))
+    out: list[SceneReference] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scene, entry in zip(bundled_scenes(root), meta["scenes"], strict=True):
+            if "synthref_index" not in entry or "seed" not in meta:
+                raise NotAvailableError(f"sample scenes: {root / _SCENES_FILE} has no SynthRef seed / index")
+            record = render_image(
+                entry["synthref_index"], seed=meta["seed"], size=meta["size"], image_dir=tmp
+            )
+            rendered = np.asarray(Image.open(Path(tmp) / record.file_name).convert("RGB"))
+            if not np.array_equal(rendered, np.asarray(Image.open(scene.path).convert("RGB"))):
+                raise NotAvailableError(f"sample scenes: {scene.path.name} is not SynthRef's render any more")
+            h, w = rendered.shape[:2]
+            for e in record.expressions:
+                if len(e["targets"]) != 1:
+                    continue
+                target = int(e["targets"][0])
+                mask = decode_segmentation(record.objects[target]["rle"], h, w).astype(bool)
+                out.append(SceneReference(scene.name, e["text"], e["difficulty"], target, mask))
+    return out

@@ -163,8 +163,10 @@ class RISModel(nn.Module):
         mllm_parts = (vision, projector, mllm)
         if cfg.mode == "classic" and (text_encoder is None or any(p is not None for p in mllm_parts)):
             raise ConfigError("mode: classic needs a text encoder and no vision / projector / mllm")
-        if cfg.mode == "mllm" and (text_encoder is not None or any(p is None for p in mllm_parts)):
-            raise ConfigError("mode: mllm needs vision, projector and mllm and no text encoder")
+        if cfg.mode == "mllm" and (text_encoder is not None or projector is None or mllm is None):
+            raise ConfigError("mode: mllm needs a projector and mllm and no text encoder")
+        if cfg.mode == "mllm" and (vision is None) == cfg.projector.tower:
+            raise ConfigError("mode: mllm needs a vision tower exactly when projector.tower is on")
         if (cfg.output_mode in ("sam", "auto")) != (sam_stage is not None and prompt_builder is not None):
             raise ConfigError(f"output_mode: {cfg.output_mode!r} with sam_stage={sam_stage is not None}")
         if share_sam_vit and (sam_stage is None or not isinstance(pixel_encoder, SAMViTEncoder)):
@@ -193,10 +195,12 @@ class RISModel(nn.Module):
 
     def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
         """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → ``VisualTokens (B, K, D_llm)``."""
-        assert self.vision is not None and self.projector is not None and self.mllm is not None
-        x01 = batch.images * self._std + self._mean  # back to [0, 1] RGB (padding = the mean colour)
-        feats = self.vision(self.vision.preprocess(x01))  # (B, N, Cv): resized, the tower's mean / std
-        feats = feats.to(self.projector.mlp[0].weight.dtype)  # a bf16 tower feeds a float32 projector
+        assert self.projector is not None and self.mllm is not None
+        feats = None  # projector.tower false: tokens from the region descriptors alone
+        if self.vision is not None:
+            x01 = batch.images * self._std + self._mean  # back to [0, 1] RGB (padding = the mean colour)
+            feats = self.vision(self.vision.preprocess(x01))  # (B, N, Cv): resized, the tower's mean / std
+            feats = feats.to(next(self.projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
         if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
             raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
         if self.projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors)

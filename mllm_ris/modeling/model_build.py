@@ -4,7 +4,8 @@ Derived values (the YAML's are overwritten, so files only choose parts and their
 
 * ``head.in_channels`` ← the built pixel encoder's ``channels``;
 * ``head.lang_dim`` ← the text encoder's ``dim`` (classic) or ``mllm.seg_dim`` (mllm);
-* ``projector.vision_dim`` / ``grid`` ← the built vision tower's ``dim`` / ``grid``;
+* ``projector.vision_dim`` / ``grid`` ← the built vision tower's ``dim`` / ``grid`` (no tower is
+  built with ``projector.tower: false``: tokens come from the region descriptors alone);
   ``projector.llm_dim`` ← the LLM's hidden size;
 * ``prompts.grounding_dim`` ← ``head.lang_dim`` (the SAM sparse prompt reads the same queries).
 
@@ -90,8 +91,9 @@ def _load_projector_mlp(projector: VisualProjector, state: dict[str, torch.Tenso
 
 def _mllm_side(
     cfg: ModelConfig, mllm: GroundingMLLM | None, notes: list[str]
-) -> tuple[VisionTower, GroundingMLLM, dict[str, torch.Tensor]]:
-    """Vision tower, grounding LLM and (from a LLaVA folder) projector weights; LLaVA read at most once."""
+) -> tuple[VisionTower | None, GroundingMLLM, dict[str, torch.Tensor]]:
+    """Vision tower (None when ``projector.tower`` is off), grounding LLM and (from a LLaVA folder)
+    projector weights; LLaVA read at most once."""
     m = cfg.mllm
     vision: VisionTower | None = None
     projector_state: dict[str, torch.Tensor] = {}
@@ -106,6 +108,8 @@ def _mllm_side(
         projector_state = parts.projector_state
     if mllm is None:
         mllm = build_grounding_mllm(m)
+    if not cfg.projector.tower:  # region tokens from the descriptors alone: no tower to build or run
+        return None, mllm, {}
     if vision is None:
         vision = build_vision_tower(cfg.vision)
         if cfg.vision.name_or_path is not None:
@@ -138,7 +142,8 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
                 f"got {cfg.projector.kind!r}"
             )
         vision, mllm, projector_state = _mllm_side(cfg, mllm, notes)
-        proj_cfg = _replace(cfg.projector, vision_dim=vision.dim, grid=vision.grid, llm_dim=mllm.hidden_size)
+        widths = {"vision_dim": vision.dim, "grid": vision.grid} if vision is not None else {}
+        proj_cfg = _replace(cfg.projector, llm_dim=mllm.hidden_size, **widths)
         projector = build_projector(proj_cfg)
         if projector_state:
             notes.append(_load_projector_mlp(projector, projector_state, str(cfg.mllm.llava_path)))

@@ -37,6 +37,7 @@ __all__ = [
     "SuperpixelProjector",
     "VisualProjector",
     "build_projector",
+    "descriptor_features",
 ]
 
 GEOMETRY_FEATURES = (
@@ -67,8 +68,17 @@ class ProjectorConfig:
     descriptors: bool = field(
         default=False,
         metadata={
-            "help": "superpixel: add an MLP embedding of each region's descriptors (16x16 shape crop, "
-            "CIELAB colour, geometry; computed by the collator) to its token"
+            "help": "superpixel: add a region encoder's embedding of each region's descriptors (16x16 "
+            "shape crop, CIELAB colour, geometry; computed by the collator) to its token: an MLP "
+            "F -> 2D -> D straight into the LLM width"
+        },
+    )
+    tower: bool = field(
+        default=True,
+        metadata={
+            "help": "superpixel: pool the vision tower's patch features into each token (masked mean, "
+            "aggregator, geometry); false = tokens from the descriptors alone and the tower is not run "
+            "(needs descriptors)"
         },
     )
     mlp_bias: bool = field(default=True, metadata={"help": "biases in mlp (LLaVA multimodal_projector_bias)"})
@@ -89,6 +99,8 @@ class ProjectorConfig:
             raise ConfigError(
                 "descriptors: need kind superpixel and max_tokens null (descriptors cover every region)"
             )
+        if not self.tower and not (self.kind == "superpixel" and self.descriptors):
+            raise ConfigError("tower: false builds tokens from the descriptors alone; set descriptors: true")
         if self.aggregator and self.vision_dim % self.num_heads:
             raise ConfigError(f"num_heads: vision_dim={self.vision_dim} is not divisible by {self.num_heads}")
 
@@ -172,7 +184,9 @@ class SuperpixelProjector(VisualProjector):
         c = cfg.vision_dim
         self.last_dropped: torch.Tensor | None = None
         self.attn: nn.ModuleDict | None = None
-        if cfg.aggregator:
+        if not cfg.tower:  # tokens from the descriptors alone: no pooling parts, no ``mlp``
+            del self.mlp
+        if cfg.aggregator and cfg.tower:
             self.attn = nn.ModuleDict(
                 {
                     "norm_q": nn.LayerNorm(c),
@@ -184,12 +198,12 @@ class SuperpixelProjector(VisualProjector):
             )
             self.bias_scale = nn.Parameter(torch.linspace(2.0, 0.5, cfg.num_heads))
         self.pos_mlp: nn.Sequential | None = None
-        if cfg.pos_embed:
+        if cfg.pos_embed and cfg.tower:
             self.pos_mlp = nn.Sequential(nn.Linear(len(GEOMETRY_FEATURES), c), nn.GELU(), nn.Linear(c, c))
         self.desc_mlp: nn.Sequential | None = None
-        if cfg.descriptors:
-            width = SHAPE_SIZE * SHAPE_SIZE + COLOR_DIM + GEOMETRY_DIM
-            self.desc_mlp = nn.Sequential(nn.Linear(width, c), nn.GELU(), nn.Linear(c, c))
+        if cfg.descriptors:  # the region encoder: descriptors -> the LLM width, beside the tower path
+            width, d = SHAPE_SIZE * SHAPE_SIZE + COLOR_DIM + GEOMETRY_DIM, cfg.llm_dim
+            self.desc_mlp = nn.Sequential(nn.Linear(width, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def num_regions(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` distinct non-negative labels per label map ``(B, H', W')`` (before the cap)."""
@@ -208,33 +222,33 @@ class SuperpixelProjector(VisualProjector):
 
     def forward(
         self,
-        patch_feats: torch.Tensor,
+        patch_feats: torch.Tensor | None,
         superpixels: torch.Tensor | None = None,
         descriptors: RegionDescriptorBatch | None = None,
     ) -> VisualTokens:
-        """Pool patch features into one token per superpixel.
+        """Pool patch features (and / or encode descriptors) into one token per superpixel.
 
         Args:
-            patch_feats: ``(B, N, Cv)``, row-major over the ``(h, w)`` patch grid.
+            patch_feats: ``(B, N, Cv)``, row-major over the ``(h, w)`` patch grid; None with
+                ``cfg.tower`` false (tokens from the descriptors alone).
             superpixels: ``(B, H', W')`` integer label maps of the same images (any size).
             descriptors: the regions' descriptors ``(B, K, ...)`` in token order (``cfg.descriptors``).
 
         Returns:
             ``VisualTokens(embeds (B, K, D), mask (B, K))``, ``K`` = most regions in the batch.
         """
-        b, n = self._check_feats(patch_feats)
-        if superpixels is None:
-            raise ValueError("superpixels: None, but the superpixel projector needs (B, H', W') label maps")
-        if not isinstance(superpixels, torch.Tensor):
-            raise ValueError(f"superpixels: expected a torch tensor, got {type(superpixels).__name__}")
-        if superpixels.dim() != 3 or superpixels.shape[0] != b or 0 in superpixels.shape[1:]:
-            raise ValueError(
-                f"superpixels: shape {tuple(superpixels.shape)}, expected (B={b}, H' > 0, W' > 0) "
-                f"(B from patch_feats {tuple(patch_feats.shape)})"
-            )
-        if superpixels.dtype.is_floating_point or superpixels.dtype == torch.bool:
-            raise ValueError(f"superpixels: expected an integer label map, got {superpixels.dtype}")
-        gh, gw = self.grid_for(n)
+        if self.cfg.tower:
+            if patch_feats is None:
+                raise ValueError("patch_feats: None, but projector.tower is on (B, N, Cv features needed)")
+            b, n = self._check_feats(patch_feats)
+            self.grid_for(n)  # raises on a grid that does not fit N
+            device, dtype = patch_feats.device, patch_feats.dtype
+        else:
+            b = superpixels.shape[0] if isinstance(superpixels, torch.Tensor) and superpixels.dim() else 0
+            assert self.desc_mlp is not None  # ProjectorConfig: tower false needs descriptors
+            device, dtype = self.desc_mlp[0].weight.device, self.desc_mlp[0].weight.dtype
+        self._check_labels(superpixels, b)
+        assert isinstance(superpixels, torch.Tensor)
         # region statistics for the whole batch at once, on the maps' device (CPU from a DataLoader)
         dense, total = relabel(superpixels.long())  # (B, H', W') ids 0..K0_b-1 per image, -1 = none
         if self.cfg.max_tokens is not None:  # (region_labels: the same map)
@@ -242,27 +256,51 @@ class SuperpixelProjector(VisualProjector):
         counts = dense.flatten(1).amax(1).clamp_min(-1) + 1  # (B,) tokens per image
         k = int(counts.max()) if b else 0
         self.last_dropped = (total - counts).cpu()
-        dtype = patch_feats.dtype
         if k == 0:  # no labelled pixel in the whole batch
             return VisualTokens(
-                embeds=patch_feats.new_zeros(b, 0, self.cfg.llm_dim),
-                mask=torch.zeros(b, 0, dtype=torch.bool, device=patch_feats.device),
+                embeds=torch.zeros(b, 0, self.cfg.llm_dim, device=device, dtype=dtype),
+                mask=torch.zeros(b, 0, dtype=torch.bool, device=device),
             )
-        mask = (torch.arange(k, device=dense.device) < counts[:, None]).to(patch_feats.device)  # (B, K)
-        coverage = _coverage(dense, k, gh, gw).to(device=patch_feats.device, dtype=dtype)  # (B, K, N)
-        geometry = _geometry(dense, k).to(device=patch_feats.device, dtype=dtype)  # (B, K, 11)
-        geometry = geometry * mask[..., None].to(dtype)  # padding rows zero
+        mask = (torch.arange(k, device=dense.device) < counts[:, None]).to(device)  # (B, K)
+        embeds = torch.zeros(b, k, self.cfg.llm_dim, device=device, dtype=dtype)
+        if self.cfg.tower:
+            assert patch_feats is not None
+            embeds = self.mlp(self._pooled(patch_feats, dense, mask, k))  # (B, K, Cv) -> (B, K, D)
+        if self.desc_mlp is not None:
+            embeds = embeds + self.desc_mlp(descriptor_features(descriptors, k, dtype))  # (B, K, D)
+        return VisualTokens(embeds=embeds * mask[..., None].to(dtype), mask=mask)  # padding zeroed
+
+    def _check_labels(self, superpixels: torch.Tensor | None, b: int) -> None:
+        """Raise ValueError unless ``superpixels`` is an integer ``(B, H', W')`` tensor."""
+        if superpixels is None:
+            raise ValueError("superpixels: None, but the superpixel projector needs (B, H', W') label maps")
+        if not isinstance(superpixels, torch.Tensor):
+            raise ValueError(f"superpixels: expected a torch tensor, got {type(superpixels).__name__}")
+        if superpixels.dim() != 3 or superpixels.shape[0] != b or 0 in superpixels.shape[1:]:
+            raise ValueError(
+                f"superpixels: shape {tuple(superpixels.shape)}, expected (B={b}, H' > 0, W' > 0)"
+                + ("" if not self.cfg.tower else " (B from patch_feats)")
+            )
+        if superpixels.dtype.is_floating_point or superpixels.dtype == torch.bool:
+            raise ValueError(f"superpixels: expected an integer label map, got {superpixels.dtype}")
+
+    def _pooled(
+        self, patch_feats: torch.Tensor, dense: torch.Tensor, mask: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """Tower path: masked mean + aggregator + geometry embedding of dense labels ``(B, H', W')``
+        over ``patch_feats (B, N, Cv)`` → ``(B, K, Cv)``."""
+        gh, gw = self.grid_for(patch_feats.shape[1])
+        device, dtype = patch_feats.device, patch_feats.dtype
+        coverage = _coverage(dense, k, gh, gw).to(device=device, dtype=dtype)  # (B, K, N)
         weights = coverage / coverage.sum(-1, keepdim=True).clamp_min(1e-6)  # (B, K, N), rows sum to 1
         pooled = weights @ patch_feats  # (B, K, N) @ (B, N, Cv) -> (B, K, Cv)
         x = pooled
         if self.attn is not None:
             x = x + self._aggregate(pooled, patch_feats, coverage)
         if self.pos_mlp is not None:
-            x = x + self.pos_mlp(geometry)
-        if self.desc_mlp is not None:
-            x = x + self.desc_mlp(_descriptor_features(descriptors, k, dtype))  # (B, K, Cv)
-        embeds = self.mlp(x) * mask[..., None].to(dtype)  # (B, K, D), padding zeroed
-        return VisualTokens(embeds=embeds, mask=mask)
+            geometry = _geometry(dense, k).to(device=device, dtype=dtype)  # (B, K, 11)
+            x = x + self.pos_mlp(geometry * mask[..., None].to(dtype))  # padding rows zero
+        return x
 
     def _aggregate(self, pooled: torch.Tensor, feats: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
         """``pooled (B, K, C)`` attends over ``feats (B, N, C)``, biased by ``coverage (B, K, N)``.
@@ -281,7 +319,7 @@ class SuperpixelProjector(VisualProjector):
         return self.attn["out"](out.transpose(1, 2).reshape(b, k, c))  # (B, h, K, d) -> (B, K, C)
 
 
-def _descriptor_features(
+def descriptor_features(
     descriptors: RegionDescriptorBatch | None, k: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """``(B, K, 16*16 + 6 + G)``: shape crop, colour and geometry of each region side by side."""
