@@ -46,7 +46,7 @@ from mllm_ris.config import load_config
 from mllm_ris.data.registry import build_dataset
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.model_losses import region_coverage
-from mllm_ris.modeling.pointer import RegionPointer, paint_regions
+from mllm_ris.modeling.pointer import RegionPointer, paint_regions, pointer_loss
 from mllm_ris.modeling.predictor import build_collator
 from mllm_ris.modeling.projector import descriptor_features
 from mllm_ris.modeling.visual_tokens import VisualTokens
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--query mllm: region tokens from an MLP over the descriptors, or the model's projector "
         "(frozen tower features pooled per region + descriptors)",
     )
+    parser.add_argument("--dice", type=float, default=0.0, help="weight of the painted prior's region Dice")
     parser.add_argument("--lm", type=float, default=0.0, help="--query mllm: weight of the answer's LM loss")
     parser.add_argument(
         "--schedule", choices=("constant", "cosine"), default="constant", help="lr over --max-samples"
@@ -298,6 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         logits, lm_loss = net(train, pick)
         target = (train["cov"][pick] >= 0.5).float()
         loss = F.binary_cross_entropy_with_logits(logits, target, weight=train["mask"][pick].float())
+        if args.dice:  # the model's region Dice of the painted prior
+            _, dice = pointer_loss(
+                logits[:, None],
+                target[:, None],
+                train["mask"][pick],
+                torch.ones(len(pick), 1, dtype=torch.bool),
+                train["labels"][pick].long(),
+                train["target"][pick][:, None],
+                bce_weight=0.0,
+                dice_weight=args.dice,
+            )
+            loss = loss + dice
         loss = loss + args.lm * lm_loss
         opt.zero_grad()
         loss.backward()
@@ -314,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "query": args.query,
         "overrides": args.overrides,
         "lm_weight": args.lm,
+        "dice_weight": args.dice,
         "schedule": args.schedule,
         "regions": args.regions,
         "layers": args.layers,
@@ -332,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": f"python benchmarks/bench_pointer_probe.py --data {shown(args.data)} "
         f"--minutes {args.minutes:g} --train {args.train} --held {args.held} --layers {args.layers} "
         f"--batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} "
-        f"--query {args.query} --regions {args.regions} --lm {args.lm:g} --schedule {args.schedule}"
+        f"--query {args.query} --regions {args.regions} --lm {args.lm:g} --dice {args.dice:g} "
+        f"--schedule {args.schedule}"
         + (f" --max-samples {args.max_samples}" if args.max_samples else "")
         + "".join(f" --set {o}" for o in args.overrides),
     }

@@ -133,3 +133,25 @@ def test_diag_pointer_scores_a_saved_pointer_model(tmp_path: Path) -> None:
             module.pointer_top1(build_model(tiny_cfg("mllm", "direct")), data, limit=2, image_size=SIZE)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_pointer_bisect_trains_on_the_tasks_batches(tmp_path: Path) -> None:
+    """The trainer's batches and loss, precomputed, a knob changed (here: no reject loss, single-target
+    samples only): it trains, checks the teacher-forced top-1 and records the command."""
+    from mllm_ris.data.synthetic import make_synthref
+
+    data = tmp_path / "synthref"
+    make_synthref(data, images=12, seed=3, size=128, workers=1, progress=False)
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("pointer_bisect")
+        argv = ["--data", str(data), "--cache-dir", str(tmp_path / "sp"), "--samples", "16", "--batch", "8"]
+        argv += ["--max-samples", "16", "--eval-every", "8", "--limit", "4", "--single-only", "--tag", "t"]
+        argv += ["--set", "model.loss.no_target=0", "--results", str(tmp_path / "results")]
+        assert module.main(argv) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    record = _json(tmp_path, "pointer_bisect_t")
+    assert record["samples_seen"] == 16 and len(record["curve"]) == 2 and record["single_only"]
+    assert 0.0 <= record["final"]["all"] <= 1.0 and record["curve"][0]["terms"]["no_target"] == 0.0
+    assert "--set model.loss.no_target=0" in record["command"]

@@ -230,3 +230,21 @@ def test_tower_off_needs_descriptors_and_round_trips(tmp_path: Path) -> None:
     batch = _batch(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).region_logits, model(batch).region_logits)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_reject_detach_keeps_the_no_target_loss_out_of_the_llm(detach: bool) -> None:
+    """mllm.reject_detach: the no-target loss trains the reject head and nothing under it; the reject
+    logits (training and generation) are the same numbers either way."""
+    model = _build("prior", f"model.mllm.reject_detach={str(detach).lower()}").train()
+    batch = _batch(model)
+    out = model(batch, segment=False)
+    out.loss_terms["no_target"].backward()
+    head = [p.grad for p in model.mllm.reject_head.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in head)
+    llm = [p.grad for p in model.mllm.llm.parameters() if p.requires_grad]
+    reached = any(g is not None and g.abs().sum() > 0 for g in llm)
+    assert reached != detach
+    with torch.no_grad():
+        gen = model.generate(_batch(model, answers=False), max_new_tokens=4)
+    assert gen.no_target_prob.shape == (3,) and torch.isfinite(gen.no_target_prob).all()

@@ -162,6 +162,14 @@ class MLLMConfig:
             "tokens (llm), or the visual tokens themselves, before the LLM (tokens)"
         },
     )
+    reject_detach: bool = field(
+        default=False,
+        metadata={
+            "help": "the reject head reads the last prompt state without sending its gradient into the LLM: "
+            "the no-target loss trains the head only (with it in the LLM, the tiny model's pointer stayed at "
+            "chance, docs/results.md)"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}

@@ -281,7 +281,13 @@ class GroundingMLLM(nn.Module):
     def _reject_logit(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """``(B,)`` from the state at the last prompt position ``last (B,)``."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.reject_head(hidden[rows, last].to(_head_dtype(self.reject_head))).squeeze(-1)
+        return self._reject_from(hidden[rows, last])
+
+    def _reject_from(self, state: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` reject logits of prompt-end states ``(B, D)`` (detached with ``reject_detach``)."""
+        if self.cfg.reject_detach:
+            state = state.detach()
+        return self.reject_head(state.to(_head_dtype(self.reject_head))).squeeze(-1)
 
     def forward(
         self,
@@ -381,7 +387,7 @@ class GroundingMLLM(nn.Module):
             max_new_tokens=max_new_tokens,
         )
         prompt_state = prompt_hidden[:, -1]  # (B, D) the last prompt token (left padding)
-        reject_logit = self.reject_head(prompt_state.to(_head_dtype(self.reject_head))).squeeze(-1)  # (B,)
+        reject_logit = self._reject_from(prompt_state)  # (B,)
         last = torch.full_like(reject_logit, prompt_hidden.shape[1] - 1, dtype=torch.long)  # (B,)
         words, word_mask = self._word_states(prompt_hidden, sp, last)
         hidden, seg_mask = pack_states(seg_states, prompt_state)  # (B, T, D), (B, T)
