@@ -395,13 +395,16 @@ class RISModel(nn.Module):
         if segment:
             seg = self._segment(batch.images, q.lang, q.prior)
         else:  # the prior is the mask; its score: the most confident region's probability (B, T)
-            if q.prior is None or q.region_logits is None:
+            if q.prior is None or q.region_logits is None or q.region_labels is None:
                 raise ConfigError("output_mode prior needs the region pointer (mllm.pointer_dim)")
             if q.region_logits.shape[-1]:
                 iou = torch.sigmoid(q.region_logits.float()).amax(-1).to(q.prior.dtype)
+                mask_logits = _best_region_painted(q.region_logits, q.region_labels)
             else:  # no region in the batch
                 iou = q.prior.new_zeros(q.prior.shape[:2])
-            seg = _Segmentation(mask_logits=q.prior, iou_pred=iou, head_up=q.prior)
+                mask_logits = q.prior
+            mask_logits = mask_logits.to(q.prior.dtype)
+            seg = _Segmentation(mask_logits=mask_logits, iou_pred=iou, head_up=mask_logits)
         masks, scores, from_sam = self._choose(seg)
         if q.reject_logit is not None:
             no_target_prob = torch.sigmoid(q.reject_logit.float())
@@ -505,3 +508,17 @@ def build_model(
     model = RISModel(**parts.kwargs)
     model.load_notes = parts.notes
     return model
+
+
+_BEST_REGION_LOGIT = 0.01  # the logit a query's best region is raised to when none is above 0 (prior mode)
+
+
+def _best_region_painted(region_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The prior-mode mask logits ``(B, T, S, S)``: the region logits ``(B, T, K)`` painted through
+    ``labels (B, S, S)``, each query's logits shifted up (when needed) so its best region is at least
+    ``_BEST_REGION_LOGIT``: a ``[SEG]`` always points at one region at least (whether there is a target
+    at all is the reject head's and the answer's decision, not the pointer's confidence)."""
+    logits = region_logits.float()
+    best = logits.amax(-1, keepdim=True)  # (B, T, 1)
+    shifted = logits + (_BEST_REGION_LOGIT - best).clamp_min(0.0)  # masked regions stay ~ -1e4
+    return paint_regions(shifted, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # (B, T, S, S)
