@@ -32,6 +32,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MAX_WORDS = 24
 
 
-def probe_model(cache: Path, overrides: list[str] = ()) -> RISModel:
+def probe_model(cache: Path, overrides: Sequence[str] = ()) -> RISModel:
     """``configs/model/tiny-synth.yaml`` with the pointer (64 wide) and descriptors on, label maps cached
     in ``cache``, plus ``overrides``."""
     cfg = load_config(
@@ -117,8 +118,7 @@ def precompute(model: RISModel, data: Path, split: str, n: int, seed: int) -> di
             if key not in towers and model.vision is not None:
                 towers[key] = len(tower_rows)
                 with torch.no_grad():
-                    x01 = batch.images[i : i + 1] * model._std + model._mean
-                    tower_rows.append(model.vision(model.vision.preprocess(x01))[0])  # (N, Cv)
+                    tower_rows.append(model.tower_features(batch.images[i : i + 1])[0])  # (N, Cv)
             rows["image"].append(torch.tensor(towers.get(key, -1)))
         if len(rows["x"]) >= n:
             break

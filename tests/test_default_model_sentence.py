@@ -16,6 +16,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from mllm_ris.eval.sentence import follows_pair
 from mllm_ris.inference.default_model import bundled_scenes, scene_references
 from mllm_ris.inference.pipeline import RISPipeline
 
@@ -35,11 +36,6 @@ def _union(result, hw: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 @pytest.fixture(scope="module")
 def follows(pipe: RISPipeline) -> tuple[int, int, list[str]]:
     """``(pairs, followed, misses)`` over every pair of expressions naming different objects of a scene."""
@@ -55,7 +51,7 @@ def follows(pipe: RISPipeline) -> tuple[int, int, list[str]]:
         if a.scene != b.scene or a.target == b.target:
             continue
         pa, pb = predicted[a.scene, a.text], predicted[b.scene, b.text]
-        ok = _iou(pa, a.mask) > _iou(pa, b.mask) and _iou(pb, b.mask) > _iou(pb, a.mask)
+        ok = follows_pair(pa, pb, a.mask, b.mask)
         pairs, followed = pairs + 1, followed + int(ok)
         if not ok:
             misses.append(f"{a.scene}: {a.text!r} / {b.text!r}")

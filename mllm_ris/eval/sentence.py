@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mllm_ris.data.sample import ReferringDataset, RISSample
 from mllm_ris.eval.evaluate import Predictor
 
-__all__ = ["SentenceReport", "follows_sentence", "sentence_pairs"]
+__all__ = ["SentenceReport", "follows_pair", "follows_sentence", "mask_iou", "sentence_pairs"]
 
 
 @dataclass
@@ -49,10 +49,17 @@ class SentenceReport:
         }
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two ``(H, W)`` bool masks; two empty masks score 1."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def follows_pair(pred_a: np.ndarray, pred_b: np.ndarray, target_a: np.ndarray, target_b: np.ndarray) -> bool:
+    """Each prediction ``(H, W)`` bool overlaps its own target more than the other query's (IoU)."""
+    return mask_iou(pred_a, target_a) > mask_iou(pred_a, target_b) and mask_iou(pred_b, target_b) > mask_iou(
+        pred_b, target_a
+    )
 
 
 def sentence_pairs(dataset: ReferringDataset, *, limit: int | None = None) -> list[tuple[int, int]]:
@@ -70,7 +77,7 @@ def sentence_pairs(dataset: ReferringDataset, *, limit: int | None = None) -> li
             continue
         mask = sample.masks[0]
         for j, other in by_image[sample.image_id]:
-            if _iou(mask, other) < 0.5:
+            if mask_iou(mask, other) < 0.5:
                 pairs.append((j, i))
                 done.add(sample.image_id)
                 break
@@ -101,6 +108,6 @@ def follows_sentence(
         a, b = dataset[i], dataset[j]
         pa, pb = _predict(predictor, [a, b])
         ta, tb = a.masks[0], b.masks[0]
-        follows += int(_iou(pa, ta) > _iou(pa, tb) and _iou(pb, tb) > _iou(pb, ta))
-        same += int(_iou(pa, pb) >= 0.9)
+        follows += int(follows_pair(pa, pb, ta, tb))
+        same += int(mask_iou(pa, pb) >= 0.9)
     return SentenceReport(pairs=len(pairs), follows=follows, same_mask=same)

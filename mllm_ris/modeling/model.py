@@ -193,14 +193,19 @@ class RISModel(nn.Module):
 
     # ------------------------------------------------------------------------------ language side
 
+    def tower_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → the vision tower's patch features
+        ``(B, N, Cv)`` in the projector's dtype; None without a tower (``projector.tower`` false)."""
+        if self.vision is None or self.projector is None:
+            return None
+        x01 = images * self._std + self._mean  # back to [0, 1] RGB (padding = the mean colour)
+        feats = self.vision(self.vision.preprocess(x01))  # (B, N, Cv): resized, the tower's mean / std
+        return feats.to(next(self.projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
+
     def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
         """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → ``VisualTokens (B, K, D_llm)``."""
         assert self.projector is not None and self.mllm is not None
-        feats = None  # projector.tower false: tokens from the region descriptors alone
-        if self.vision is not None:
-            x01 = batch.images * self._std + self._mean  # back to [0, 1] RGB (padding = the mean colour)
-            feats = self.vision(self.vision.preprocess(x01))  # (B, N, Cv): resized, the tower's mean / std
-            feats = feats.to(next(self.projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
+        feats = self.tower_features(batch.images)  # None with projector.tower false (descriptors alone)
         if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
             raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
         if self.projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors)
