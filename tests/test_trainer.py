@@ -26,6 +26,7 @@ from mllm_ris.errors import CheckpointError
 from mllm_ris.training.checkpoint import CheckpointManager, read_trainer_state
 from mllm_ris.training.classic import ClassicTask, train_classic
 from mllm_ris.training.faults import NonFiniteLossError, StopSignals
+from mllm_ris.training.optim import lr_factor
 from mllm_ris.training.task import TrainTask
 from mllm_ris.training.trainer import Trainer
 
@@ -128,6 +129,19 @@ def test_resume_continues_the_identical_loss_curve(tmp_path: Path, accum: int) -
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _steps_logged(tmp_path / "b") == list(range(1, 11))
+
+
+def test_resume_with_more_steps_follows_the_configs_schedule(tmp_path: Path) -> None:
+    """Extending a finished cosine run (max_steps 10 -> 20) restarts from the new schedule, not at lr 0."""
+    extra = ("train.warmup_steps=2", "train.lr_schedule=cosine")
+    Trainer(_cfg(tmp_path, *extra), ToyTask(), progress=False).fit()
+    Trainer(_cfg(tmp_path, *extra, "train.max_steps=20"), ToyTask(), progress=False).fit(resume="auto")
+    lrs = {
+        r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
+    }
+    assert lrs[10] == pytest.approx(0.0, abs=1e-9)
+    assert lrs[11] == pytest.approx(0.01 * lr_factor(11, warmup=2, total=20, kind="cosine"))
+    assert lrs[11] > 0.001
 
 
 @pytest.mark.parametrize(("kind", "what"), [("loss", "loss was NaN"), ("grad", "gradient norm was NaN")])

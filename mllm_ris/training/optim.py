@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from mllm_ris.config import TrainConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "keep_config_schedule", "lr_factor", "schedule_of"]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -54,8 +55,32 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
     """Warmup over ``cfg.warmup_steps`` then ``cfg.lr_schedule`` decay over ``cfg.max_steps``."""
-    fn: Callable[[int], float] = _Schedule(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
+    fn: Callable[[int], float] = schedule_of(cfg)
     return LambdaLR(optimizer, fn)
+
+
+def keep_config_schedule(scheduler: LambdaLR, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Make a restored ``scheduler`` follow ``cfg`` (peak lr, warmup, length, kind) from its step on.
+
+    ``LambdaLR`` restores its schedule object's fields and base lrs from a checkpoint, so without
+    this a resume with a larger ``train.max_steps`` would keep the old length (a cosine at 0).
+    Returns the checkpoint's schedule fields when they differed from ``cfg``'s, else None.
+    """
+    fn, wanted = scheduler.lr_lambdas[0], schedule_of(cfg)
+    old = dict(fn.__dict__)
+    changed = old != wanted.__dict__ or any(lr != cfg.lr for lr in scheduler.base_lrs)
+    fn.__dict__.update(wanted.__dict__)
+    scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+    lrs = [cfg.lr * fn(scheduler.last_epoch)] * len(scheduler.base_lrs)
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+    return (old | {"lr": scheduler.base_lrs[0]}) if changed else None
+
+
+def schedule_of(cfg: TrainConfig) -> _Schedule:
+    """The ``step -> factor`` object of ``cfg``'s schedule."""
+    return _Schedule(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
 
 
 class _Schedule:

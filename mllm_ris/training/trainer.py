@@ -47,7 +47,7 @@ from mllm_ris.training.checkpoint import (
     resolve_start,
 )
 from mllm_ris.training.faults import BadStepGuard, StopSignals
-from mllm_ris.training.optim import build_optimizer, build_scheduler
+from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
 from mllm_ris.training.sampling import mixture_loader
 from mllm_ris.training.summary import TrainSummary
 from mllm_ris.training.task import TrainTask, build_task
@@ -132,6 +132,8 @@ class Trainer:
             self.accelerator.load_state(str(path), strict=False)
         else:
             self.accelerator.load_state(str(path))
+        if (old := keep_config_schedule(self.scheduler, self.cfg.train)) is not None:
+            self._say(f"note: {path.name} was written with the schedule {old}; continuing with train.*'s")
         sizes = {k: getattr(self.state, k) for k in ("world_size", "batch_size", "grad_accum_steps")}
         if sizes != {k: getattr(saved, k) for k in sizes}:
             self._say(
