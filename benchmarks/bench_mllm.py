@@ -47,6 +47,19 @@ from mllm_ris.training.trainer import Trainer
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "results.md"
 CONFIGS = [ROOT / "configs" / "model" / "tiny-synth.yaml", ROOT / "configs" / "train" / "synthref-mllm.yaml"]
+MODELS = {  # --model: the config files (the first is the default, the MLLM)
+    "mllm": CONFIGS,
+    "mllm-pointer": [  # the bundled model's recipe (region pointer, descriptor tokens, prior masks)
+        ROOT / "configs" / "model" / "tiny-synth.yaml",
+        ROOT / "configs" / "model" / "tiny-synth-pointer.yaml",
+        ROOT / "configs" / "train" / "synthref-pointer.yaml",
+    ],
+    "classic-pointer": [
+        ROOT / "configs" / "model" / "tiny-synth-classic.yaml",
+        ROOT / "configs" / "model" / "tiny-synth-classic-pointer.yaml",
+        ROOT / "configs" / "train" / "synthref-classic-pointer.yaml",
+    ],
+}
 LEVELS = ("simple", "spatial", "relational", "multi")
 TARGETS = {"simple": 0.92, "relational": 0.85, "n_acc": 0.95}  # cIoU simple / relational, N-acc
 PROJECTORS = {"superpixel": [], "patch": ["model.projector.kind=patch"]}
@@ -73,7 +86,7 @@ def build_config(args: argparse.Namespace, label: str, steps: int, out: Path) ->
     ]
     if args.cache_dir is not None:
         overrides.append(f"model.superpixels.cache_dir={args.cache_dir}")
-    return load_config(CONFIGS, overrides)
+    return load_config(MODELS[args.model], overrides)
 
 
 def calibrate(cfg: Config, steps: int = 6) -> tuple[float, float, int]:
@@ -126,7 +139,7 @@ def planned_steps(budget_s: float, step_s: float, image_s: float, images: int, b
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate (unless ``--steps``), train for the budget, evaluate; returns the JSON record."""
-    label = args.projector + (f"@{args.tag}" if args.tag else "")
+    label = (args.projector if args.model == "mllm" else args.model) + (f"@{args.tag}" if args.tag else "")
     out = Path(args.runs)
     shutil.rmtree(out / label, ignore_errors=True)  # a fresh superpixel cache: each run pays its SLIC
     budget = args.minutes * 60.0
@@ -154,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "label": label,
         "projector": args.projector,
+        "model": args.model,
         "steps": summary.steps,
         "planned_steps": steps,
         "calibrated_step_s": None if step_s is None else round(step_s, 3),
@@ -168,8 +182,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "threads": torch.get_num_threads(),
         "date": date.today().isoformat(),
-        "command": f"python benchmarks/bench_mllm.py --data {shown(Path(args.data))} --projector "
-        f"{args.projector} --minutes {args.minutes:g}"
+        "command": f"python benchmarks/bench_mllm.py --data {shown(Path(args.data))}"
+        + (f" --model {args.model}" if args.model != "mllm" else f" --projector {args.projector}")
+        + f" --minutes {args.minutes:g}"
         + (f" --steps {args.steps}" if args.steps else "")
         + f" --batch {args.batch} --seed {args.seed}"
         + (f" --threads {args.threads}" if args.threads else "")
@@ -291,6 +306,14 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthref")
     parser.add_argument("--projector", choices=list(PROJECTORS), default="superpixel")
+    parser.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="mllm",
+        help="mllm: tiny-synth.yaml (--projector picks the tokens); mllm-pointer: the bundled model's "
+        "recipe (tiny-synth-pointer.yaml); classic-pointer: MiniLM + region pointer, no LLM "
+        "(tiny-synth-classic[-pointer].yaml)",
+    )
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
     parser.add_argument("--steps", type=int, default=0, help="schedule length; 0 = calibrate to the budget")
     parser.add_argument("--batch", type=int, default=8)

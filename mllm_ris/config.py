@@ -30,6 +30,7 @@ import yaml
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.lora import MLLMConfig
 from mllm_ris.modeling.losses import LossConfig
+from mllm_ris.modeling.pointer import PointerConfig
 from mllm_ris.modeling.projector import ProjectorConfig
 from mllm_ris.modeling.superpixels import SuperpixelConfig
 from mllm_ris.modeling.vision import VisionTowerConfig
@@ -113,6 +114,7 @@ class ModelConfig:
     superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    pointer: PointerConfig = field(default_factory=PointerConfig)  # classic mode's region pointer
     # SAM stage (built when output_mode is sam or auto): prompts from the head -> SAM's mask decoder
     sam: SAMConfig = field(default_factory=SAMConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

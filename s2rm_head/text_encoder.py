@@ -9,6 +9,7 @@ tokenizer.json). Everything is read with ``local_files_only=True``: nothing is d
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,6 +86,9 @@ class TextEncoder(nn.Module):
         dim: output dim ``D``; ``None`` keeps ``H`` (identity projections).
         freeze: freeze the transformer and keep it in eval mode (no dropout); projections train.
         max_length: truncation length of :meth:`tokenize`.
+        memo: sentences whose frozen hidden states :meth:`encode` keeps (least recently used out);
+            0 = none. Only a frozen transformer is memoised (its states never change); a SynthRef
+            sentence costs ~15 KB, and the frozen MiniLM is ~70 % of a classic pointer step on CPU.
     """
 
     def __init__(
@@ -95,12 +99,16 @@ class TextEncoder(nn.Module):
         dim: int | None = 256,
         freeze: bool = True,
         max_length: int = 32,
+        memo: int = 32768,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.frozen = freeze
+        self.memo_size = memo if freeze else 0
+        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # sentence -> (L_i, H) valid states
+        self._memo_weights: tuple[tuple[int, int], ...] = ()  # what the memo was computed with
         hidden = int(model.config.hidden_size)
         self.dim = hidden if dim is None else dim
         self.token_proj: nn.Module = nn.Identity() if dim is None else nn.Linear(hidden, dim)
@@ -128,22 +136,39 @@ class TextEncoder(nn.Module):
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LanguageFeatures:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        *,
+        hidden: torch.Tensor | None = None,
+    ) -> LanguageFeatures:
         """``input_ids, attention_mask (B, L)`` → :class:`LanguageFeatures`.
 
         Shapes: tokens ``(B, L, D)``, mask ``(B, L)`` bool, queries ``(B, 1, D)``, query_mask ``(B, 1)``.
         Padding never changes a sentence's features: the mean and attention both skip masked tokens.
+        ``hidden (B, L, H)``: the frozen transformer's states, already computed (:meth:`encode`'s memo);
+        ``input_ids`` is then not read.
         """
-        if input_ids.shape != attention_mask.shape:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
-            )
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.model(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state  # (B, L, H)
+        if hidden is None:
+            if input_ids is None or input_ids.shape != attention_mask.shape:
+                shape = None if input_ids is None else tuple(input_ids.shape)
+                raise ValueError(f"input_ids {shape} and attention_mask {tuple(attention_mask.shape)} differ")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                hidden = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).last_hidden_state  # (B, L, H)
+        return self._features(hidden, attention_mask)
+
+    def _features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> LanguageFeatures:
+        """Transformer states ``(B, L, H)`` and ``attention_mask (B, L)`` → projected features.
+
+        Padding states are zeroed first, so a padded token's features (masked everywhere downstream)
+        do not depend on the rest of the batch: the memoised and the direct path give the same tensors.
+        """
         valid = attention_mask.to(hidden.dtype)[:, :, None]  # (B, L, 1)
-        pooled = (hidden * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # masked mean over L → (B, H)
+        hidden = hidden * valid  # (B, L, H), zeros on padding
+        pooled = hidden.sum(1) / valid.sum(1).clamp_min(1.0)  # masked mean over L → (B, H)
         return LanguageFeatures.from_sentence(
             tokens=self.token_proj(hidden), mask=attention_mask.bool(), pooled=self.pool_proj(pooled)
         )
@@ -152,8 +177,41 @@ class TextEncoder(nn.Module):
         """Tokenize and encode ``B`` sentences on ``device`` (default: where the projections live)."""
         if device is None:
             device = next(self.parameters()).device
-        batch = self.tokenize(texts)
-        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        if not self.memo_size:
+            batch = self.tokenize(texts)
+            return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        hidden, mask = self._memo_hidden(list(texts), device)
+        return self(None, mask, hidden=hidden)  # through forward: module hooks (ZeRO-3) see the call
+
+    def _memo_hidden(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen transformer's states of ``texts``, from the memo where it has them →
+        ``hidden (B, L, H)`` (zeros on padding) and ``attention_mask (B, L)``."""
+        if isinstance(texts, str) or len(texts) == 0:
+            raise ValueError(f"text encoder: expected a non-empty list of sentences, got {texts!r}")
+        # the weights' identity and in-place version counters: loading a state dict, .to() or an
+        # optimizer step on the transformer all change it, and the memo starts over
+        weights = tuple((id(p), p._version) for p in self.model.parameters())
+        if weights != self._memo_weights:
+            self._memo.clear()
+            self._memo_weights = weights
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if todo:
+            batch = self.tokenize(todo)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            with torch.no_grad():
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)
+            for text, h, m in zip(todo, hidden, mask.bool(), strict=True):
+                self._memo[text] = h[m].detach()  # (L_i, H): the valid tokens
+        states = []
+        for text in texts:
+            self._memo.move_to_end(text)
+            states.append(self._memo[text].to(device))
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
+        lengths = torch.tensor([len(h) for h in states], device=device)
+        hidden = nn.utils.rnn.pad_sequence(states, batch_first=True)  # (B, L, H)
+        mask = (torch.arange(hidden.shape[1], device=device)[None] < lengths[:, None]).long()  # (B, L)
+        return hidden, mask
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the transformer and tokenizer (not the projections) in HF format to ``path``."""

@@ -52,7 +52,8 @@ class MLLMBatch(RISBatch):
         target_masks: ``(B, T, S, S)`` float in {0, 1}, one per target, zero-padded.
         target_valid: ``(B, T)`` bool, True for real targets.
         superpixels: ``(B, S, S)`` long labels, ``-1`` outside the image; None without a generator.
-        input_ids, attention_mask, labels: ``(B, L)`` long; ``labels`` is -100 off the answers.
+        input_ids, attention_mask, labels: ``(B, L)`` long; ``labels`` is -100 off the answers (None
+            without a tokenizer).
         regions: region descriptors ``(B, K, ...)`` in token order (``descriptors=True``), else None.
     """
 
@@ -111,7 +112,8 @@ class MLLMCollator:
 
     Args:
         transform: the letterbox (canvas side ``S``).
-        tokenizer: the grounding LLM's tokenizer (with ``<image>``, ``[SEG]``, ``[REJ]`` added).
+        tokenizer: the grounding LLM's tokenizer (with ``<image>``, ``[SEG]``, ``[REJ]`` added); None
+            = no chat (classic mode's region pointer: targets, superpixels and descriptors only).
         template: question phrasings (seeded).
         superpixels: label-map generator (e.g. a :class:`SuperpixelCache`); None for patch tokens.
         answers: True to append the answer (training); False leaves the turn open (inference).
@@ -123,14 +125,14 @@ class MLLMCollator:
         self,
         *,
         transform: RISTransform,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
         template: ChatTemplate | None = None,
         superpixels: SuperpixelFn | None = None,
         answers: bool = True,
         keep_samples: bool = False,
         descriptors: bool = False,
     ) -> None:
-        if tokenizer.pad_token_id is None:
+        if tokenizer is not None and tokenizer.pad_token_id is None:
             raise ValueError(
                 "tokenizer has no pad token; call mllm_ris.modeling.tokens.ensure_special_tokens"
             )
@@ -158,11 +160,13 @@ class MLLMCollator:
             t = sample.masks.shape[0]
             targets[i, :t] = letterbox_masks(sample.masks, self.transform)
             target_valid[i, :t] = True
-            turns = self.template.turns([sample.text], [t if self.answers else None])
-            encoded.append(self.template.encode(turns, self.tokenizer))
-        input_ids, attention_mask, labels = collate_conversations(
-            encoded, pad_id=int(self.tokenizer.pad_token_id)
-        )
+            if self.tokenizer is not None:
+                turns = self.template.turns([sample.text], [t if self.answers else None])
+                encoded.append(self.template.encode(turns, self.tokenizer))
+        input_ids = attention_mask = labels = None
+        if self.tokenizer is not None:
+            pad = int(self.tokenizer.pad_token_id)  # type: ignore[arg-type]
+            input_ids, attention_mask, labels = collate_conversations(encoded, pad_id=pad)
         superpixels, regions = None, None
         if self.superpixels is not None:
             superpixels = torch.stack(

@@ -4,6 +4,8 @@ Two modes share the pixel side (pixel encoder → fusion head → optional SAM s
 where the queries come from (``S`` = canvas side of the batch, ``T`` = queries per image)::
 
     classic  texts ──TextEncoder──► words (B, L, D) + one query (B, 1, D)
+             (pointer.dim) region descriptors ──projector──► regions (B, K, Dp)
+             query, words, regions ──RegionPointer──► region logits (B, 1, K) ──painted──► prior (B, 1, S, S)
     mllm     images ──VisionTower──► (B, N, Cv) ──projector(+ superpixels)──► VisualTokens (B, K, D_llm)
              chat ──GroundingMLLM──► [SEG] embeddings (B, T, Dg), reject logit (B,), LM loss
              (pointer) region logits (B, T, K) ──painted through the superpixels──► prior (B, T, S, S)
@@ -41,7 +43,7 @@ from mllm_ris.modeling.model_losses import (
     pair_mask_losses,
     region_losses,
 )
-from mllm_ris.modeling.pointer import paint_regions
+from mllm_ris.modeling.pointer import RegionPointer, paint_regions
 from mllm_ris.modeling.projector import VisualProjector
 from mllm_ris.modeling.tokens import REJ_TOKEN, SEG_TOKEN
 from mllm_ris.modeling.vision import VisionTower
@@ -139,6 +141,7 @@ class RISModel(nn.Module):
         loss: the loss weights (``cfg.loss``, a :class:`~mllm_ris.modeling.losses.LossConfig`).
         text_encoder: classic mode's language side.
         vision, projector, mllm: mllm mode's language side.
+        pointer: classic mode's region pointer (``pointer.dim``; with a descriptor-only ``projector``).
         sam_stage, prompt_builder: the SAM refinement (output modes ``sam`` / ``auto``).
         share_sam_vit: the pixel encoder is a SAM-ViT pyramid over ``sam_stage``'s own image encoder
             (one ViT pass feeds both).
@@ -155,16 +158,20 @@ class RISModel(nn.Module):
         vision: VisionTower | None = None,
         projector: VisualProjector | None = None,
         mllm: GroundingMLLM | None = None,
+        pointer: RegionPointer | None = None,
         sam_stage: SAMStage | None = None,
         prompt_builder: PromptBuilder | None = None,
         share_sam_vit: bool = False,
     ) -> None:
         super().__init__()
-        mllm_parts = (vision, projector, mllm)
-        if cfg.mode == "classic" and (text_encoder is None or any(p is not None for p in mllm_parts)):
-            raise ConfigError("mode: classic needs a text encoder and no vision / projector / mllm")
+        if cfg.mode == "classic" and (text_encoder is None or vision is not None or mllm is not None):
+            raise ConfigError("mode: classic needs a text encoder and no vision tower / mllm")
+        if cfg.mode == "classic" and (projector is None) != (pointer is None):
+            raise ConfigError("mode: classic takes a projector exactly with its region pointer (pointer.dim)")
         if cfg.mode == "mllm" and (text_encoder is not None or projector is None or mllm is None):
             raise ConfigError("mode: mllm needs a projector and mllm and no text encoder")
+        if cfg.mode == "mllm" and pointer is not None:
+            raise ConfigError("mode: mllm's region pointer lives in the grounding LLM (mllm.pointer_dim)")
         if cfg.mode == "mllm" and (vision is None) == cfg.projector.tower:
             raise ConfigError("mode: mllm needs a vision tower exactly when projector.tower is on")
         if (cfg.output_mode in ("sam", "auto")) != (sam_stage is not None and prompt_builder is not None):
@@ -177,6 +184,7 @@ class RISModel(nn.Module):
         self.vision = vision
         self.projector = projector
         self.mllm = mllm
+        self.pointer = pointer
         self.pixel_encoder = pixel_encoder
         self.head = head
         self.sam_stage = sam_stage
@@ -217,8 +225,23 @@ class RISModel(nn.Module):
         return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
 
     def _classic_queries(self, batch: RISBatch) -> _Queries:
+        """The text encoder's words ``(B, L, D)`` and sentence query ``(B, 1, D)``; with the region
+        pointer also its scores ``(B, 1, K)`` of the batch's region tokens and their painted prior."""
         assert self.text_encoder is not None
-        return _Queries(lang=self.text_encoder.encode(batch.texts, device=batch.images.device))
+        q = _Queries(lang=self.text_encoder.encode(batch.texts, device=batch.images.device))
+        if self.pointer is None:
+            return q
+        assert self.projector is not None
+        if not isinstance(batch, MLLMBatch) or batch.superpixels is None or batch.regions is None:
+            raise ValueError(
+                "batch: the classic region pointer needs superpixels and region descriptors "
+                "(build_collator(model) makes them)"
+            )
+        vis = self.projector(None, batch.superpixels, batch.regions)  # embeds (B, K, D), mask (B, K)
+        lang = q.lang
+        logits = self.pointer(lang.queries, vis.embeds, vis.mask, words=lang.tokens, word_mask=lang.mask)
+        self._add_prior(q, batch, logits, vis.mask)  # (B, 1, K) -> prior (B, 1, S, S)
+        return q
 
     def _mllm_queries(self, batch: RISBatch, *, generate: bool, max_new_tokens: int) -> _Queries:
         if not isinstance(batch, MLLMBatch) or batch.input_ids is None or batch.attention_mask is None:
@@ -383,7 +406,9 @@ class RISModel(nn.Module):
         else:
             q = self._mllm_queries(batch, generate=False, max_new_tokens=0)
         if not segment and q.prior is None:
-            raise ConfigError("segment=False (pointer warm-up) needs the region pointer (mllm.pointer_dim)")
+            raise ConfigError(
+                "segment=False (pointer warm-up) needs the region pointer (mllm.pointer_dim / pointer.dim)"
+            )
         return self._finish(batch, q, with_loss=True, segment=segment and self.cfg.output_mode != "prior")
 
     @torch.no_grad()
@@ -401,10 +426,12 @@ class RISModel(nn.Module):
             seg = self._segment(batch.images, q.lang, q.prior)
         else:  # the prior is the mask; its score: the most confident region's probability (B, T)
             if q.prior is None or q.region_logits is None or q.region_labels is None:
-                raise ConfigError("output_mode prior needs the region pointer (mllm.pointer_dim)")
+                raise ConfigError("output_mode prior needs a region pointer (mllm.pointer_dim, pointer.dim)")
             if q.region_logits.shape[-1]:
                 iou = torch.sigmoid(q.region_logits.float()).amax(-1).to(q.prior.dtype)
-                mask_logits = _best_region_painted(q.region_logits, q.region_labels)
+                # mllm: the answer decided that there is a target; classic: no region above 0 = none
+                answered = q.reject_logit is not None
+                mask_logits = _best_region_painted(q.region_logits, q.region_labels) if answered else q.prior
             else:  # no region in the batch
                 iou = q.prior.new_zeros(q.prior.shape[:2])
                 mask_logits = q.prior
@@ -458,11 +485,11 @@ class RISModel(nn.Module):
             terms["no_target"] = no_target_loss(
                 q.reject_logit, batch.has_target, extra.no_target, extra.no_target_pos_weight
             )
-            if q.region_logits is not None:
-                assert q.region_mask is not None and q.region_labels is not None
-                terms.update(
-                    region_losses(q.region_logits, q.region_mask, q.region_labels, targets, pair_valid, extra)
-                )
+        if q.region_logits is not None:  # classic: a no-target expression's regions are all negatives
+            assert q.region_mask is not None and q.region_labels is not None
+            terms.update(
+                region_losses(q.region_logits, q.region_mask, q.region_labels, targets, pair_valid, extra)
+            )
         args = (targets, pair_valid, has_target, batch.valid, cfg)
         if masks:
             terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))

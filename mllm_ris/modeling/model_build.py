@@ -4,6 +4,7 @@ Derived values (the YAML's are overwritten, so files only choose parts and their
 
 * ``head.in_channels`` ← the built pixel encoder's ``channels``;
 * ``head.lang_dim`` ← the text encoder's ``dim`` (classic) or ``mllm.seg_dim`` (mllm);
+* classic with ``pointer.dim``: ``projector.llm_dim`` ← ``pointer.dim`` (the region tokens' width);
 * ``projector.vision_dim`` / ``grid`` ← the built vision tower's ``dim`` / ``grid`` (no tower is
   built with ``projector.tower: false``: tokens come from the region descriptors alone);
   ``projector.llm_dim`` ← the LLM's hidden size;
@@ -30,6 +31,7 @@ import torch
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.llava import load_llava_checkpoint
 from mllm_ris.modeling.mllm import GroundingMLLM, build_grounding_mllm
+from mllm_ris.modeling.pointer import RegionPointer
 from mllm_ris.modeling.projector import VisualProjector, build_projector
 from mllm_ris.modeling.vision import VisionTower, build_vision_tower
 from s2rm_head.head import build_head
@@ -119,6 +121,25 @@ def _mllm_side(
     return vision, mllm, projector_state
 
 
+def _classic_pointer(cfg: ModelConfig, text_dim: int) -> RegionPointer:
+    """Classic mode's region pointer: the sentence query (and words) of width ``text_dim`` against the
+    superpixel projector's region tokens of width ``pointer.dim`` (descriptors alone, no tower)."""
+    proj, ptr = cfg.projector, cfg.pointer
+    if proj.kind != "superpixel" or not proj.descriptors or proj.tower:
+        raise ConfigError(
+            "pointer.dim: classic mode's pointer reads region tokens from the descriptors alone; set "
+            "projector.kind superpixel, projector.descriptors true, projector.tower false"
+        )
+    assert ptr.dim is not None
+    return RegionPointer(
+        query_dim=text_dim,
+        region_dim=ptr.dim,
+        dim=ptr.dim,
+        layers=ptr.layers,
+        word_dim=text_dim if ptr.words else None,
+    )
+
+
 def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> BuiltParts:
     """Build every part ``cfg`` asks for (rules in the module doc); ``mllm`` replaces ``cfg.mllm``'s."""
     notes: list[str] = []
@@ -135,7 +156,14 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     if cfg.mode == "classic":
         text = build_text_encoder(cfg.text)
         kwargs["text_encoder"], lang_dim = text, text.dim
+        if cfg.pointer.dim is not None:
+            resolved["projector"] = proj_cfg = _replace(cfg.projector, llm_dim=cfg.pointer.dim)
+            kwargs.update(projector=build_projector(proj_cfg), pointer=_classic_pointer(cfg, text.dim))
     else:
+        if cfg.pointer.dim is not None:
+            raise ConfigError(
+                "pointer.dim: the classic-mode pointer; in mllm mode set mllm.pointer_dim instead"
+            )
         if cfg.mllm.pointer_dim is not None and cfg.projector.kind != "superpixel":
             raise ConfigError(
                 "mllm.pointer_dim: the region pointer needs projector.kind superpixel, "

@@ -1,8 +1,8 @@
 """Save / load a whole :class:`~mllm_ris.modeling.model.RISModel` as one folder::
 
     config.json                the resolved ModelConfig as {"model": {...}} (readable by load_config)
-    <part>.safetensors         one file per part: text_encoder, vision, projector, pixel_encoder,
-                               head, prompt_builder, sam_stage (parts the model lacks are absent)
+    <part>.safetensors         one file per part: text_encoder, vision, projector, pointer (classic),
+                               pixel_encoder, head, prompt_builder, sam_stage (absent parts: no file)
     mllm/                      GroundingMLLM.save_pretrained: tokenizer, LoRA adapter, [SEG] MLP and
                                reject head, and the base LLM only when no path can rebuild it
 
@@ -39,6 +39,7 @@ PARTS: tuple[str, ...] = (
     "text_encoder",
     "vision",
     "projector",
+    "pointer",
     "pixel_encoder",
     "head",
     "prompt_builder",

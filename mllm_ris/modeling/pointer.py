@@ -21,16 +21,48 @@ Dice of the painted prior against the target masks.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MASKED_LOGIT", "PointerLosses", "RegionPointer", "paint_regions", "pointer_loss"]
+from mllm_ris.errors import ConfigError
+
+__all__ = [
+    "MASKED_LOGIT",
+    "PointerConfig",
+    "PointerLosses",
+    "RegionPointer",
+    "paint_regions",
+    "pointer_loss",
+]
 
 MASKED_LOGIT = -1.0e4
 _MIX_HEADS = 4  # attention heads of the pointer's optional transformer layers
+
+
+@dataclass
+class PointerConfig:
+    """Classic mode's region pointer (mllm mode's is ``mllm.pointer_dim`` / ``pointer_layers``).
+
+    The sentence query of the text encoder scores the region tokens of the superpixel projector
+    (``projector.kind: superpixel``, ``descriptors: true``, ``tower: false``; no LLM): a
+    :class:`RegionPointer` whose mixing layers read ``[query, words, regions + query]``.
+    """
+
+    dim: int | None = field(
+        default=None, metadata={"help": "width of the pointer and of the region tokens; null = no pointer"}
+    )
+    layers: int = field(default=2, metadata={"help": "transformer layers over query, words and regions"})
+    words: bool = field(default=True, metadata={"help": "the text encoder's word states join those layers"})
+
+    def __post_init__(self) -> None:
+        if self.dim is not None and (self.dim < 4 or self.dim % 4):
+            raise ConfigError(f"dim: must be a multiple of 4 (>= 4) or null, got {self.dim}")
+        if self.layers < 0 or (self.words and self.layers == 0):
+            raise ConfigError(f"layers: must be >= 0, and >= 1 with words: true; got {self.layers}")
 
 
 class RegionPointer(nn.Module):

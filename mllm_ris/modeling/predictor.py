@@ -40,19 +40,20 @@ def build_collator(
     template: ChatTemplate | None = None,
 ) -> Callable[[Sequence[RISSample]], RISBatch]:
     """The ``collate_fn`` for ``model``: letterbox to ``image_size``; in mllm mode also the chat
-    (answered for training, open for inference) and, for the superpixel projector, label maps from
-    ``model.cfg.superpixels`` (``method: sam`` uses the model's SAM; ``cache_dir`` caches them)."""
+    (answered for training, open for inference) and, for the superpixel projector (mllm, or classic
+    with its region pointer), label maps from ``model.cfg.superpixels`` (``method: sam`` uses the
+    model's SAM; ``cache_dir`` caches them) and region descriptors."""
     transform = RISTransform(image_size)
-    if model.mode == "classic":
+    if model.mode == "classic" and model.pointer is None:
         return functools.partial(collate_ris, transform=transform, keep_samples=keep_samples)
-    assert model.mllm is not None and model.projector is not None
+    assert model.projector is not None
     superpixels = None
     if model.projector.cfg.kind == "superpixel":
         sam = model.sam_stage.sam if model.sam_stage is not None else None
         superpixels = build_superpixel_generator(model.cfg.superpixels, sam=sam)
     return MLLMCollator(
         transform=transform,
-        tokenizer=model.mllm.tokenizer,
+        tokenizer=model.mllm.tokenizer if model.mllm is not None else None,  # classic: no chat
         template=template,
         superpixels=superpixels,
         answers=answers,

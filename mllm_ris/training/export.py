@@ -47,6 +47,7 @@ from mllm_ris.training.checkpoint import (
     read_trainer_state,
 )
 from mllm_ris.training.mllm import external_state_keys, write_model_folder
+from mllm_ris.training.task import legacy_classic
 
 __all__ = [
     "SourceKind",
@@ -144,7 +145,7 @@ def _from_checkpoint(folder: Path, *, full_precision: bool) -> nn.Module:
     cfg = _full_precision(cfg) if full_precision else cfg
     state = consolidated_state_dict(folder)
     external: set[str] = set()
-    if cfg.model.mode == "classic":
+    if legacy_classic(cfg.model):
         from mllm_ris.modeling.classic import build_classic_model
 
         model: nn.Module = build_classic_model(cfg.model)
@@ -242,7 +243,7 @@ def export_model(path: str | Path, out: str | Path, *, overwrite: bool = False) 
         raise CheckpointError(f"--out {target}: exists and is not empty (pass --overwrite to replace it)")
     kind, folder = find_source(path)
     model_cfg = load_config(folder / CONFIG_NAME).model
-    if model_cfg.mode == "classic" and kind != "model":
+    if legacy_classic(model_cfg) and kind != "model":
         raise NotAvailableError(
             f"export: {folder} is a classic-mode ClassicRISModel run; its model.safetensors is already "
             "plain safetensors, and export writes RISModel folders"

@@ -52,6 +52,7 @@ from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.modeling.superpixel_cache import SuperpixelCache
 from mllm_ris.training.sampling import build_mixture, open_dataset
+from mllm_ris.training.task import legacy_classic
 
 __all__ = [
     "MLLMTask",
@@ -130,10 +131,13 @@ class MLLMTask:
     name = "mllm"
 
     def __init__(self, cfg: Config) -> None:
-        if cfg.model.mode != "mllm":
-            raise ConfigError(f"model.mode: this task trains mllm mode, got {cfg.model.mode!r}")
-        if cfg.train.pointer_warmup_steps and cfg.model.mllm.pointer_dim is None:
-            raise ConfigError("train.pointer_warmup_steps: needs the region pointer (model.mllm.pointer_dim)")
+        if legacy_classic(cfg.model):
+            raise ConfigError("model.mode: classic without pointer.dim trains as ClassicTask, not here")
+        pointer = cfg.model.mllm.pointer_dim if cfg.model.mode == "mllm" else cfg.model.pointer.dim
+        if cfg.train.pointer_warmup_steps and pointer is None:
+            raise ConfigError(
+                "train.pointer_warmup_steps: needs the region pointer (model.mllm.pointer_dim / pointer.dim)"
+            )
         self.cfg = cfg
         self._collate: Callable[[Sequence[RISSample]], MLLMBatch] | None = None
         self._segment = not cfg.train.pointer_warmup_steps  # False during the pointer warm-up

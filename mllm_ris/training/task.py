@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mllm_ris.config import Config
+from mllm_ris.config import Config, ModelConfig
 from mllm_ris.data.sample import ReferringDataset
 from mllm_ris.errors import ConfigError
 from mllm_ris.eval.evaluate import Predictor
 
-__all__ = ["TASKS", "TrainTask", "build_task"]
+__all__ = ["TASKS", "TrainTask", "build_task", "legacy_classic"]
 
 
 @runtime_checkable
@@ -76,13 +76,19 @@ TASKS: dict[str, str] = {
 """``model.mode`` -> ``"module:Class"`` of its task; a task class takes the :class:`Config`."""
 
 
+def legacy_classic(model_cfg: ModelConfig) -> bool:
+    """Whether ``model_cfg`` trains as the legacy ``ClassicRISModel`` (classic mode without the region
+    pointer); every other model is a :class:`~mllm_ris.modeling.model.RISModel` run (``MLLMTask``)."""
+    return model_cfg.mode == "classic" and model_cfg.pointer.dim is None
+
+
 def build_task(cfg: Config) -> TrainTask:
     """The task for ``cfg.model.mode``.
 
     Raises:
         ConfigError: no task is registered for the mode.
     """
-    mode = cfg.model.mode
+    mode = "mllm" if cfg.model.mode == "mllm" or not legacy_classic(cfg.model) else "classic"
     if mode not in TASKS:
         raise ConfigError(f"model.mode: no training task for {mode!r}; known: {sorted(TASKS)}")
     module, _, cls = TASKS[mode].partition(":")
