@@ -24,7 +24,7 @@ from _common import ROOT, machine, replace_section, shown
 
 from mllm_ris.config import load_config
 from mllm_ris.data.synthetic import make_synthref
-from mllm_ris.training.classic import train_classic
+from mllm_ris.training.trainer import train_classic
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "results.md"

@@ -112,9 +112,10 @@ def _count(masks: list[np.ndarray], into: list[int]) -> list[np.ndarray]:
 
 def _small(gen: SAMSuperpixels, image: np.ndarray) -> np.ndarray:
     """The RGB image the generator segments (downscaled to ``max_side``)."""
-    from mllm_ris.modeling.superpixels import _as_rgb, _downscale
+    from mllm_ris.modeling.superpixels import _downscale
+    from mllm_ris.processing.rgb import as_rgb
 
-    return _downscale(_as_rgb(image), gen.cfg.max_side)
+    return _downscale(as_rgb(image), gen.cfg.max_side)
 
 
 def build_sam_generator(args: argparse.Namespace) -> tuple[str, Any]:

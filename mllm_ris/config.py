@@ -16,29 +16,24 @@ and gives the error messages above. See docs/architecture.md.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
-from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.lora import MLLMConfig
-from mllm_ris.modeling.losses import LossConfig
-from mllm_ris.modeling.pointer import PointerConfig
-from mllm_ris.modeling.projector import ProjectorConfig
-from mllm_ris.modeling.superpixels import SuperpixelConfig
-from mllm_ris.modeling.vision import VisionTowerConfig
-from s2rm_head.head import HeadConfig
-from s2rm_head.pixel_encoder import PixelEncoderConfig
-from s2rm_head.prompts import PromptConfig
-from s2rm_head.sam import SAMConfig
-from s2rm_head.text_encoder import TextEncoderConfig
+from mllm_ris.config_tree import (
+    check,
+    config_to_dict,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    set_dotted,
+)
+from mllm_ris.data.registry import DATASET_NAMES
+from mllm_ris.modeling.model_config import ModelConfig
 
 __all__ = [
     "Config",
@@ -51,11 +46,6 @@ __all__ = [
     "load_config",
     "save_config",
 ]
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
 
 
 @dataclass
@@ -71,57 +61,8 @@ class DatasetSpec:
     weight: float = field(default=1.0, metadata={"help": "sampling ratio in a mixture"})
 
     def __post_init__(self) -> None:
-        from mllm_ris.data.registry import DATASET_NAMES
-
-        _check(self.name in DATASET_NAMES, "name", f"unknown dataset {self.name!r}; one of {DATASET_NAMES}")
-        _check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
-
-
-@dataclass
-class ModelConfig:
-    """Which model to build.
-
-    ``head.in_channels`` and ``head.lang_dim`` are taken from the built pixel and text encoders
-    (``projector.vision_dim`` / ``grid`` / ``llm_dim`` from the built vision tower and LLM), so YAML
-    files only choose the parts and their widths. ``text`` is used in classic mode; ``vision``,
-    ``superpixels``, ``projector`` and ``mllm`` in mllm mode.
-    """
-
-    mode: Literal["classic", "mllm"] = field(
-        default="classic", metadata={"help": "classic: text encoder + head; mllm: grounding LLM + head"}
-    )
-    output_mode: Literal["direct", "sam", "auto", "prior"] = field(
-        default="direct",
-        metadata={
-            "help": "masks from the head, from SAM, per query by predicted IoU, or the region pointer's "
-            "painted prior alone (mllm.pointer_dim; the pixel side is not run)"
-        },
-    )
-    checkpoint: str | None = field(default=None, metadata={"help": "weights to start from"})
-    reject_threshold: float | None = field(
-        default=0.5,
-        metadata={
-            "help": "mllm generation answers [REJ] when the reject head's no-target probability is above "
-            "this (besides the LLM writing [REJ] itself); null = the LLM's text alone decides"
-        },
-    )
-    pixel: PixelEncoderConfig = field(default_factory=PixelEncoderConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    # mllm mode: image -> vision tower -> projector (+ superpixels) -> grounding LLM -> [SEG] embeddings
-    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
-    superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    mllm: MLLMConfig = field(default_factory=MLLMConfig)
-    pointer: PointerConfig = field(default_factory=PointerConfig)  # classic mode's region pointer
-    # SAM stage (built when output_mode is sam or auto): prompts from the head -> SAM's mask decoder
-    sam: SAMConfig = field(default_factory=SAMConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-
-    def __post_init__(self) -> None:
-        t = self.reject_threshold
-        _check(t is None or 0.0 < t < 1.0, "reject_threshold", f"must be in (0, 1) or null, got {t}")
+        check(self.name in DATASET_NAMES, "name", f"unknown dataset {self.name!r}; one of {DATASET_NAMES}")
+        check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -134,8 +75,8 @@ class DataConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
-        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -182,22 +123,22 @@ class TrainConfig:
     tensorboard: bool = field(default=True, metadata={"help": "log to output_dir/tensorboard if installed"})
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "keep_last"):
             value = getattr(self, name)
-            _check(value >= 1, name, f"must be >= 1, got {value}")
+            check(value >= 1, name, f"must be >= 1, got {value}")
         for name in ("warmup_steps", "pointer_warmup_steps", "eval_every", "save_every"):
             value = getattr(self, name)
-            _check(value >= 0, name, f"must be >= 0, got {value}")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        _check(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
-        _check(
+            check(value >= 0, name, f"must be >= 0, got {value}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        check(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        check(
             self.time_budget_s is None or self.time_budget_s > 0,
             "time_budget_s",
             f"must be > 0 or null, got {self.time_budget_s}",
         )
-        _check(self.resume != "", "resume", "must be 'auto', a checkpoint directory or null")
+        check(self.resume != "", "resume", "must be 'auto', a checkpoint directory or null")
 
 
 @dataclass
@@ -216,14 +157,12 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
 
     def __post_init__(self) -> None:
-        from mllm_ris.data.registry import DATASET_NAMES
-
-        _check(
+        check(
             self.dataset in DATASET_NAMES,
             "dataset",
             f"unknown dataset {self.dataset!r}; one of {DATASET_NAMES}",
         )
-        _check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
 
 
 @dataclass
@@ -234,156 +173,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-# --------------------------------------------------------------------------------------------
-# dict <-> dataclass conversion
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Convert a YAML value to the declared type ``tp``; raise ConfigError naming ``path``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_type_name(tp)}"
-        )
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(v, args[0], f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
-            return tuple(_convert(v, args[0], f"{path}.{i}") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return _from_dict(tp, value, path)
-    if value is None:
-        raise ConfigError(f"{path}: must not be null (expected {_type_name(tp)})")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")
-
-
-def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; fields: {', '.join(names)}"
-            raise ConfigError(f"{full}: unknown config field{hint}")
-        kwargs[key] = _convert(value, hints[key], full)
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:  # __post_init__ names the field locally (ConfigError or a plain
-        # ValueError from s2rm_head, which does not import mllm_ris); add where it lives
-        raise ConfigError(f"{path}.{exc}" if path else str(exc)) from None
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-ready containers (tuples become lists)."""
-    return _plain(dataclasses.asdict(cfg))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.0.c = value`` inside nested dicts / lists, creating dicts on the way."""
-    keys = dotted.split(".")
-    node: Any = tree
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        where = ".".join(keys[: i + 1])
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"{where}: list index out of range (the list has {len(node)} items)")
-            if last:
-                node[int(key)] = value
-            else:
-                node = node[int(key)]
-        elif isinstance(node, dict):
-            if last:
-                node[key] = value
-            else:
-                node = node.setdefault(key, {})
-        else:
-            raise ConfigError(f"{where}: cannot set a field inside a {type(node).__name__}")
-
-
-def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` strings; values are read as YAML (``[1, 2]``, ``null``, ``true``)."""
-    parsed = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.strip(), value))
-    return parsed
 
 
 def load_config(
@@ -403,31 +192,10 @@ def load_config(
     tree = config_to_dict(Config())
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     for one in paths:
-        _merge(tree, _read_yaml(Path(one)))
+        merge(tree, read_yaml(Path(one)))
     for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
-    return _from_dict(Config, tree, "")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping")
-    return loaded
-
-
-def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
-    """Recursive dict update: mappings merge, everything else (lists included) replaces."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
+        set_dotted(tree, key, value)
+    return from_dict(Config, tree, "")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -2,10 +2,14 @@
 
 Every error a user can cause (a bad path, a corrupt file, a wrong config value) is raised as a
 subclass of :class:`MllmRisError` with a one-line message that names the problem. The CLI turns
-these into one line on stderr and a non-zero exit code; anything else is a bug.
+these into one line on stderr and a non-zero exit code; anything else is a bug. One hierarchy with
+``s2rm_head``'s (:mod:`s2rm_head.errors`): ``MllmRisError``, ``ConfigError`` and ``CheckpointError``
+are its classes, re-exported.
 """
 
 from __future__ import annotations
+
+from s2rm_head.errors import CheckpointError, ConfigError, RISError
 
 __all__ = [
     "CheckpointError",
@@ -16,20 +20,12 @@ __all__ = [
 ]
 
 
-class MllmRisError(Exception):
-    """Base class of all errors raised deliberately by mllm-ris."""
-
-
-class ConfigError(MllmRisError, ValueError):
-    """A config value is missing, has the wrong type or is out of range (the message names the field)."""
+MllmRisError = RISError
+"""Base class of all errors raised deliberately by mllm-ris (and s2rm_head: :mod:`s2rm_head.errors`)."""
 
 
 class DatasetError(MllmRisError):
     """A dataset file is missing, unreadable or malformed (the message names the file)."""
-
-
-class CheckpointError(MllmRisError):
-    """A checkpoint is missing, truncated or does not fit the model (the message names the file)."""
 
 
 class NotAvailableError(MllmRisError):

@@ -31,10 +31,11 @@ from torch import nn
 
 from s2rm_head._blocks import LayerNorm2d
 from s2rm_head.casg import CASGDecoder
+from s2rm_head.errors import ConfigError
 from s2rm_head.s2rm import S2RM
 from s2rm_head.types import HeadOutput, LanguageFeatures, pad_query_slot
 
-__all__ = ["HEAD_NAMES", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead", "build_head"]
+__all__ = ["HEAD_NAMES", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead"]
 
 HeadName = Literal["s2rm", "lts", "cmsa", "two-stage"]
 HEAD_NAMES: tuple[str, ...] = typing.get_args(HeadName)
@@ -66,22 +67,22 @@ class HeadConfig:
         self.in_channels = tuple(self.in_channels)
         self.fuse_levels = tuple(self.fuse_levels)
         if self.name not in HEAD_NAMES:
-            raise ValueError(f"name: unknown head {self.name!r}; one of {HEAD_NAMES}")
+            raise ConfigError(f"name: unknown head {self.name!r}; one of {HEAD_NAMES}")
         for name in ("dim", "lang_dim", "num_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dim % self.num_heads:
-            raise ValueError(f"dim: {self.dim} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"dim: {self.dim} is not divisible by num_heads={self.num_heads}")
         if len(self.in_channels) != NUM_LEVELS or min(self.in_channels) < 1:
-            raise ValueError(f"in_channels: need {NUM_LEVELS} positive widths, got {self.in_channels}")
+            raise ConfigError(f"in_channels: need {NUM_LEVELS} positive widths, got {self.in_channels}")
         if not self.fuse_levels or sorted(set(self.fuse_levels)) != list(self.fuse_levels):
-            raise ValueError(f"fuse_levels: need distinct increasing level indices, got {self.fuse_levels}")
+            raise ConfigError(f"fuse_levels: need distinct increasing level indices, got {self.fuse_levels}")
         if not set(self.fuse_levels) <= set(range(NUM_LEVELS)):
-            raise ValueError(f"fuse_levels: indices must be in 0..{NUM_LEVELS - 1}, got {self.fuse_levels}")
+            raise ConfigError(f"fuse_levels: indices must be in 0..{NUM_LEVELS - 1}, got {self.fuse_levels}")
         if self.scan_kernel < 1 or self.scan_kernel % 2 == 0:
-            raise ValueError(f"scan_kernel: must be odd and >= 1, got {self.scan_kernel}")
+            raise ConfigError(f"scan_kernel: must be odd and >= 1, got {self.scan_kernel}")
         if self.coarse_level not in (2, 3):
-            raise ValueError(f"coarse_level: must be 2 (1/16) or 3 (1/32), got {self.coarse_level}")
+            raise ConfigError(f"coarse_level: must be 2 (1/16) or 3 (1/32), got {self.coarse_level}")
 
 
 @dataclass
@@ -242,17 +243,3 @@ class S2RMHead(FusionHead):
                 fused.append(self.films[key](x, inputs.queries))
         out = self.decoder(fused)
         return out.mask_logits, out.iou_pred
-
-
-def build_head(cfg: HeadConfig) -> FusionHead:
-    """Build the fusion head named by ``cfg.name`` (one of :data:`HEAD_NAMES`)."""
-    # baselines.py subclasses FusionHead from this module, so it is imported here, not at the top
-    from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
-
-    heads: dict[str, type[FusionHead]] = {
-        "s2rm": S2RMHead,
-        "lts": LTSHead,
-        "cmsa": CMSAHead,
-        "two-stage": TwoStageHead,
-    }
-    return heads[cfg.name](cfg=cfg)

@@ -28,6 +28,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from transformers import MODEL_FOR_BACKBONE_MAPPING, AutoBackbone, AutoConfig, PretrainedConfig
 
+from s2rm_head.errors import ConfigError
+
 __all__ = [
     "PYRAMID_STRIDES",
     "HFBackboneEncoder",
@@ -44,7 +46,7 @@ _STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
 def _fail(name: str, message: str) -> None:
-    raise ValueError(f"{name}: {message}")
+    raise ConfigError(f"{name}: {message}")
 
 
 @dataclass
@@ -94,7 +96,7 @@ class PixelEncoderConfig:
         try:
             kwargs = json.loads(self.hf_config_json)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"hf_config_json: not valid JSON ({exc})") from None
+            raise ConfigError(f"hf_config_json: not valid JSON ({exc})") from None
         if not isinstance(kwargs, dict):
             _fail("hf_config_json", f"must be a JSON object, got {self.hf_config_json!r}")
         if len(self.hf_out_features) != 4:

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
+from s2rm_head.errors import ConfigError
+
 __all__ = [
     "PromptBuilder",
     "PromptConfig",
@@ -68,15 +70,15 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         if not (self.sparse or self.box or self.points or self.dense):
-            raise ValueError("sparse: every prompt type is off (sparse, box, points, dense); enable one")
+            raise ConfigError("sparse: every prompt type is off (sparse, box, points, dense); enable one")
         for name in ("grounding_dim", "num_sparse_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("num_pos_points", "num_neg_points"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.points and self.num_pos_points + self.num_neg_points == 0:
-            raise ValueError("num_pos_points: points are on but num_pos_points + num_neg_points = 0")
+            raise ConfigError("num_pos_points: points are on but num_pos_points + num_neg_points = 0")
 
 
 class SAMPrompts(NamedTuple):

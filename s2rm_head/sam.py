@@ -7,7 +7,7 @@ differentiable prompt → mask path.
   (same classes, small widths) for CPU tests and the default model; freezing by config.
 * :func:`load_sam_checkpoint` / :func:`save_sam_checkpoint` — the official state-dict layout
   (``sam_vit_b_01ec64.pth``: exactly ``Sam.state_dict()``), read with ``torch.load(weights_only=True)``
-  or safetensors; every failure is a one-line :class:`~mllm_ris.errors.CheckpointError` naming the file.
+  or safetensors; every failure is a one-line :class:`~s2rm_head.errors.CheckpointError` naming the file.
 * :class:`SAMStage` — calls ``prompt_encoder`` and ``mask_decoder`` directly (``Sam.forward`` is
   ``no_grad``), ``N = B * T`` (image, query) pairs, sample-major like the fusion heads.
 """
@@ -24,9 +24,17 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from s2rm_head.errors import ConfigError
 from s2rm_head.pixel_encoder import PixelEncoderConfig, build_sam_vit
 from s2rm_head.prompts import SAMPrompts
-from s2rm_head.sam_checkpoint import SAMLoadReport, infer_sam_arch, load_sam_checkpoint, save_sam_checkpoint
+from s2rm_head.sam_checkpoint import (
+    SAM_ARCHS,
+    SAMArch,
+    SAMLoadReport,
+    infer_sam_arch,
+    load_sam_checkpoint,
+    save_sam_checkpoint,
+)
 
 __all__ = [
     "SAM_ARCHS",
@@ -50,30 +58,8 @@ _PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM's, on 0..255 RGB
 _PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-@dataclass(frozen=True)
-class SAMArch:
-    """Hyper-parameters of one SAM build (the official values are those of ``build_sam.py``)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int = 14
-    prompt_dim: int = 256  # prompt / mask-decoder width = the image encoder's neck channels
-    decoder_heads: int = 8
-    decoder_mlp_dim: int = 2048
-    iou_hidden_dim: int = 256
-
-
-SAM_ARCHS: dict[str, SAMArch] = {
-    "vit_b": SAMArch(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": SAMArch(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": SAMArch(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-}
-
-
 def _fail(name: str, message: str) -> None:
-    raise ValueError(f"{name}: {message}")
+    raise ConfigError(f"{name}: {message}")
 
 
 @dataclass

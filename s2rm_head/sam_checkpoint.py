@@ -1,7 +1,7 @@
 """SAM checkpoints in the official layout (``sam_vit_b_01ec64.pth``: exactly ``Sam.state_dict()``).
 
 Read with ``torch.load(weights_only=True)`` or safetensors; every failure is a one-line
-:class:`~mllm_ris.errors.CheckpointError` naming the file. Writes are atomic (temporary file, rename).
+:class:`~s2rm_head.errors.CheckpointError` naming the file. Writes are atomic (temporary file, rename).
 """
 
 from __future__ import annotations
@@ -12,9 +12,38 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import Sam
 
-from mllm_ris.errors import CheckpointError
+from s2rm_head.errors import CheckpointError
 
-__all__ = ["SAMLoadReport", "infer_sam_arch", "load_sam_checkpoint", "save_sam_checkpoint"]
+__all__ = [
+    "SAM_ARCHS",
+    "SAMArch",
+    "SAMLoadReport",
+    "infer_sam_arch",
+    "load_sam_checkpoint",
+    "save_sam_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class SAMArch:
+    """Hyper-parameters of one SAM build (the official values are those of ``build_sam.py``)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    prompt_dim: int = 256  # prompt / mask-decoder width = the image encoder's neck channels
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    iou_hidden_dim: int = 256
+
+
+SAM_ARCHS: dict[str, SAMArch] = {
+    "vit_b": SAMArch(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": SAMArch(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": SAMArch(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
 
 
 @dataclass
@@ -37,8 +66,6 @@ def infer_sam_arch(state: dict[str, torch.Tensor]) -> tuple[int, int] | None:
 
 
 def _describe(arch: tuple[int, int]) -> str:
-    from s2rm_head.sam import SAM_ARCHS  # sam.py imports this module
-
     for name, a in SAM_ARCHS.items():
         if (a.depth, a.embed_dim) == arch:
             return f"a {name} ({arch[0]} blocks, width {arch[1]})"

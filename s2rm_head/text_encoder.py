@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from s2rm_head.errors import ConfigError
 from s2rm_head.types import LanguageFeatures
 
 __all__ = ["TextEncoder", "TextEncoderConfig", "build_text_encoder", "default_text_model_path"]
@@ -57,13 +58,13 @@ class TextEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.init not in ("pretrained", "random"):
-            raise ValueError(f"init: must be pretrained or random, got {self.init!r}")
+            raise ConfigError(f"init: must be pretrained or random, got {self.init!r}")
         if self.dim is not None and self.dim < 1:
-            raise ValueError(f"dim: must be >= 1 or null, got {self.dim}")
+            raise ConfigError(f"dim: must be >= 1 or null, got {self.dim}")
         if self.max_length < 3:
-            raise ValueError(f"max_length: must be >= 3 ([CLS] word [SEP]), got {self.max_length}")
+            raise ConfigError(f"max_length: must be >= 3 ([CLS] word [SEP]), got {self.max_length}")
         if self.random_hidden_size % self.random_num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"random_hidden_size: {self.random_hidden_size} not divisible by "
                 f"random_num_heads={self.random_num_heads}"
             )

@@ -3,7 +3,7 @@
     python scripts/train_classic.py --config configs/train/synthref-classic.yaml \
         data.train.0.root=data/synthref data.val.0.root=data/synthref train.max_steps=1000
 
-A thin wrapper over :func:`mllm_ris.training.classic.train_classic`; errors are one line.
+A thin wrapper over :func:`mllm_ris.training.trainer.train_classic`; errors are one line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from mllm_ris.config import load_config
 from mllm_ris.errors import MllmRisError
-from mllm_ris.training.classic import train_classic
+from mllm_ris.training.trainer import train_classic
 
 
 def main() -> int:

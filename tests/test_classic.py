@@ -14,7 +14,8 @@ from mllm_ris.data.collate import RISTransform, collate_ris
 from mllm_ris.data.synthetic import SynthRefDataset, make_synthref
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.classic import ClassicRISModel, build_classic_model, load_state, save_state
-from mllm_ris.training.classic import ClassicPredictor, build_mixture, train_classic
+from mllm_ris.training.classic import ClassicPredictor, build_mixture
+from mllm_ris.training.trainer import train_classic
 from s2rm_head.head import HEAD_NAMES
 
 TINY = [

@@ -19,7 +19,7 @@ from mllm_ris.modeling.pointer import paint_regions
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.training.export import export_model, load_trained_model
 from mllm_ris.training.mllm import MLLMTask
-from mllm_ris.training.task import build_task
+from mllm_ris.training.tasks import build_task
 from mllm_ris.training.trainer import Trainer
 
 POINTER = ("model.pointer.dim=16", "model.projector.descriptors=true", "model.projector.tower=false")

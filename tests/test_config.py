@@ -118,7 +118,8 @@ def test_parse_overrides_reads_yaml_values() -> None:
 def test_tuple_fields_convert_and_dump() -> None:
     from dataclasses import dataclass
 
-    from mllm_ris.config import _from_dict, config_to_dict
+    from mllm_ris.config_tree import config_to_dict
+    from mllm_ris.config_tree import from_dict as _from_dict
 
     @dataclass
     class Widths:

@@ -23,7 +23,8 @@ from mllm_ris.modeling.tokens import ensure_special_tokens, load_tokenizer
 from mllm_ris.training.checkpoint import consolidated_state_dict
 from mllm_ris.training.mllm import MLLMTask, tie_all_parameters
 from mllm_ris.training.sampling import MixtureSampler, build_mixture
-from mllm_ris.training.task import TrainTask, build_task
+from mllm_ris.training.task import TrainTask
+from mllm_ris.training.tasks import build_task
 from mllm_ris.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

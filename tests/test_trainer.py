@@ -24,11 +24,11 @@ from mllm_ris.config import Config, load_config
 from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import CheckpointError
 from mllm_ris.training.checkpoint import CheckpointManager, read_trainer_state
-from mllm_ris.training.classic import ClassicTask, train_classic
+from mllm_ris.training.classic import ClassicTask
 from mllm_ris.training.faults import NonFiniteLossError, StopSignals
 from mllm_ris.training.optim import lr_factor
 from mllm_ris.training.task import TrainTask
-from mllm_ris.training.trainer import Trainer
+from mllm_ris.training.trainer import Trainer, train_classic
 
 TINY_CLASSIC = [
     "model.text.init=random",

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mllm_ris.modeling.tokens import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN
-
 __all__ = [
     "IGNORE_INDEX",
+    "IMAGE_TOKEN",
     "QUESTION_TEMPLATES",
+    "REJ_TOKEN",
+    "SEG_TOKEN",
     "ChatTemplate",
     "EncodedConversation",
     "Turn",
@@ -32,6 +33,10 @@ __all__ = [
     "collate_conversations",
     "template_corpus",
 ]
+
+IMAGE_TOKEN = "<image>"  # where the visual tokens go in the prompt
+SEG_TOKEN = "[SEG]"  # one per referred object in an answer
+REJ_TOKEN = "[REJ]"  # the answer when nothing matches
 
 IGNORE_INDEX = -100
 QUESTION_TEMPLATES: tuple[str, ...] = (

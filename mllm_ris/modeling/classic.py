@@ -19,8 +19,9 @@ from mllm_ris.data.collate import RISBatch
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.losses import LossConfig, MaskLosses, mask_losses
 from mllm_ris.modeling.weights import check_state_fits
-from s2rm_head.head import FusionHead, build_head
+from s2rm_head.head import FusionHead
 from s2rm_head.pixel_encoder import PixelEncoder, build_pixel_encoder
+from s2rm_head.registry import build_head
 from s2rm_head.text_encoder import TextEncoder, build_text_encoder
 from s2rm_head.types import HeadOutput
 

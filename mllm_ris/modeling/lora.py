@@ -55,7 +55,6 @@ __all__ = [
     "apply_lora",
     "base_state_dict",
     "enable_gradient_checkpointing",
-    "load_base_llm",
     "load_causal_lm",
     "merge_lora",
     "peft_deprecations_silenced",
@@ -353,31 +352,6 @@ def _check_4bit_cpu_widths(path: Path) -> None:
                 f"quantization: 4bit on CPU needs {name} divisible by {BNB_4BIT_BLOCK} (bitsandbytes' "
                 f"4-bit block size), got {name}={width} in {path / 'config.json'}"
             )
-
-
-def load_base_llm(
-    *,
-    path: str | Path | None,
-    llava_path: str | Path | None = None,
-    quantization: Literal["none", "4bit", "8bit"] = "none",
-    dtype: str = "float32",
-    device: str | torch.device | None = None,
-    keep_layers: int | None = None,
-) -> PreTrainedModel:
-    """The causal LM in ``path`` (see :func:`load_causal_lm`) or, when ``llava_path`` is set, a LLaVA
-    checkpoint's; ``keep_layers`` keeps its first N decoder layers."""
-    if llava_path is not None:
-        if quantization != "none":
-            raise ConfigError("quantization: not supported with llava_path; save the language model first")
-        from mllm_ris.modeling.llava import load_llava_checkpoint
-
-        llm = load_llava_checkpoint(llava_path, dtype=dtype).llm
-        return llm if keep_layers is None else truncate_layers(llm, keep_layers)
-    if path is None:
-        raise ConfigError("name_or_path: a saved LLM folder is needed here (no random init)")
-    return load_causal_lm(
-        path, quantization=quantization, dtype=dtype, device=device, keep_layers=keep_layers
-    )
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -36,12 +36,12 @@ from mllm_ris.modeling._sequence import (
     pack_states,
     splice_visual_tokens,
 )
+from mllm_ris.modeling.llava import load_base_llm
 from mllm_ris.modeling.lora import (
     MLLMConfig,
     apply_lora,
     base_state_dict,
     enable_gradient_checkpointing,
-    load_base_llm,
     load_causal_lm,
     merge_lora,
     peft_deprecations_silenced,

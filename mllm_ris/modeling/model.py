@@ -37,6 +37,7 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import LossConfig
 from mllm_ris.modeling.mllm import GroundingMLLM
 from mllm_ris.modeling.model_build import build_parts
+from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.model_losses import (
     match_targets,
     no_target_loss,
@@ -56,7 +57,7 @@ from s2rm_head.text_encoder import TextEncoder
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
 if TYPE_CHECKING:
-    from mllm_ris.config import ModelConfig
+    from mllm_ris.modeling.model_config import ModelConfig
 
 __all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model"]
 
@@ -510,18 +511,39 @@ class RISModel(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the model folder (see :func:`mllm_ris.modeling.model_io.save_model`)."""
-        from mllm_ris.modeling.model_io import save_model
-
         return save_model(self, path)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, trainable: bool = False, device: str | torch.device | None = None
     ) -> RISModel:
-        """Rebuild a model written by :meth:`save_pretrained` (eval mode; frozen unless ``trainable``)."""
-        from mllm_ris.modeling.model_io import load_model
+        """Rebuild a model written by :meth:`save_pretrained`, in eval mode.
 
-        return load_model(path, trainable=trainable, device=device)
+        Args:
+            trainable: keep the config's trainable parts trainable (resume); False freezes everything.
+            device: where to put the model (a quantized LLM base is placed by its loader instead).
+
+        Raises:
+            CheckpointError: not a model folder, or a file that does not fit the rebuilt model.
+        """
+        folder = Path(path)
+        cfg = read_model_config(folder)
+        mllm = None
+        if cfg.mode == "mllm":
+            mllm = GroundingMLLM.from_pretrained(folder / "mllm", trainable=trainable, device=device)
+        model = build_model(cfg, mllm=mllm)
+        load_parts(model, folder)
+        if not trainable:
+            model.requires_grad_(False)
+        if device is not None:
+            quantized = cfg.mode == "mllm" and cfg.mllm.quantization != "none"
+            for name, child in model.named_children():
+                if name != "mllm" or not quantized:
+                    child.to(device)
+                else:  # a bitsandbytes base stays where its loader put it; the heads follow `device`
+                    child.heads_to(device)
+            model._mean, model._std = model._mean.to(device), model._std.to(device)
+        return model.eval()
 
 
 def build_model(

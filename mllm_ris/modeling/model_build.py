@@ -34,14 +34,14 @@ from mllm_ris.modeling.mllm import GroundingMLLM, build_grounding_mllm
 from mllm_ris.modeling.pointer import RegionPointer
 from mllm_ris.modeling.projector import VisualProjector, build_projector
 from mllm_ris.modeling.vision import VisionTower, build_vision_tower
-from s2rm_head.head import build_head
 from s2rm_head.pixel_encoder import PixelEncoder, SAMViTEncoder, build_pixel_encoder
 from s2rm_head.prompts import build_prompt_builder
+from s2rm_head.registry import build_head
 from s2rm_head.sam import SAMStage, build_sam_stage
 from s2rm_head.text_encoder import build_text_encoder
 
 if TYPE_CHECKING:
-    from mllm_ris.config import ModelConfig
+    from mllm_ris.modeling.model_config import ModelConfig
 
 __all__ = ["BuiltParts", "build_parts"]
 

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm_ris.config import config_to_dict, load_config
+from mllm_ris.config_tree import config_to_dict, from_dict
 from mllm_ris.errors import CheckpointError
-from mllm_ris.modeling.mllm import GroundingMLLM
+from mllm_ris.modeling.model_config import ModelConfig
 from mllm_ris.modeling.weights import check_state_fits
 
 if TYPE_CHECKING:
     from mllm_ris.modeling.model import RISModel
 
-__all__ = ["CONFIG_NAME", "PARTS", "load_model", "owned_state", "save_model"]
+__all__ = ["CONFIG_NAME", "PARTS", "load_parts", "owned_state", "read_model_config", "save_model"]
 
 CONFIG_NAME = "config.json"
 PARTS: tuple[str, ...] = (
@@ -113,38 +113,30 @@ def _load_part(model: RISModel, part: str, folder: Path) -> None:
     getattr(model, part).load_state_dict(state, strict=False)
 
 
-def load_model(
-    path: str | Path, *, trainable: bool = False, device: str | torch.device | None = None
-) -> RISModel:
-    """Rebuild the model saved in ``path`` by :func:`save_model`, in eval mode.
-
-    Args:
-        trainable: keep the config's trainable parts trainable (resume); False freezes everything.
-        device: where to put the model (a quantized LLM base is placed by its loader instead).
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of the model folder ``path`` (its ``config.json``'s ``model`` section).
 
     Raises:
-        CheckpointError: not a model folder, or a file that does not fit the rebuilt model.
+        CheckpointError: not a model folder, or an unreadable ``config.json``.
+        ConfigError: a value in it that is not a valid config.
     """
-    from mllm_ris.modeling.model import build_model
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{str(Path(path))!r} is not a RISModel folder (no {CONFIG_NAME})")
+    try:
+        tree = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
+        raise CheckpointError(f"{file} has no model section")
+    return from_dict(ModelConfig, tree["model"], "model")
 
-    folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{str(folder)!r} is not a RISModel folder (no {CONFIG_NAME})")
-    cfg = load_config(folder / CONFIG_NAME).model
-    mllm = None
-    if cfg.mode == "mllm":
-        mllm = GroundingMLLM.from_pretrained(folder / "mllm", trainable=trainable, device=device)
-    model = build_model(cfg, mllm=mllm)
+
+def load_parts(model: RISModel, path: str | Path) -> None:
+    """Load every part file of the folder ``path`` onto ``model`` (built from the folder's config).
+
+    Raises:
+        CheckpointError: a missing part file, or one that does not fit the model.
+    """
     for part in PARTS:
-        _load_part(model, part, folder)
-    if not trainable:
-        model.requires_grad_(False)
-    if device is not None:
-        quantized = cfg.mode == "mllm" and cfg.mllm.quantization != "none"
-        for name, child in model.named_children():
-            if name != "mllm" or not quantized:
-                child.to(device)
-            else:  # a bitsandbytes base stays where its loader put it; the heads follow `device`
-                child.heads_to(device)
-        model._mean, model._std = model._mean.to(device), model._std.to(device)
-    return model.eval()
+        _load_part(model, part, Path(path))

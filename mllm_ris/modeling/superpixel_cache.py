@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mllm_ris.processing.rgb import as_rgb
+
 if TYPE_CHECKING:
     from mllm_ris.modeling.superpixels import SuperpixelGenerator
 
@@ -46,9 +48,7 @@ class SuperpixelCache:
 
     def path_for(self, image: np.ndarray) -> Path:
         """The cache file of ``image`` (which need not exist)."""
-        from mllm_ris.modeling.superpixels import _as_rgb  # the generators' input normalisation
-
-        return self._path(_as_rgb(image))
+        return self._path(as_rgb(image))
 
     def _path(self, rgb: np.ndarray) -> Path:
         digest = hashlib.sha256()
@@ -59,9 +59,7 @@ class SuperpixelCache:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """``image (H, W, 3) uint8`` → ``(H, W) int32`` labels ``0..K-1``, from disk when cached."""
-        from mllm_ris.modeling.superpixels import _as_rgb
-
-        rgb = _as_rgb(image)
+        rgb = as_rgb(image)  # the generators' input normalisation
         path = self._path(rgb)
         if path.is_file():
             labels = _load_labels(path, rgb.shape[:2])

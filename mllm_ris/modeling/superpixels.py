@@ -32,8 +32,9 @@ from scipy.sparse.csgraph import connected_components
 from skimage.color import rgb2lab
 from skimage.segmentation import slic
 
-from mllm_ris.errors import ConfigError, MllmRisError
+from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.superpixel_cache import CacheStats, SuperpixelCache
+from mllm_ris.processing.rgb import SuperpixelInputError, as_rgb
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -82,32 +83,6 @@ class SuperpixelConfig:
         for name in ("fallback_fraction", "pred_iou_thresh", "stability_score_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-
-
-class SuperpixelInputError(MllmRisError, ValueError):
-    """The image given to a superpixel generator has the wrong type, dtype, shape or is empty."""
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """Validate and normalise an image to ``(H, W, 3) uint8``.
-
-    Accepted: ``(H, W, 3)`` RGB, ``(H, W)`` / ``(H, W, 1)`` grey (replicated), ``(H, W, 4)`` RGBA
-    (alpha ignored). Only ``uint8``: float images are refused because their range (0-1 or 0-255)
-    is ambiguous.
-    """
-    if not isinstance(image, np.ndarray):
-        raise SuperpixelInputError(f"image: expected a numpy array, got {type(image).__name__}")
-    shape = tuple(image.shape)
-    if image.dtype != np.uint8:
-        raise SuperpixelInputError(f"image: expected dtype uint8 (0-255), got {image.dtype}")
-    image = image[:, :, None] if image.ndim == 2 else image
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise SuperpixelInputError(f"image: expected shape (H, W, 3), (H, W, 4) or (H, W), got {shape}")
-    if image.size == 0:
-        raise SuperpixelInputError(f"image: empty image of shape {shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)  # (H, W, 1) -> (H, W, 3)
-    return np.ascontiguousarray(image[:, :, :3])  # RGBA -> RGB
 
 
 def _downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
@@ -224,7 +199,7 @@ class SuperpixelGenerator(ABC):
         Raises:
             SuperpixelInputError: not a non-empty uint8 grey / RGB / RGBA array.
         """
-        rgb = _as_rgb(image)
+        rgb = as_rgb(image)
         small = _downscale(rgb, self.cfg.max_side) if self.downscale else rgb
         labels = _consecutive(self._segment(small))  # relabel 0..K-1 at low res
         return _upsample_nearest(labels, *rgb.shape[:2])

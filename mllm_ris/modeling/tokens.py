@@ -1,5 +1,8 @@
 """Grounding tokens (``<image>``, ``[SEG]``, ``[REJ]``) and offline tokenizers.
 
+The three token strings belong to the chat format (:mod:`mllm_ris.data.conversation`, which defines
+them) and are re-exported here with the tokenizer helpers.
+
 * :func:`add_grounding_tokens` adds the three tokens to any HF tokenizer and resizes the model's
   embeddings; new rows (input and, when untied, output) start at the mean of the existing rows.
 * :func:`train_bpe_tokenizer` trains a small byte-level BPE with the ``tokenizers`` library (no
@@ -20,6 +23,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mllm_ris.data.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, template_corpus
 from mllm_ris.errors import ConfigError, MllmRisError
 from mllm_ris.modeling.pretrained_llm import resolve_llm_source
 
@@ -40,9 +44,6 @@ __all__ = [
     "train_bpe_tokenizer",
 ]
 
-IMAGE_TOKEN = "<image>"
-SEG_TOKEN = "[SEG]"
-REJ_TOKEN = "[REJ]"
 GROUNDING_TOKENS: tuple[str, str, str] = (IMAGE_TOKEN, SEG_TOKEN, REJ_TOKEN)
 _BPE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -147,8 +148,6 @@ def check_token_counts(
 
 def default_corpus() -> list[str]:
     """Chat-template sentences and SynthRef words: the training text of the default BPE."""
-    from mllm_ris.data.conversation import template_corpus  # data → modeling only here, lazily
-
     words = [
         "left right top bottom middle centre center above below beside next to near far between",
         "the a an of in on at with and or is are it they this that there no such object image picture",

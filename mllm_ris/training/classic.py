@@ -4,13 +4,12 @@
 :class:`~mllm_ris.training.trainer.Trainer`: it mixes the ``data.train`` datasets by their
 ``weight``, computes the mask losses, evaluates with :class:`ClassicPredictor` and writes
 ``model.safetensors`` + ``config.json`` (:func:`mllm_ris.modeling.classic.save_state`).
-:func:`train_classic` is the function ``scripts/train_classic.py`` and ``benchmarks/bench_heads.py``
-call: a fresh single-config run in one call.
+:func:`mllm_ris.training.trainer.train_classic` (``scripts/train_classic.py``,
+``benchmarks/bench_heads.py``) runs it: a fresh single-config run in one call.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from mllm_ris.modeling.classic import ClassicRISModel, build_classic_model, load
 from mllm_ris.training.sampling import build_mixture, open_dataset
 from mllm_ris.training.summary import TrainSummary
 
-__all__ = ["ClassicPredictor", "ClassicTask", "TrainSummary", "build_mixture", "train_classic"]
+__all__ = ["ClassicPredictor", "ClassicTask", "TrainSummary", "build_mixture"]
 
 
 class ClassicPredictor:
@@ -120,23 +119,3 @@ class ClassicTask:
     def save_model(self, model: nn.Module, out_dir: Path, config: dict) -> Path:
         """``model.safetensors`` (a frozen pretrained text transformer left out) + ``config.json``."""
         return save_state(model, out_dir, config=config)
-
-
-def train_classic(cfg: Config, *, time_budget_s: float | None = None, progress: bool = True) -> TrainSummary:
-    """Train a classic-mode model from ``cfg`` and evaluate it on every ``data.val`` dataset.
-
-    A fresh run each call (an earlier run in ``train.output_dir`` is replaced) unless
-    ``train.resume`` is set; checkpoints, evaluation and logging follow ``cfg.train``.
-
-    Args:
-        cfg: the resolved config (``model.mode`` must be ``classic``).
-        time_budget_s: stop early after this many seconds of training (the schedule still spans
-            ``train.max_steps``, so a budgeted run is a prefix of the full one).
-        progress: show a progress bar.
-    """
-    from mllm_ris.training.trainer import Trainer
-
-    task = ClassicTask(cfg)
-    if cfg.train.resume is None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite_output_dir=True))
-    return Trainer(cfg, task, progress=progress).fit(time_budget_s=time_budget_s)

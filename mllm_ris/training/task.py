@@ -2,8 +2,9 @@
 
 A *task* builds the model, provides the training data and its collate function, computes the
 loss of a batch, wraps a model as an evaluation predictor and writes the final model files.
-Classic mode is :class:`mllm_ris.training.classic.ClassicTask`, the grounding MLLM
-:class:`mllm_ris.training.mllm.MLLMTask`; both are registered in :data:`TASKS` under their ``model.mode``.
+Classic mode without the region pointer is :class:`mllm_ris.training.classic.ClassicTask`, every
+other model :class:`mllm_ris.training.mllm.MLLMTask`; :func:`mllm_ris.training.tasks.build_task`
+picks one.
 
 Optional: ``external_weights(model) -> set[str]`` names state-dict keys (of the bare model) that
 ``build_model`` loads from their own pretrained files, e.g. a frozen LLM under LoRA. Training
@@ -13,7 +14,6 @@ nothing else is missing (not under DeepSpeed, which writes its own checkpoint fo
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,12 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mllm_ris.config import Config, ModelConfig
+from mllm_ris.config import ModelConfig
 from mllm_ris.data.sample import ReferringDataset
-from mllm_ris.errors import ConfigError
 from mllm_ris.eval.evaluate import Predictor
 
-__all__ = ["TASKS", "TrainTask", "build_task", "legacy_classic"]
+__all__ = ["TrainTask", "legacy_classic"]
 
 
 @runtime_checkable
@@ -69,27 +68,7 @@ class TrainTask(Protocol):
         ...
 
 
-TASKS: dict[str, str] = {
-    "classic": "mllm_ris.training.classic:ClassicTask",
-    "mllm": "mllm_ris.training.mllm:MLLMTask",
-}
-"""``model.mode`` -> ``"module:Class"`` of its task; a task class takes the :class:`Config`."""
-
-
 def legacy_classic(model_cfg: ModelConfig) -> bool:
     """Whether ``model_cfg`` trains as the legacy ``ClassicRISModel`` (classic mode without the region
     pointer); every other model is a :class:`~mllm_ris.modeling.model.RISModel` run (``MLLMTask``)."""
     return model_cfg.mode == "classic" and model_cfg.pointer.dim is None
-
-
-def build_task(cfg: Config) -> TrainTask:
-    """The task for ``cfg.model.mode``.
-
-    Raises:
-        ConfigError: no task is registered for the mode.
-    """
-    mode = "mllm" if cfg.model.mode == "mllm" or not legacy_classic(cfg.model) else "classic"
-    if mode not in TASKS:
-        raise ConfigError(f"model.mode: no training task for {mode!r}; known: {sorted(TASKS)}")
-    module, _, cls = TASKS[mode].partition(":")
-    return getattr(importlib.import_module(module), cls)(cfg)

@@ -10,10 +10,11 @@ distribution strategy comes from the accelerate config the run was launched with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,48 @@ from mllm_ris.training.checkpoint import (
     read_trainer_state,
     resolve_start,
 )
+from mllm_ris.training.classic import ClassicTask
 from mllm_ris.training.faults import BadStepGuard, StopSignals
 from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
 from mllm_ris.training.sampling import mixture_loader
 from mllm_ris.training.summary import TrainSummary
-from mllm_ris.training.task import TrainTask, build_task
+from mllm_ris.training.task import TrainTask
+from mllm_ris.training.tasks import build_task
 from mllm_ris.training.tracking import RunLog, tensorboard_wanted
 
-__all__ = ["TrainSummary", "Trainer", "train"]
+__all__ = ["TrainSummary", "Trainer", "train", "train_classic"]
+
+
+@dataclass
+class StepFlags:
+    """What one micro-batch reports to every rank (summed over ranks by one all-reduce)."""
+
+    loss: float = 0.0  # this rank's loss (0 when not finite)
+    non_finite: float = 0.0  # ranks whose loss was NaN / inf
+    sigint: float = 0.0  # ranks that received SIGINT
+    sigterm: float = 0.0  # ranks that received SIGTERM
+    over_budget: float = 0.0  # 1 when rank 0's clock passed the time budget
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as the trainer logs and acts on it.
+
+    Attributes:
+        loss: mean loss over the accumulated micro-batches and ranks; NaN for a skipped step.
+        terms: the task's named loss terms, averaged over micro-batches.
+        bad: why the step was skipped (a NaN / inf loss or gradient norm), else None.
+        grad_norm: the gradient norm before clipping, when computed.
+        signal: ``"SIGINT"`` / ``"SIGTERM"`` when a rank was asked to stop, else None.
+        over_budget: the time budget ran out.
+    """
+
+    loss: float
+    terms: dict[str, float]
+    bad: str | None
+    grad_norm: float | None
+    signal: str | None
+    over_budget: bool
 
 
 class Trainer:
@@ -61,7 +96,7 @@ class Trainer:
 
     Args:
         cfg: the resolved config.
-        task: the model family (default: :func:`~mllm_ris.training.task.build_task` of ``cfg``).
+        task: the model family (default: :func:`~mllm_ris.training.tasks.build_task` of ``cfg``).
         progress: show a progress bar on the main process.
     """
 
@@ -113,17 +148,20 @@ class Trainer:
 
     def _start_point(self, resume: str | None) -> Path | None:
         """Main process decides (and cleans up); every rank gets the answer or the error."""
-        answer: list[Any] = [None, None]
+        start: str | None = None
+        error: str | None = None
         if self.accelerator.is_main_process:
             try:
-                answer[0] = resolve_start(resume, self.manager, overwrite=self.cfg.train.overwrite_output_dir)
+                start = resolve_start(resume, self.manager, overwrite=self.cfg.train.overwrite_output_dir)
             except CheckpointError as exc:
-                answer[1] = str(exc)
+                error = str(exc)
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(answer)
-        if answer[1] is not None:
-            raise CheckpointError(answer[1])
-        return None if answer[0] is None else Path(answer[0])
+            shared = [start, error]  # broadcast_object_list fills the list in place
+            broadcast_object_list(shared)
+            start, error = shared
+        if error is not None:
+            raise CheckpointError(error)
+        return None if start is None else Path(start)
 
     def _load(self, path: Path) -> None:
         saved = read_trainer_state(path)
@@ -150,38 +188,38 @@ class Trainer:
             for key in [k for k in state if k.removeprefix("module.") in self.external]:
                 del state[key]
 
-    def _flags(self, loss: torch.Tensor, stop: StopSignals, deadline: float | None) -> list[float]:
-        """[loss, non-finite, SIGINT, SIGTERM, over budget] summed over ranks (one all-reduce)."""
+    def _flags(self, loss: torch.Tensor, stop: StopSignals, deadline: float | None) -> StepFlags:
+        """This micro-batch's :class:`StepFlags`, summed over ranks (one all-reduce)."""
         finite = bool(torch.isfinite(loss.detach()).all())
         late = self.accelerator.is_main_process and deadline is not None and time.perf_counter() > deadline
-        local = [
-            float(loss.detach().float()) if finite else 0.0,
-            0.0 if finite else 1.0,
-            float(stop.name == "SIGINT"),
-            float(stop.name == "SIGTERM"),
-            float(late),  # rank 0's clock decides
-        ]
+        local = StepFlags(
+            loss=float(loss.detach().float()) if finite else 0.0,
+            non_finite=0.0 if finite else 1.0,
+            sigint=float(stop.name == "SIGINT"),
+            sigterm=float(stop.name == "SIGTERM"),
+            over_budget=float(late),  # rank 0's clock decides
+        )
         if self.accelerator.num_processes == 1:
             return local
-        t = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(t, reduction="sum").tolist()
+        t = torch.tensor(dataclasses.astuple(local), dtype=torch.float64, device=self.accelerator.device)
+        return StepFlags(*self.accelerator.reduce(t, reduction="sum").tolist())
 
-    def _step(self, batches: Iterator[Any], stop: StopSignals, deadline: float | None) -> dict[str, Any]:
+    def _step(self, batches: Iterator[Any], stop: StopSignals, deadline: float | None) -> StepResult:
         """Run ``grad_accum_steps`` micro-batches and (unless one was bad) the optimizer step."""
         acc, tc = self.accelerator, self.cfg.train
         world = acc.num_processes
-        loss_sum, terms, bad, flags = 0.0, {}, None, [0.0] * 5
+        loss_sum, terms, bad, flags = 0.0, {}, None, StepFlags()
         grad_norm = None
         for _ in range(tc.grad_accum_steps):
             batch = send_to_device(next(batches), acc.device)
             with acc.accumulate(self.model):
                 loss, parts = self.task.loss(self.model, batch)
                 flags = self._flags(loss, stop, deadline)
-                if flags[1] > 0:  # some rank saw NaN / inf: every rank skips this backward
+                if flags.non_finite > 0:  # some rank saw NaN / inf: every rank skips this backward
                     bad = "loss was NaN / inf"
                 else:
                     acc.backward(loss)
-                    loss_sum += flags[0] / world
+                    loss_sum += flags.loss / world
                     for k, v in parts.items():
                         terms[k] = terms.get(k, 0.0) + float(v) / tc.grad_accum_steps
                 if acc.sync_gradients:
@@ -197,14 +235,14 @@ class Trainer:
                             self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {
-            "loss": loss_sum / tc.grad_accum_steps if bad is None else math.nan,
-            "terms": terms,
-            "bad": bad,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "signal": "SIGINT" if flags[2] > 0 else "SIGTERM" if flags[3] > 0 else None,
-            "over_budget": flags[4] > 0,
-        }
+        return StepResult(
+            loss=loss_sum / tc.grad_accum_steps if bad is None else math.nan,
+            terms=terms,
+            bad=bad,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            signal="SIGINT" if flags.sigint > 0 else "SIGTERM" if flags.sigterm > 0 else None,
+            over_budget=flags.over_budget > 0,
+        )
 
     def _bare_model(self) -> torch.nn.Module | None:
         """The full model for evaluation / export on the main process (collective under ZeRO-3)."""
@@ -310,15 +348,15 @@ class Trainer:
                     self.state.step += 1
                     self.state.samples += tc.grad_accum_steps * acc.num_processes * tc.batch_size
                     step = self.state.step
-                    losses.append(out["loss"])
+                    losses.append(out.loss)
                     self._record(out, guard, seconds, end)
                     if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                         self.log.evaluation(self.evaluate(), step, self.out_dir)
-                    interrupted = out["signal"]
-                    if interrupted or out["over_budget"] or (tc.save_every and step % tc.save_every == 0):
+                    interrupted = out.signal
+                    if interrupted or out.over_budget or (tc.save_every and step % tc.save_every == 0):
                         self.save_checkpoint()
                         saved_at = step
-                    if interrupted or out["over_budget"]:
+                    if interrupted or out.over_budget:
                         break
             if self.state.step != saved_at:
                 self.save_checkpoint()
@@ -329,16 +367,16 @@ class Trainer:
             self.log.close()
         return self._summary(losses, seconds, begin, reports, interrupted, guard)
 
-    def _record(self, out: dict[str, Any], guard: BadStepGuard, seconds: float, end: int) -> None:
+    def _record(self, out: StepResult, guard: BadStepGuard, seconds: float, end: int) -> None:
         """Count a skipped step (may raise NonFiniteLossError) or log an applied one."""
         tc, step = self.cfg.train, self.state.step
         self.log.advance()  # type: ignore[union-attr]
-        if out["bad"] is not None:
-            self._say(f"step {step}: {out['bad']}; skipped ({guard.total + 1} so far)")
-            self.log.record({"step": step, "skipped": out["bad"]})  # type: ignore[union-attr]
+        if out.bad is not None:
+            self._say(f"step {step}: {out.bad}; skipped ({guard.total + 1} so far)")
+            self.log.record({"step": step, "skipped": out.bad})  # type: ignore[union-attr]
             last = str(self.last_checkpoint) if self.last_checkpoint else None
             try:
-                guard.bad(step, out["bad"], last)
+                guard.bad(step, out.bad, last)
             finally:
                 self.state.bad_steps, self.state.consecutive_bad = guard.total, guard.consecutive
             return
@@ -347,12 +385,12 @@ class Trainer:
         if step % tc.log_every == 0 or step == end:
             record = {
                 "step": step,
-                "loss": out["loss"],
+                "loss": out.loss,
                 "lr": self.scheduler.get_last_lr()[0],
-                **out["terms"],
+                **out.terms,
             }
-            if out["grad_norm"] is not None:
-                record["grad_norm"] = out["grad_norm"]
+            if out.grad_norm is not None:
+                record["grad_norm"] = out.grad_norm
             record.update(samples=self.state.samples, seconds=seconds)
             self.log.record(record)  # type: ignore[union-attr]
 
@@ -416,3 +454,21 @@ def train(
 ) -> TrainSummary:
     """Build the task for ``cfg.model.mode`` and train it (the ``mllm-ris train`` command)."""
     return Trainer(cfg, progress=progress).fit(resume=resume, time_budget_s=time_budget_s)
+
+
+def train_classic(cfg: Config, *, time_budget_s: float | None = None, progress: bool = True) -> TrainSummary:
+    """Train a classic-mode model from ``cfg`` and evaluate it on every ``data.val`` dataset.
+
+    A fresh run each call (an earlier run in ``train.output_dir`` is replaced) unless
+    ``train.resume`` is set; checkpoints, evaluation and logging follow ``cfg.train``.
+
+    Args:
+        cfg: the resolved config (``model.mode`` must be ``classic``).
+        time_budget_s: stop early after this many seconds of training (the schedule still spans
+            ``train.max_steps``, so a budgeted run is a prefix of the full one).
+        progress: show a progress bar.
+    """
+    task = ClassicTask(cfg)
+    if cfg.train.resume is None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite_output_dir=True))
+    return Trainer(cfg, task, progress=progress).fit(time_budget_s=time_budget_s)
