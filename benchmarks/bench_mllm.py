@@ -268,12 +268,18 @@ def write_table(results: Path, doc: Path | None) -> str:
         key=lambda r: (list(PROJECTORS).index(r["projector"]), r["label"]),
     )
     lines = [
-        "## MLLM mode on SynthRef: superpixel vs patch tokens",
+        "## Learning on SynthRef at a time budget: MLLM (superpixel / patch tokens, region pointer) "
+        "and the classic region pointer",
         "",
-        "`configs/model/tiny-synth.yaml` (random ViT, tiny Llama fully trained, S²RM head, direct "
-        "masks) with `configs/train/synthref-mllm.yaml`, trained on SynthRef train (2000 images, 128 px) "
-        "for a time budget on the CPU, evaluated on SynthRef val by generation (one mask per `[SEG]`, "
-        "none for `[REJ]`). cIoU per difficulty level, gIoU on multi-target, N-acc on negatives, "
+        "`superpixel` / `patch` rows: `configs/model/tiny-synth.yaml` (random ViT, tiny Llama fully "
+        "trained, S²RM head, direct masks, the `[SEG]`-only path unless `--set` adds the pointer) with "
+        "`configs/train/synthref-mllm.yaml`; `mllm-pointer`: the bundled model's recipe "
+        "(`tiny-synth-pointer.yaml`, `synthref-pointer.yaml`); `classic-pointer`: MiniLM + the region "
+        "pointer, no LLM (`tiny-synth-classic[-pointer].yaml`, `synthref-classic-pointer.yaml`). Trained "
+        "on SynthRef train (2000 images, 128 px) for a time budget on the CPU, evaluated on SynthRef val "
+        "by generation (one mask per `[SEG]`, none for `[REJ]`; classic: one mask per expression, none "
+        "when no region scores above 0). cIoU per difficulty level, gIoU on multi-target, N-acc on "
+        "negatives, "
         "T-acc on targeted expressions (answered with a mask), in %; targets: simple ≥ 92, relational "
         "≥ 85, N-acc ≥ 95. `reject AUC`: how well the reject head's no-target probability separates "
         "negatives from positives (0.5 = chance), whatever the answer. `load` is the 1-minute load "

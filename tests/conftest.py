@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_pipeline_kit import default_model_dir
 
+from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.inference import RISPipeline
 
 
@@ -20,6 +21,14 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10-image SynthRef (seed 5, 64 px) for the training tests (read only)."""
+    out = tmp_path_factory.mktemp("synthref") / "synthref"
+    make_synthref(out, images=10, seed=5, size=64, workers=1, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

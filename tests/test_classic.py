@@ -11,7 +11,7 @@ import torch
 
 from mllm_ris.config import Config, load_config
 from mllm_ris.data.collate import RISTransform, collate_ris
-from mllm_ris.data.synthetic import SynthRefDataset, make_synthref
+from mllm_ris.data.synthetic import SynthRefDataset
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.classic import ClassicRISModel, build_classic_model, load_state, save_state
 from mllm_ris.training.classic import ClassicPredictor, build_mixture
@@ -26,13 +26,6 @@ TINY = [
     "model.head.num_heads=2",
     "data.image_size=64",
 ]
-
-
-@pytest.fixture(scope="module")
-def synthref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("classic") / "synthref"
-    make_synthref(out, images=10, seed=5, size=64, workers=1, progress=False)
-    return out
 
 
 def _cfg(*extra: str) -> Config:

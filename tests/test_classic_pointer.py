@@ -11,7 +11,6 @@ import torch
 from test_model_kit import BLUE, GREEN, RED, SIZE, scene, synth_samples, tiny_cfg
 
 from mllm_ris.config import load_config
-from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
 from mllm_ris.modeling.model_losses import region_coverage
@@ -122,13 +121,6 @@ def test_frozen_text_encoder_memo_gives_the_same_features() -> None:
 def _same(ref: list, got: list) -> bool:
     pairs = zip(ref, got, strict=True)
     return all(torch.equal(torch.as_tensor(a), torch.as_tensor(p.masks)) for a, p in pairs)
-
-
-@pytest.fixture(scope="module")
-def synthref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("classic_pointer") / "synthref"
-    make_synthref(out, images=10, seed=5, size=64, workers=1, progress=False)
-    return out
 
 
 def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path) -> None:

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from mllm_ris.cli import main
 from mllm_ris.config import Config, load_config
-from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.lora import random_causal_lm
 from mllm_ris.modeling.model import RISModel
@@ -58,13 +57,6 @@ train:
 eval:
   limit: 4
 """
-
-
-@pytest.fixture(scope="module")
-def synthref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("train_mllm") / "synthref"
-    make_synthref(out, images=10, seed=5, size=64, workers=1, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from mllm_ris.config import Config, load_config
-from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import CheckpointError
 from mllm_ris.training.checkpoint import CheckpointManager, read_trainer_state
 from mllm_ris.training.classic import ClassicTask
@@ -250,13 +249,6 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_time_budget_stops(tmp_p
     assert (tmp_path / "toy.safetensors").is_file() and summary.checkpoint is not None
     with pytest.raises(CheckpointError, match="--resume auto"):
         Trainer(_cfg(tmp_path), ToyTask(), progress=False).fit()
-
-
-@pytest.fixture(scope="module")
-def synthref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "synthref"
-    make_synthref(out, images=10, seed=5, size=64, workers=1, progress=False)
-    return out
 
 
 def test_classic_10_steps_equal_5_plus_resumed_5(tmp_path: Path, synthref: Path) -> None:
