@@ -134,6 +134,7 @@ def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path
         f"data.val=[{{name: synthref, root: {synthref}, split: val}}]", "data.image_size=64",
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4", "train.batch_size=2",
         "train.save_every=4", "train.tensorboard=false", "eval.limit=3",
+        f"model.superpixels.cache_dir={tmp_path / 'sp-cache'}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     assert isinstance(build_task(cfg), MLLMTask)
@@ -150,5 +151,7 @@ def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path
     export_model(checkpoint, tmp_path / "export")
     exported = RISModel.from_pretrained(tmp_path / "export")
     assert exported.pointer is not None and exported.mode == "classic"
+    assert any((tmp_path / "sp-cache").iterdir())  # the run cached its label maps there
+    assert exported.cfg.superpixels.cache_dir is None  # an export does not name the run's cache
     got = RISPredictor(exported, image_size=64).predict(samples)
     assert _same(ref, got)

@@ -213,7 +213,8 @@ def trained_predictor(path: str | Path, *, device: str = "cpu", batch_size: int 
 
 
 def _self_contained(model: RISModel) -> None:
-    """Merge LoRA and make SAM / a SAM-ViT pixel encoder saved in full (config updated to match)."""
+    """Merge LoRA and make SAM / a SAM-ViT pixel encoder saved in full (config updated to match); the
+    run's superpixel cache folder is dropped (``superpixels.cache_dir: null``)."""
     cfg = model.cfg
     changes: dict[str, Any] = {}
     if model.mllm is not None:
@@ -225,6 +226,8 @@ def _self_contained(model: RISModel) -> None:
         changes["sam"] = dataclasses.replace(cfg.sam, checkpoint=None)
     if cfg.pixel.name == "sam-vit" and cfg.pixel.path is not None:
         changes["pixel"] = dataclasses.replace(cfg.pixel, path=None)
+    if cfg.superpixels.cache_dir is not None:  # the training machine's folder: not the user's
+        changes["superpixels"] = dataclasses.replace(cfg.superpixels, cache_dir=None)
     model.cfg = dataclasses.replace(cfg, **changes)
 
 
