@@ -25,7 +25,7 @@ from _common import ROOT, machine
 from mllm_ris.data.registry import build_dataset
 from mllm_ris.data.sample import RISSample
 from mllm_ris.eval.sentence import follows_sentence, sentence_pairs
-from mllm_ris.training.export import trained_predictor
+from mllm_ris.training.artifacts import trained_predictor
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -41,7 +41,7 @@ from mllm_ris.config import Config, load_config
 from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.predictor import RISPredictor
-from mllm_ris.training.mllm import MLLMTask
+from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.trainer import Trainer
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -96,7 +96,7 @@ def calibrate(cfg: Config, steps: int = 6) -> tuple[float, float, int]:
     steps in the schedule's proportion), seconds of
     superpixels per new image (about 0 for patch tokens) and the number of training images.
     """
-    task = MLLMTask(cfg)
+    task = RISTask(cfg)
     torch.manual_seed(cfg.train.seed)
     model = task.build_model().train()
     warm_fraction = cfg.train.pointer_warmup_steps / cfg.train.max_steps
@@ -201,7 +201,7 @@ def reject_separation(cfg: Config, model_dir: Path, limit: int | None) -> dict[s
     each class, over the first ``limit`` val samples (those the evaluation scores)."""
     model = RISModel.from_pretrained(model_dir)
     predictor = RISPredictor(model, image_size=cfg.data.image_size, batch_size=16)
-    data = next(iter(MLLMTask(cfg).val_data().values()))
+    data = next(iter(RISTask(cfg).val_data().values()))
     samples = [data[i] for i in range(min(len(data), limit or len(data)))]
     probs, negative = [], []
     for i in range(0, len(samples), 16):

@@ -45,8 +45,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from mllm_ris.config import load_config
 from mllm_ris.data.registry import build_dataset
+from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.model_losses import region_coverage
 from mllm_ris.modeling.pointer import RegionPointer, paint_regions, pointer_loss
 from mllm_ris.modeling.predictor import build_collator
 from mllm_ris.modeling.projector import descriptor_features

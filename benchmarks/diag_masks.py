@@ -34,8 +34,8 @@ from mllm_ris.data._synth_scene import COLOURS, SHAPES, SIZES
 from mllm_ris.data.collate import RISTransform
 from mllm_ris.data.masks import decode_segmentation
 from mllm_ris.data.synthetic import SynthRefDataset
-from mllm_ris.modeling.classic import build_classic_model, load_state
-from mllm_ris.training.classic import ClassicPredictor
+from mllm_ris.modeling.classic_model import build_classic_model, load_state
+from mllm_ris.training.classic_task import ClassicPredictor
 
 DOC = ROOT / "docs" / "results.md"
 LEVELS = ("simple", "spatial", "relational")

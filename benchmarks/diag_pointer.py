@@ -21,8 +21,8 @@ import torch
 from _common import ROOT
 
 from mllm_ris.data.registry import build_dataset
+from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.model_losses import region_coverage
 from mllm_ris.modeling.predictor import build_collator
 
 

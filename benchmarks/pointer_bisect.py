@@ -4,7 +4,7 @@ loss, precomputed, with one knob changed at a time.
 ``bench_pointer_probe.py --query mllm`` (the model's grounding LLM and pointer on precomputed
 single-target rows, region BCE only, no clipping) learns; a ``mllm-ris train`` run of the same
 architecture (``configs/model/tiny-synth-pointer.yaml``) did not. This script sits between the two:
-batches come from :class:`~mllm_ris.training.mllm.MLLMTask` (its collator, question phrasings,
+batches come from :class:`~mllm_ris.training.ris_task.RISTask` (its collator, question phrasings,
 answers, multi-target and no-target samples; precomputed once, then cycled in random order), the
 loss is the task's (``--set model.loss.no_target=0`` etc. switch terms off), the optimiser is AdamW
 with the trainer's gradient clipping (``--clip``, 0 = off) and a constant learning rate. The curve is
@@ -28,7 +28,7 @@ from _common import ROOT, machine, shown
 from diag_pointer import pointer_top1
 
 from mllm_ris.config import load_config
-from mllm_ris.training.mllm import MLLMTask
+from mllm_ris.training.ris_task import RISTask
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = [
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             *args.overrides,
         ],
     )
-    task = MLLMTask(cfg)
+    task = RISTask(cfg)
     model = task.build_model().train()
     dataset, _ = task.train_data()
     order = list(range(len(dataset)))

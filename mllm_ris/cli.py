@@ -235,7 +235,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.dataset, args.root, _split(args), split_by=args.split_by, image_root=args.image_root
     )
     if args.checkpoint is not None:
-        from mllm_ris.training.export import trained_predictor
+        from mllm_ris.training.artifacts import trained_predictor
 
         predictor: Predictor = trained_predictor(
             args.checkpoint, device=args.device, batch_size=args.batch_size
@@ -300,7 +300,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mllm_ris.training.export import export_model
+    from mllm_ris.training.artifacts import export_model
 
     loaded = export_model(args.source, args.out, overwrite=args.overwrite)
     print(f"exported {loaded.source} -> {args.out} (RISModel.from_pretrained folder)")

@@ -13,8 +13,8 @@ from mllm_ris.config import Config, load_config
 from mllm_ris.data.collate import RISTransform, collate_ris
 from mllm_ris.data.synthetic import SynthRefDataset
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.classic import ClassicRISModel, build_classic_model, load_state, save_state
-from mllm_ris.training.classic import ClassicPredictor, build_mixture
+from mllm_ris.modeling.classic_model import ClassicRISModel, build_classic_model, load_state, save_state
+from mllm_ris.training.classic_task import ClassicPredictor, build_mixture
 from mllm_ris.training.trainer import train_classic
 from s2rm_head.head import HEAD_NAMES
 

@@ -12,12 +12,12 @@ from test_model_kit import BLUE, GREEN, RED, SIZE, scene, synth_samples, tiny_cf
 
 from mllm_ris.config import load_config
 from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
-from mllm_ris.modeling.model_losses import region_coverage
 from mllm_ris.modeling.pointer import paint_regions
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
-from mllm_ris.training.export import export_model, load_trained_model
-from mllm_ris.training.mllm import MLLMTask
+from mllm_ris.training.artifacts import export_model, load_trained_model
+from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.tasks import build_task
 from mllm_ris.training.trainer import Trainer
 
@@ -124,7 +124,7 @@ def _same(ref: list, got: list) -> bool:
 
 
 def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path) -> None:
-    """It trains as a RISModel run (MLLMTask: the model folder, checkpoints), and its run folder,
+    """It trains as a RISModel run (RISTask: the model folder, checkpoints), and its run folder,
     checkpoint and export load back to the same predictions."""
     from test_model_kit import TINY
 
@@ -137,7 +137,7 @@ def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path
         f"model.superpixels.cache_dir={tmp_path / 'sp-cache'}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
-    assert isinstance(build_task(cfg), MLLMTask)
+    assert isinstance(build_task(cfg), RISTask)
     summary = Trainer(cfg, progress=False).fit()
     log = (tmp_path / "run" / "train_log.jsonl").read_text()
     assert summary.steps == 4 and '"region_bce"' in log and '"lm"' not in log

@@ -17,8 +17,8 @@ from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.predictor import build_collator
-from mllm_ris.training import export as export_module
-from mllm_ris.training.export import export_model, find_source, load_trained_model
+from mllm_ris.training import artifacts as export_module
+from mllm_ris.training.artifacts import export_model, find_source, load_trained_model
 from mllm_ris.training.trainer import Trainer
 
 

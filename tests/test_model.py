@@ -12,8 +12,8 @@ from test_model_kit import SIZE, TEMPLATE, synth_samples, tiny_cfg
 
 from mllm_ris.errors import CheckpointError
 from mllm_ris.eval.evaluate import Predictor
+from mllm_ris.modeling.losses import match_targets
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.model_losses import match_targets
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.modeling.tokens import TokenCountError
 
@@ -134,7 +134,7 @@ def test_reject_threshold_turns_a_seg_answer_into_rej() -> None:
     """The reject head's probability above ``reject_threshold`` gives the [REJ] answer and no mask;
     ``null`` leaves the LLM's text alone; the loss weights the no-target class."""
     from mllm_ris.data.conversation import answer_text
-    from mllm_ris.modeling.model_losses import no_target_loss
+    from mllm_ris.modeling.losses import no_target_loss
 
     model = _build("mllm", "direct").eval()
     prompts = _batch(model, answers=False)

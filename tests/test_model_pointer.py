@@ -10,8 +10,8 @@ import torch
 from test_model_kit import SIZE, TEMPLATE, synth_samples, tiny_cfg
 
 from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
-from mllm_ris.modeling.model_losses import region_coverage
 from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
 from mllm_ris.modeling.predictor import build_collator
 from mllm_ris.modeling.projector import descriptor_features

@@ -20,7 +20,7 @@ from mllm_ris.modeling.lora import random_causal_lm
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.tokens import ensure_special_tokens, load_tokenizer
 from mllm_ris.training.checkpoint import consolidated_state_dict
-from mllm_ris.training.mllm import MLLMTask, tie_all_parameters
+from mllm_ris.training.ris_task import RISTask, tie_all_parameters
 from mllm_ris.training.sampling import MixtureSampler, build_mixture
 from mllm_ris.training.task import TrainTask
 from mllm_ris.training.tasks import build_task
@@ -90,7 +90,7 @@ def _cfg(files: list[Path], out: Path, *extra: str) -> Config:
 def test_mllm_task_is_registered_and_fits_the_protocol(tmp_path: Path, synthref: Path) -> None:
     files = write_configs(tmp_path, synthref, llm=None, output_mode="direct", batch=2)
     task = build_task(_cfg(files, tmp_path / "run"))
-    assert isinstance(task, MLLMTask) and isinstance(task, TrainTask)
+    assert isinstance(task, RISTask) and isinstance(task, TrainTask)
     assert task.superpixel_cache_dir == tmp_path / "run" / "superpixel_cache"
     assert task.external_weights(task.build_model()) == set()  # random tiny parts: all in checkpoints
     loss = torch.tensor(2.0, requires_grad=True)
@@ -135,7 +135,7 @@ def test_pointer_warmup_then_full_steps(tmp_path: Path, synthref: Path) -> None:
     steps = [r for r in log if "region_bce" in r]
     assert [("head_bce" in r) for r in steps] == [False, False, True, True]
     with pytest.raises(ConfigError, match="pointer_warmup_steps: needs the region pointer"):
-        MLLMTask(_cfg(files, tmp_path / "x", "train.pointer_warmup_steps=2"))
+        RISTask(_cfg(files, tmp_path / "x", "train.pointer_warmup_steps=2"))
 
 
 def test_train_command_with_two_config_files(
@@ -200,7 +200,7 @@ def test_ddp_two_processes_with_a_no_target_batch(tmp_path: Path, synthref: Path
 def test_deepspeed_zero2_two_processes_and_export_of_its_shards(tmp_path: Path, synthref: Path) -> None:
     """ZeRO-2 with the same no-target batch; the sharded checkpoint exports to the final model."""
     pytest.importorskip("deepspeed")
-    from mllm_ris.training.export import export_model
+    from mllm_ris.training.artifacts import export_model
 
     files = write_configs(tmp_path, synthref, llm=None, output_mode="auto", batch=1)
     run = tmp_path / "zero2"

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError
 from mllm_ris.training.checkpoint import CheckpointManager, read_trainer_state
-from mllm_ris.training.classic import ClassicTask
+from mllm_ris.training.classic_task import ClassicTask
 from mllm_ris.training.faults import NonFiniteLossError, StopSignals
 from mllm_ris.training.optim import lr_factor
 from mllm_ris.training.task import TrainTask

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from mllm_ris.config import Config, load_config
 from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.classic import build_classic_model, load_state
+from mllm_ris.modeling.classic_model import build_classic_model, load_state
 from mllm_ris.modeling.lora import LoraSettings, apply_lora, random_causal_lm, zero3_external_parameters
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import build_collator

@@ -16,7 +16,7 @@ With the region pointer (``mllm.pointer_dim``) the head refines the prior: its l
 added to the prior (clamped to ``±PRIOR_CLAMP``), so SAM's prompts and every mask loss see prior + head.
 Output modes: ``direct`` (head masks), ``sam`` (SAM's), ``auto`` (per query, the one with the higher
 predicted IoU), ``prior`` (the painted region prior alone; the pixel side is not run). Losses:
-:mod:`mllm_ris.modeling.model_losses`. Saving and loading:
+:mod:`mllm_ris.modeling.losses`. Saving and loading:
 :mod:`mllm_ris.modeling.model_io`; inference on samples: :mod:`mllm_ris.modeling.predictor`.
 """
 
@@ -34,16 +34,16 @@ from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch
 from mllm_ris.data.conversation import answer_text
 from mllm_ris.data.mllm_collate import MLLMBatch
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.losses import LossConfig
-from mllm_ris.modeling.mllm import GroundingMLLM
-from mllm_ris.modeling.model_build import build_parts
-from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
-from mllm_ris.modeling.model_losses import (
+from mllm_ris.modeling.losses import (
+    LossConfig,
     match_targets,
     no_target_loss,
     pair_mask_losses,
     region_losses,
 )
+from mllm_ris.modeling.mllm import GroundingMLLM
+from mllm_ris.modeling.model_build import build_parts
+from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.pointer import RegionPointer, paint_regions
 from mllm_ris.modeling.projector import VisualProjector
 from mllm_ris.modeling.tokens import REJ_TOKEN, SEG_TOKEN
@@ -467,7 +467,7 @@ class RISModel(nn.Module):
     def _add_losses(
         self, out: RISOutput, batch: RISBatch, q: _Queries, seg: _Segmentation, *, masks: bool = True
     ) -> None:
-        """Fill ``loss``, ``loss_terms`` and ``matched_targets`` (terms: ``model_losses``)."""
+        """Fill ``loss``, ``loss_terms`` and ``matched_targets`` (terms: :mod:`mllm_ris.modeling.losses`)."""
         cfg, extra = self.cfg.loss, self.loss_cfg
         terms: dict[str, torch.Tensor] = {}
         if self.mode == "classic":  # one query per expression, trained on the union (empty for no-target)

@@ -2,8 +2,8 @@
 
 A *task* builds the model, provides the training data and its collate function, computes the
 loss of a batch, wraps a model as an evaluation predictor and writes the final model files.
-Classic mode without the region pointer is :class:`mllm_ris.training.classic.ClassicTask`, every
-other model :class:`mllm_ris.training.mllm.MLLMTask`; :func:`mllm_ris.training.tasks.build_task`
+Classic mode without the region pointer is :class:`mllm_ris.training.classic_task.ClassicTask`, every
+other model :class:`mllm_ris.training.ris_task.RISTask`; :func:`mllm_ris.training.tasks.build_task`
 picks one.
 
 Optional: ``external_weights(model) -> set[str]`` names state-dict keys (of the bare model) that
@@ -70,5 +70,5 @@ class TrainTask(Protocol):
 
 def legacy_classic(model_cfg: ModelConfig) -> bool:
     """Whether ``model_cfg`` trains as the legacy ``ClassicRISModel`` (classic mode without the region
-    pointer); every other model is a :class:`~mllm_ris.modeling.model.RISModel` run (``MLLMTask``)."""
+    pointer); every other model is a :class:`~mllm_ris.modeling.model.RISModel` run (``RISTask``)."""
     return model_cfg.mode == "classic" and model_cfg.pointer.dim is None

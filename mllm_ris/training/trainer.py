@@ -47,7 +47,7 @@ from mllm_ris.training.checkpoint import (
     read_trainer_state,
     resolve_start,
 )
-from mllm_ris.training.classic import ClassicTask
+from mllm_ris.training.classic_task import ClassicTask
 from mllm_ris.training.faults import BadStepGuard, StopSignals
 from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
 from mllm_ris.training.sampling import mixture_loader

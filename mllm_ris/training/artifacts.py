@@ -11,7 +11,7 @@ A *source* is one of:
   is rebuilt from the checkpoint's ``config.json`` and the weights that stayed out of it (frozen
   pretrained parts) are reloaded from their own files.
 
-Classic-mode runs of :class:`~mllm_ris.training.classic.ClassicTask` (``model.safetensors`` of a
+Classic-mode runs of :class:`~mllm_ris.training.classic_task.ClassicTask` (``model.safetensors`` of a
 ``ClassicRISModel``) load for evaluation too.
 
 :func:`export_model` turns a source into a self-contained :meth:`RISModel.from_pretrained` folder: LoRA
@@ -46,7 +46,7 @@ from mllm_ris.training.checkpoint import (
     consolidated_state_dict,
     read_trainer_state,
 )
-from mllm_ris.training.mllm import external_state_keys, write_model_folder
+from mllm_ris.training.ris_task import external_state_keys, write_model_folder
 from mllm_ris.training.task import legacy_classic
 
 __all__ = [
@@ -146,7 +146,7 @@ def _from_checkpoint(folder: Path, *, full_precision: bool) -> nn.Module:
     state = consolidated_state_dict(folder)
     external: set[str] = set()
     if legacy_classic(cfg.model):
-        from mllm_ris.modeling.classic import build_classic_model
+        from mllm_ris.modeling.classic_model import build_classic_model
 
         model: nn.Module = build_classic_model(cfg.model)
         if getattr(model, "text_weights_external", False):
@@ -185,7 +185,7 @@ def _load(
         model: nn.Module = RISModel.from_pretrained(folder, device=device)
     else:
         if kind == "classic":
-            from mllm_ris.modeling.classic import build_classic_model, load_state
+            from mllm_ris.modeling.classic_model import build_classic_model, load_state
 
             model = build_classic_model(load_config(folder / CONFIG_NAME).model)
             load_state(model, folder)
@@ -202,7 +202,7 @@ def trained_predictor(path: str | Path, *, device: str = "cpu", batch_size: int 
     loaded = load_trained_model(path, device=device)
     if loaded.kind == "classic":
         from mllm_ris.data.collate import RISTransform
-        from mllm_ris.training.classic import ClassicPredictor
+        from mllm_ris.training.classic_task import ClassicPredictor
 
         transform = RISTransform(loaded.image_size)
         return ClassicPredictor(loaded.model, transform, device=device, batch_size=batch_size)  # type: ignore[arg-type]

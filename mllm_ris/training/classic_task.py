@@ -3,7 +3,7 @@
 :class:`ClassicTask` plugs the classic model into the model-agnostic
 :class:`~mllm_ris.training.trainer.Trainer`: it mixes the ``data.train`` datasets by their
 ``weight``, computes the mask losses, evaluates with :class:`ClassicPredictor` and writes
-``model.safetensors`` + ``config.json`` (:func:`mllm_ris.modeling.classic.save_state`).
+``model.safetensors`` + ``config.json`` (:func:`mllm_ris.modeling.classic_model.save_state`).
 :func:`mllm_ris.training.trainer.train_classic` (``scripts/train_classic.py``,
 ``benchmarks/bench_heads.py``) runs it: a fresh single-config run in one call.
 """
@@ -22,7 +22,7 @@ from mllm_ris.config import Config
 from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris, unletterbox
 from mllm_ris.data.sample import ReferringDataset, RISSample
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.classic import ClassicRISModel, build_classic_model, load_state, save_state
+from mllm_ris.modeling.classic_model import ClassicRISModel, build_classic_model, load_state, save_state
 from mllm_ris.training.sampling import build_mixture, open_dataset
 from mllm_ris.training.summary import TrainSummary
 

@@ -1,6 +1,7 @@
-"""The grounding MLLM (:class:`~mllm_ris.modeling.model.RISModel`, ``model.mode: mllm``) as a training task.
+"""Every :class:`~mllm_ris.modeling.model.RISModel` as a training task: the grounding MLLM
+(``model.mode: mllm``) and classic mode with the region pointer (``model.pointer.dim``).
 
-:class:`MLLMTask` plugs the RISModel into the model-agnostic
+:class:`RISTask` plugs the RISModel into the model-agnostic
 :class:`~mllm_ris.training.trainer.Trainer`:
 
 * model: ``build_model(cfg.model)``, or ``RISModel.from_pretrained(model.checkpoint, trainable=True)``
@@ -13,7 +14,7 @@
 * evaluation: :class:`~mllm_ris.modeling.predictor.RISPredictor` (generation, one mask per ``[SEG]``);
 * final model: :meth:`RISModel.save_pretrained` + ``config.json`` holding the whole run config
   (the model section resolved), so ``data.image_size`` travels with the model;
-* :meth:`MLLMTask.external_weights`: frozen weights that ``build_model`` reloads from their own files
+* :meth:`RISTask.external_weights`: frozen weights that ``build_model`` reloads from their own files
   (a LoRA-adapted LLM base, a pretrained frozen vision tower / SAM / pixel ViT) stay out of
   training checkpoints.
 
@@ -55,7 +56,7 @@ from mllm_ris.training.sampling import build_mixture, open_dataset
 from mllm_ris.training.task import legacy_classic
 
 __all__ = [
-    "MLLMTask",
+    "RISTask",
     "batch_seed",
     "external_state_keys",
     "tie_all_parameters",
@@ -121,8 +122,9 @@ def _cached(collate: Callable, cache_dir: Path) -> Callable:
     return collate
 
 
-class MLLMTask:
-    """:class:`RISModel` in ``model.mode: mllm`` as a :class:`~mllm_ris.training.task.TrainTask`.
+class RISTask:
+    """A :class:`RISModel` (mllm mode, or classic with the region pointer) as a
+    :class:`~mllm_ris.training.task.TrainTask`.
 
     Args:
         cfg: the resolved config (``model.mode`` must be ``mllm``).
@@ -187,7 +189,7 @@ class MLLMTask:
         every rank see the phrasings an uninterrupted single-process run would.
         """
         if self._collate is None:
-            raise RuntimeError("MLLMTask.collate: call build_model first (the collator needs its tokenizer)")
+            raise RuntimeError("RISTask.collate: call build_model first (the collator needs its tokenizer)")
         if isinstance(self._collate, MLLMCollator):
             self._collate.template = ChatTemplate(seed=batch_seed(samples, self.cfg.train.seed))
         return self._collate(samples)
