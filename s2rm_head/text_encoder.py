@@ -88,8 +88,9 @@ class TextEncoder(nn.Module):
         freeze: freeze the transformer and keep it in eval mode (no dropout); projections train.
         max_length: truncation length of :meth:`tokenize`.
         memo: sentences whose frozen hidden states :meth:`encode` keeps (least recently used out);
-            0 = none. Only a frozen transformer is memoised (its states never change); a SynthRef
-            sentence costs ~15 KB, and the frozen MiniLM is ~70 % of a classic pointer step on CPU.
+            0 = none. Only a frozen transformer is memoised (its states never change), and not under
+            DeepSpeed ZeRO-3 (every rank must run it); a SynthRef sentence costs ~15 KB, and the
+            frozen MiniLM is ~70 % of a classic pointer step on CPU.
     """
 
     def __init__(
@@ -178,7 +179,7 @@ class TextEncoder(nn.Module):
         """Tokenize and encode ``B`` sentences on ``device`` (default: where the projections live)."""
         if device is None:
             device = next(self.parameters()).device
-        if not self.memo_size:
+        if not self.memo_size or _zero3_partitioned(self.model):
             batch = self.tokenize(texts)
             return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         hidden, mask = self._memo_hidden(list(texts), device)
@@ -218,6 +219,13 @@ class TextEncoder(nn.Module):
         """Write the transformer and tokenizer (not the projections) in HF format to ``path``."""
         self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
+
+
+def _zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``module``'s weights (it tags them ``ds_id``). Then every rank
+    must run the same modules in the same order (each gathers its weights in a collective), so the
+    memo, which skips the transformer for sentences seen before, is off: ranks see different batches."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:

@@ -116,6 +116,11 @@ def test_frozen_text_encoder_memo_gives_the_same_features() -> None:
     torch.testing.assert_close(
         encoder.encode(texts[:1]).queries, encoder(tokens["input_ids"], tokens["attention_mask"]).queries
     )
+    # under DeepSpeed ZeRO-3 (weights tagged ds_id) every rank must run the transformer: no memo
+    encoder._memo.clear()
+    next(encoder.model.parameters()).ds_id = 0
+    encoder.encode(texts)
+    assert len(encoder._memo) == 0
 
 
 def _same(ref: list, got: list) -> bool:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mllm_ris.data.collate import RISBatch
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.losses import LossConfig, MaskLosses, mask_losses
-from mllm_ris.modeling.weights import check_state_fits
+from mllm_ris.modeling.weights import check_state_fits, read_safetensors
 from s2rm_head.head import FusionHead
 from s2rm_head.pixel_encoder import PixelEncoder, build_pixel_encoder
 from s2rm_head.registry import build_head
@@ -158,10 +158,7 @@ def load_state(model: nn.Module, path: str | Path) -> None:
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for truncated / foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    state = read_safetensors(path, f"checkpoint {path}")
     expected = _trainable_or_owned(model)
     check_state_fits(state, expected, name=f"checkpoint {path}")
     model.load_state_dict(state, strict=False)

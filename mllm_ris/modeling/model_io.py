@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mllm_ris.config_tree import config_to_dict, from_dict
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.model_config import ModelConfig
-from mllm_ris.modeling.weights import check_state_fits
+from mllm_ris.modeling.weights import check_state_fits, read_safetensors
 
 if TYPE_CHECKING:
     from mllm_ris.modeling.model import RISModel
@@ -105,10 +105,7 @@ def _load_part(model: RISModel, part: str, folder: Path) -> None:
         return
     if not file.is_file():
         raise CheckpointError(f"{str(file)!r} is missing; the model has {len(expected)} {part} weights")
-    try:
-        state = load_file(str(file))
-    except Exception as exc:  # safetensors raises several types for truncated / foreign files
-        raise CheckpointError(f"cannot read {str(file)!r}: {str(exc).splitlines()[0]}") from None
+    state = read_safetensors(file, repr(str(file)))
     check_state_fits(state, expected, name=repr(str(file)))
     getattr(model, part).load_state_dict(state, strict=False)
 

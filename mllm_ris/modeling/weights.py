@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mllm_ris.errors import CheckpointError
 
-__all__ = ["check_state_fits"]
+__all__ = ["check_state_fits", "read_safetensors"]
 
 
 def check_state_fits(
@@ -33,3 +35,15 @@ def check_state_fits(
         if value.shape != expected[key].shape:
             want = tuple(expected[key].shape)
             raise CheckpointError(f"{name}: {key} has shape {tuple(value.shape)}, the model {want}")
+
+
+def read_safetensors(file: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors ``file``; ``name`` says which file in the one-line errors.
+
+    Raises:
+        CheckpointError: ``cannot read {name}: ...`` for a truncated or foreign file.
+    """
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated / foreign files
+        raise CheckpointError(f"cannot read {name}: {str(exc).splitlines()[0]}") from None
