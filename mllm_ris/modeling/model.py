@@ -212,8 +212,9 @@ class RISModel(nn.Module):
         return feats.to(next(self.projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
 
     def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
-        """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → ``VisualTokens (B, K, D_llm)``."""
-        assert self.projector is not None and self.mllm is not None
+        """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → ``VisualTokens (B, K, D_llm)``
+        (classic mode's pointer: ``(B, K, pointer.dim)`` from the descriptors alone)."""
+        assert self.projector is not None
         feats = self.tower_features(batch.images)  # None with projector.tower false (descriptors alone)
         if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
             raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
@@ -221,6 +222,8 @@ class RISModel(nn.Module):
             vis = self.projector(feats, batch.superpixels, batch.regions)  # embeds (B, K, D_llm), mask (B, K)
         else:
             vis = self.projector(feats, batch.superpixels)
+        if self.mllm is None:  # classic: the pointer reads the tokens in the projector's dtype
+            return vis
         # parameters(), not .weight: on peft's token-row wrapper .weight builds the merged matrix
         dtype = next(self.mllm.llm.get_input_embeddings().parameters()).dtype
         return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
@@ -238,7 +241,7 @@ class RISModel(nn.Module):
                 "batch: the classic region pointer needs superpixels and region descriptors "
                 "(build_collator(model) makes them)"
             )
-        vis = self.projector(None, batch.superpixels, batch.regions)  # embeds (B, K, D), mask (B, K)
+        vis = self.visual_tokens(batch)  # embeds (B, K, D), mask (B, K)
         lang = q.lang
         logits = self.pointer(lang.queries, vis.embeds, vis.mask, words=lang.tokens, word_mask=lang.mask)
         self._add_prior(q, batch, logits, vis.mask)  # (B, 1, K) -> prior (B, 1, S, S)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -32,7 +32,15 @@ from mllm_ris.modeling.weights import check_state_fits, read_safetensors
 if TYPE_CHECKING:
     from mllm_ris.modeling.model import RISModel
 
-__all__ = ["CONFIG_NAME", "PARTS", "load_parts", "owned_state", "read_model_config", "save_model"]
+__all__ = [
+    "CONFIG_NAME",
+    "PARTS",
+    "load_parts",
+    "owned_state",
+    "read_config_tree",
+    "read_model_config",
+    "save_model",
+]
 
 CONFIG_NAME = "config.json"
 PARTS: tuple[str, ...] = (
@@ -110,12 +118,12 @@ def _load_part(model: RISModel, part: str, folder: Path) -> None:
     getattr(model, part).load_state_dict(state, strict=False)
 
 
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` of the model folder ``path`` (its ``config.json``'s ``model`` section).
+def read_config_tree(path: str | Path) -> dict[str, Any]:
+    """The plain config tree in the folder ``path`` (a model folder, run folder or checkpoint): its
+    ``config.json``, which has at least a ``model`` section.
 
     Raises:
-        CheckpointError: not a model folder, or an unreadable ``config.json``.
-        ConfigError: a value in it that is not a valid config.
+        CheckpointError: no ``config.json``, an unreadable one, or one without a model section.
     """
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
@@ -126,7 +134,17 @@ def read_model_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise CheckpointError(f"{file} has no model section")
-    return from_dict(ModelConfig, tree["model"], "model")
+    return tree
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of the model folder ``path`` (its ``config.json``'s ``model`` section).
+
+    Raises:
+        CheckpointError: not a model folder, or an unreadable ``config.json``.
+        ConfigError: a value in it that is not a valid config.
+    """
+    return from_dict(ModelConfig, read_config_tree(path)["model"], "model")
 
 
 def load_parts(model: RISModel, path: str | Path) -> None:

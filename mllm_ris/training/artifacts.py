@@ -39,7 +39,7 @@ from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError, NotAvailableError
 from mllm_ris.eval.evaluate import Predictor
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.model_io import CONFIG_NAME
+from mllm_ris.modeling.model_io import CONFIG_NAME, read_config_tree
 from mllm_ris.training.checkpoint import (
     STATE_FILE,
     CheckpointManager,
@@ -120,16 +120,6 @@ def _final_is_current(run: Path, latest: Path) -> bool:
         return False
 
 
-def _read_tree(folder: Path) -> dict[str, Any]:
-    try:
-        tree = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {folder / CONFIG_NAME}: {exc}") from None
-    if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
-        raise CheckpointError(f"{folder / CONFIG_NAME} has no model section")
-    return tree
-
-
 def _full_precision(cfg: Config) -> Config:
     """``cfg`` with a quantized LLM base loaded in full precision (the adapter is merged exactly)."""
     m = cfg.model.mllm
@@ -180,7 +170,7 @@ def load_trained_model(path: str | Path, *, device: str | torch.device | None = 
 def _load(
     kind: SourceKind, folder: Path, *, device: str | torch.device | None, full_precision: bool
 ) -> TrainedModel:
-    tree = _read_tree(folder)
+    tree = read_config_tree(folder)
     if kind == "model":  # placed on the device by its loader (a quantized base stays where it loads)
         model: nn.Module = RISModel.from_pretrained(folder, device=device)
     else:

@@ -10,11 +10,10 @@ distribution strategy comes from the accelerate config the run was launched with
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +200,7 @@ class Trainer:
         )
         if self.accelerator.num_processes == 1:
             return local
-        t = torch.tensor(dataclasses.astuple(local), dtype=torch.float64, device=self.accelerator.device)
+        t = torch.tensor(astuple(local), dtype=torch.float64, device=self.accelerator.device)
         return StepFlags(*self.accelerator.reduce(t, reduction="sum").tolist())
 
     def _step(self, batches: Iterator[Any], stop: StopSignals, deadline: float | None) -> StepResult:
@@ -470,5 +469,5 @@ def train_classic(cfg: Config, *, time_budget_s: float | None = None, progress: 
     """
     task = ClassicTask(cfg)
     if cfg.train.resume is None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite_output_dir=True))
+        cfg = replace(cfg, train=replace(cfg.train, overwrite_output_dir=True))
     return Trainer(cfg, task, progress=progress).fit(time_budget_s=time_budget_s)
