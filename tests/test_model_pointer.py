@@ -268,3 +268,68 @@ def _check_prior_masks(out, labels: torch.Tensor) -> None:
                 diff = (out.masks[b, t] - out.prior[b, t])[labels[b] >= 0]
                 assert diff.min() >= -1e-5 and diff.max() > 0
                 assert (out.masks[b, t][labels[b] < 0] == -PRIOR_CLAMP).all()
+
+
+REJECT_POINTER = ("model.mllm.reject_from=pointer", "model.projector.descriptors=true")
+
+
+def test_reject_from_pointer_scores_the_prompt_state_against_the_regions() -> None:
+    """mllm.reject_from pointer: the reject logit is minus the best region logit of the prompt-end query;
+    the presence terms train it on the union of the targets (all regions negative for a no-target
+    sample), their gradient reaches the pointer and the LLM, and the unused reject head gets none."""
+    model = _build("prior", *REJECT_POINTER).train()
+    batch = _batch(model)
+    out = model(batch, segment=False)
+    k = out.region_logits.shape[-1]
+    assert {"presence_region_bce", "presence_region_dice", "no_target"} <= set(out.loss_terms)
+    assert all(torch.isfinite(v) for v in out.loss_terms.values())
+    gen_out = model.mllm(
+        batch.input_ids, batch.attention_mask, model.visual_tokens(batch), batch.labels
+    )  # the GroundingMLLM output behind `out`
+    assert gen_out.presence_logits.shape == (3, 1, k)
+    torch.testing.assert_close(gen_out.reject_logit, -gen_out.presence_logits[:, 0].amax(-1))
+    torch.testing.assert_close(out.no_target_prob, torch.sigmoid(gen_out.reject_logit))
+    (out.loss_terms["presence_region_bce"] + out.loss_terms["no_target"]).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mllm.pointer.parameters())
+    llm = [p.grad for p in model.mllm.llm.parameters() if p.requires_grad and p.grad is not None]
+    assert any(g.abs().sum() > 0 for g in llm)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.mllm.reject_head.parameters())
+    # generation: a row is rejected (no [SEG] kept, the rejection answer) exactly when its best
+    # presence logit is not above 0 (reject_threshold 0.5)
+    model.eval()
+    with torch.no_grad():
+        gen = model.generate(_batch(model, answers=False), max_new_tokens=6)
+    for b in range(3):
+        if gen.no_target_prob[b] > 0.5:
+            assert not gen.target_valid[b].any() and model.rejected(gen.text[b])
+    with pytest.raises(ConfigError, match="reject_from: pointer needs the region pointer"):
+        tiny_cfg("mllm", "direct", "model.mllm.reject_from=pointer")
+    with pytest.raises(ConfigError, match=r"reject_from: must be one of \['head', 'pointer'\]"):
+        tiny_cfg("mllm", "direct", POINTER, "model.mllm.reject_from=lm")
+
+
+def test_reject_from_pointer_learns_present_from_absent_on_one_image() -> None:
+    """Overfit: one image, a sentence naming a present object and one naming an absent one of the same
+    form; after training through the presence query alone (the reject head is unused) the present one
+    is answered and the absent one rejected."""
+    from test_model_kit import BLUE, RED, scene
+
+    shapes = [("disc", RED, 20, 22, 12), ("square", BLUE, 44, 44, 10)]
+    samples = [
+        scene(7, [(*s, i == 0) for i, s in enumerate(shapes)], "the red circle"),
+        scene(7, [(*s, False) for s in shapes], "the red square"),
+    ]
+    torch.manual_seed(0)
+    model = build_model(
+        tiny_cfg("mllm", "prior", POINTER, *REJECT_POINTER, "model.mllm.lora.enabled=false")
+    ).train()
+    batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(samples)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    for _ in range(150):
+        out = model(batch, segment=False)
+        if out.no_target_prob[0] < 0.2 and out.no_target_prob[1] > 0.8:
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.no_target_prob[0] < 0.5 < out.no_target_prob[1], out.no_target_prob

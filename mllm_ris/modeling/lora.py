@@ -161,6 +161,16 @@ class MLLMConfig:
             "tokens (llm), or the visual tokens themselves, before the LLM (tokens)"
         },
     )
+    reject_from: Literal["head", "pointer"] = field(
+        default="head",
+        metadata={
+            "help": "what decides 'no such object': head = a linear reject head on the last prompt state "
+            "(it can learn the sentence's form instead of checking the image); pointer = the region "
+            "pointer scores every region with the last prompt state as the query, trained on the union "
+            "of the targets (all regions negative when nothing matches), and the answer is a rejection "
+            "when no region scores above 0 (reject logit = -max region logit); needs pointer_dim"
+        },
+    )
     reject_detach: bool = field(
         default=False,
         metadata={
@@ -212,6 +222,11 @@ class MLLMConfig:
             not self.pointer_words or self.pointer_layers > 0,
             "pointer_words",
             "needs pointer_layers > 0 (the words are attended to by the pointer's layers)",
+        )
+        _check(
+            self.reject_from != "pointer" or self.pointer_dim is not None,
+            "reject_from",
+            "pointer needs the region pointer (pointer_dim)",
         )
         _check(
             self.name_or_path is None or self.llava_path is None,

@@ -113,6 +113,8 @@ class GroundingOutput(NamedTuple):
         region_logits: ``(B, T, K)`` each ``[SEG]`` state scored against the output states at the
             ``K`` visual-token positions (``mllm.pointer_dim``; ``K`` = ``visual_tokens`` width, padded
             regions at ``MASKED_LOGIT``), else None.
+        presence_logits: ``(B, 1, K)`` the last prompt state scored as a pointer query against the same
+            regions (``mllm.reject_from: pointer``; ``reject_logit`` is minus their maximum), else None.
     """
 
     loss: torch.Tensor | None
@@ -124,6 +126,7 @@ class GroundingOutput(NamedTuple):
     word_states: torch.Tensor | None = None
     word_mask: torch.Tensor | None = None
     region_logits: torch.Tensor | None = None
+    presence_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -137,6 +140,7 @@ class GroundingGeneration:
         reject_logit: ``(B,)`` at the last prompt token.
         word_states, word_mask: as in :class:`GroundingOutput` (the same prompt tokens; None when off).
         region_logits: ``(B, T, K)`` as in :class:`GroundingOutput`, for the generated ``[SEG]`` tokens.
+        presence_logits: ``(B, 1, K)`` as in :class:`GroundingOutput` (the last prompt token), or None.
     """
 
     text: list[str]
@@ -147,6 +151,7 @@ class GroundingGeneration:
     word_states: torch.Tensor | None = None
     word_mask: torch.Tensor | None = None
     region_logits: torch.Tensor | None = None
+    presence_logits: torch.Tensor | None = None
 
 
 class GroundingMLLM(nn.Module):
@@ -278,16 +283,20 @@ class GroundingMLLM(nn.Module):
             pos = torch.where(start > 0, start - 1, pos)
         return pos
 
-    def _reject_logit(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` from the state at the last prompt position ``last (B,)``."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._reject_from(hidden[rows, last])
-
-    def _reject_from(self, state: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` reject logits of prompt-end states ``(B, D)`` (detached with ``reject_detach``)."""
+    def _reject(
+        self, state: torch.Tensor, hidden: torch.Tensor, sp: Spliced, visual: VisualTokens, last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reject logit ``(B,)`` of the prompt-end states ``state (B, D)`` (``hidden (B, L', D)``,
+        ``last (B,)`` their positions), and with ``mllm.reject_from: pointer`` the presence logits
+        ``(B, 1, K)`` it is taken from (minus their maximum: a rejection exactly when no region scores
+        above 0), else None. The head reads ``state`` detached with ``reject_detach``."""
+        if self.cfg.reject_from == "pointer":
+            presence = self._region_logits(state[:, None], hidden, sp, visual, last)  # (B, 1, K)
+            assert presence is not None  # reject_from pointer needs pointer_dim (MLLMConfig checks)
+            return -presence[:, 0].float().amax(-1), presence
         if self.cfg.reject_detach:
             state = state.detach()
-        return self.reject_head(state.to(_head_dtype(self.reject_head))).squeeze(-1)
+        return self.reject_head(state.to(_head_dtype(self.reject_head))).squeeze(-1), None
 
     def forward(
         self,
@@ -336,16 +345,19 @@ class GroundingMLLM(nn.Module):
             seg_states, _ = _gather_rows(nn.Identity(), hidden, seg_mask, hidden.shape[-1])  # (B, T, D)
             region_logits = self._region_logits(seg_states, hidden, sp, visual_tokens, last)
         words, word_mask = self._word_states(hidden, sp, last)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        reject_logit, presence = self._reject(hidden[rows, last], hidden, sp, visual_tokens, last)
         return GroundingOutput(
             loss=loss,
             logits=out.logits,
             seg_embeds=seg_embeds,
             seg_valid=seg_valid,
-            reject_logit=self._reject_logit(hidden, last),
+            reject_logit=reject_logit,
             attention_mask=sp.attention_mask,
             word_states=words,
             word_mask=word_mask,
             region_logits=region_logits,
+            presence_logits=presence,
         )
 
     # ------------------------------------------------------------------------------- generation
@@ -387,15 +399,17 @@ class GroundingMLLM(nn.Module):
             max_new_tokens=max_new_tokens,
         )
         prompt_state = prompt_hidden[:, -1]  # (B, D) the last prompt token (left padding)
-        reject_logit = self._reject_from(prompt_state)  # (B,)
-        last = torch.full_like(reject_logit, prompt_hidden.shape[1] - 1, dtype=torch.long)  # (B,)
+        last = torch.full(
+            (prompt_state.shape[0],), prompt_hidden.shape[1] - 1, dtype=torch.long, device=prompt_state.device
+        )  # (B,)
+        reject_logit, presence = self._reject(prompt_state, prompt_hidden, sp, visual, last)  # (B,), (B,1,K)
         words, word_mask = self._word_states(prompt_hidden, sp, last)
         hidden, seg_mask = pack_states(seg_states, prompt_state)  # (B, T, D), (B, T)
         seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
         region_logits = self._region_logits(hidden, prompt_hidden, sp, visual, last)  # (B, T, K) or None
         text = [self._decode(row, eos) for row in sequences.tolist()]
         return GroundingGeneration(
-            text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask, region_logits
+            text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask, region_logits, presence
         )
 
     def _decode(self, ids: list[int], eos: int) -> str:

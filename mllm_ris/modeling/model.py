@@ -120,6 +120,7 @@ class _Queries:
     region_mask: torch.Tensor | None = None  # (B, K) real regions
     region_labels: torch.Tensor | None = None  # (B, S, S) region id per pixel, -1 = none
     prior: torch.Tensor | None = None  # (B, T, S, S) clamped painted scores
+    presence_logits: torch.Tensor | None = None  # (B, 1, K) mllm.reject_from pointer: the reject query
 
 
 @dataclass
@@ -258,6 +259,7 @@ class RISModel(nn.Module):
             )
             seg, seg_valid, reject, text, lm = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text, None
             words, word_mask, region_logits = gen.word_states, gen.word_mask, gen.region_logits
+            presence = gen.presence_logits
             seg_valid, text = self._apply_reject_threshold(reject, seg_valid, text)
         else:
             labels = batch.labels
@@ -270,13 +272,14 @@ class RISModel(nn.Module):
             out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
             seg, seg_valid, reject, text, lm = out.seg_embeds, out.seg_valid, out.reject_logit, None, out.loss
             words, word_mask, region_logits = out.word_states, out.word_mask, out.region_logits
+            presence = out.presence_logits
         # each (image, [SEG]) pair is one query; the head's "words" are the sample's [SEG] embeddings,
         # after the prompt's text-token states when mllm.word_states is on
         tokens, mask = seg, seg_valid
         if words is not None and word_mask is not None:
             tokens, mask = torch.cat([words, seg], dim=1), torch.cat([word_mask, seg_valid], dim=1)
         lang = LanguageFeatures(tokens=tokens, mask=mask, queries=seg, query_mask=seg_valid)
-        q = _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text)
+        q = _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text, presence_logits=presence)
         if region_logits is not None:
             self._add_prior(q, batch, region_logits, vis.mask)
         return q
@@ -494,6 +497,11 @@ class RISModel(nn.Module):
             terms.update(
                 region_losses(q.region_logits, q.region_mask, q.region_labels, targets, pair_valid, extra)
             )
+            if q.presence_logits is not None:  # the reject query points at the union of the targets
+                union = batch.targets[:, None]  # (B, 1, S, S), empty for a no-target sample
+                every = torch.ones_like(batch.has_target)[:, None]  # (B, 1)
+                found = region_losses(q.presence_logits, q.region_mask, q.region_labels, union, every, extra)
+                terms.update({f"presence_{name}": value for name, value in found.items()})
         args = (targets, pair_valid, has_target, batch.valid, cfg)
         if masks:
             terms.update(pair_mask_losses(seg.head_up, seg.iou_pred, *args, prefix="head"))
