@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth.add_argument(
+        "--negative-forms",
+        default="attr",
+        help="comma-separated forms of the absent-object expressions: attr ('the red star' without one), "
+        "spatial ('the leftmost red star'), relational ('the circle left of the red square' when no "
+        "circle is), or all (default: %(default)s, what earlier builds had)",
+    )
 
     ev = sub.add_parser(
         "eval", help="evaluate on a dataset; prints a table, writes metrics.json + metrics.md"
@@ -216,8 +223,14 @@ def _cmd_make_synthref(args: argparse.Namespace) -> int:
     for flag, value, low in (("--images", args.images, 1), ("--size", args.size, 32)):
         if value < low:
             raise ConfigError(f"{flag}: must be >= {low}, got {value}")
+    forms = [f.strip() for f in args.negative_forms.split(",") if f.strip()]
     summary = make_synthref(
-        args.out, images=args.images, seed=args.seed, size=args.size, workers=args.workers
+        args.out,
+        images=args.images,
+        seed=args.seed,
+        size=args.size,
+        workers=args.workers,
+        negative_forms=("attr", "spatial", "relational") if forms == ["all"] else forms,
     )
     print(summary)
     return 0

@@ -174,6 +174,20 @@ def test_make_synthref_then_check_and_eval(tmp_path: Path, capsys: pytest.Captur
 def test_make_synthref_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["make-synthref", str(tmp_path / "x"), "--images", "0"]) == 2
     assert "--images: must be >= 1" in capsys.readouterr().err
+    assert main(["make-synthref", str(tmp_path / "y"), "--images", "2", "--negative-forms", "attr,size"]) == 2
+    err = capsys.readouterr().err
+    assert "negative_forms: ['attr', 'size']; choose from" in err and len(err.strip().splitlines()) == 1
+
+
+def test_make_synthref_negative_forms_all(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    args = ["make-synthref", str(out), "--images", "3", "--size", "64", "--workers", "1"]
+    assert main([*args, "--negative-forms", "all"]) == 0
+    assert json.loads((out / "synthref_meta.json").read_text())["negative_forms"] == [
+        "attr",
+        "spatial",
+        "relational",
+    ]
 
 
 def test_image_root_flag_for_data_check_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

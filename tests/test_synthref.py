@@ -12,7 +12,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from mllm_ris.data import build_dataset
-from mllm_ris.data._synth_expr import evaluate
+from mllm_ris.data._synth_expr import NEGATIVE_FORMS, evaluate, negative_form
 from mllm_ris.data._synth_scene import COLOURS, ObjectSpec, draw_scene
 from mllm_ris.data.images import read_image
 from mllm_ris.data.refer import ReferDataset
@@ -243,6 +243,8 @@ def _independent_check(query: dict[str, Any], objs: list[_Obj], m: float) -> set
     op = query["op"]
     if op == "attr":
         return {o.ann_id for o in members}
+    if op in ("extreme", "size_cmp") and not members:  # a spatial negative: nothing to order
+        return set()
     if op == "extreme":
         sign = 1.0 if query["dir"] == "min" else -1.0
         ranked = sorted(members, key=lambda o: sign * (o.x if query["axis"] == "x" else o.y))
@@ -277,10 +279,18 @@ def _independent_check(query: dict[str, Any], objs: list[_Obj], m: float) -> set
 def test_every_query_selects_exactly_its_targets(
     grefs: list[dict[str, Any]], instances: dict[str, Any], meta: dict[str, Any]
 ) -> None:
+    _check_every_query(grefs, instances, meta)
+
+
+def _check_every_query(
+    grefs: list[dict[str, Any]], instances: dict[str, Any], meta: dict[str, Any]
+) -> Counter[str]:
+    """Every sentence's query, re-evaluated independently, selects exactly its ref's objects; returns
+    the negatives counted by form."""
     objs: dict[int, list[_Obj]] = {}
     for ann in instances["annotations"]:
         objs.setdefault(ann["image_id"], []).append(_Obj(ann))
-    checked = Counter()
+    checked, forms = Counter(), Counter()
     for ref in grefs:
         expected = set() if ref["no_target"] else set(ref["ann_id"])
         for sent in ref["sentences"]:
@@ -289,7 +299,43 @@ def test_every_query_selects_exactly_its_targets(
             checked[sent["difficulty"]] += 1
             if sent["difficulty"] == "relational":
                 assert len(_matching(sent["query"]["desc"], objs[ref["image_id"]])) >= 2
+            if sent["difficulty"] == "negative":
+                forms[negative_form(sent["query"])] += 1
     assert set(checked) == DIFFICULTIES
+    return forms
+
+
+def test_negatives_of_every_form(tmp_path: Path, grefs: list[dict[str, Any]], built: Path) -> None:
+    """negative_forms: the default builds only attr-form negatives, byte for byte as before the option;
+    with every form, the spatial and relational negatives are generated, verified absent by the
+    independent checker, and their words are all true of the scene for the relational form."""
+    default_forms = Counter(
+        negative_form(s["query"]) for r in grefs for s in r["sentences"] if s["difficulty"] == "negative"
+    )
+    assert set(default_forms) == {"attr"}
+    attr_only = tmp_path / "attr"
+    make_synthref(
+        attr_only, images=IMAGES, seed=SEED, size=SIZE, workers=1, progress=False, negative_forms=["attr"]
+    )
+    assert _tree(attr_only) == _tree(built)
+    every = tmp_path / "every"
+    make_synthref(
+        every, images=IMAGES, seed=SEED, size=SIZE, workers=1, progress=False, negative_forms=NEGATIVE_FORMS
+    )
+    meta = json.loads((every / "synthref_meta.json").read_text())
+    assert meta["negative_forms"] == list(NEGATIVE_FORMS)
+    every_grefs = json.loads((every / "grefcoco" / "grefs(unc).json").read_text())
+    every_instances = json.loads((every / "grefcoco" / "instances.json").read_text())
+    forms = _check_every_query(every_grefs, every_instances, meta)
+    assert set(forms) == set(NEGATIVE_FORMS), forms
+    for ref in every_grefs:  # a relational negative's kind and anchor both exist in the scene
+        objs = [_Obj(a) for a in every_instances["annotations"] if a["image_id"] == ref["image_id"]]
+        for sent in ref["sentences"]:
+            if sent["difficulty"] == "negative" and negative_form(sent["query"]) == "relational":
+                assert _matching(sent["query"]["desc"], objs)
+                assert len(_matching(sent["query"]["relations"][0]["anchor"]["desc"], objs)) == 1
+    with pytest.raises(ConfigError, match="negative_forms"):
+        make_synthref(tmp_path / "bad", images=2, seed=0, size=64, progress=False, negative_forms=["size"])
 
 
 def test_text_names_the_query_attributes(grefs: list[dict[str, Any]]) -> None:

@@ -6,6 +6,8 @@ Every expression is generated from a *query*, a JSON-friendly dict, and kept onl
 ``{"op": "attr", "desc": D}``
     the objects matching ``D`` (``simple``: exactly one; ``multi``: two or more; ``negative``:
     none). ``D = {"shape", "colour", "size"}``, each a value or None (any).
+    ``extreme`` and ``size_cmp`` below select nothing when no object matches ``D`` ("the leftmost
+    green star" without a green star): the ``spatial`` form of a negative.
 ``{"op": "extreme", "desc": D, "axis": "x"|"y", "dir": "min"|"max", "rank": 1|2}``
     the ``rank``-th of the objects matching ``D`` counted from the left (x min), right (x max),
     top (y min) or bottom (y max) by visible-pixel centroid.
@@ -36,9 +38,28 @@ import numpy as np
 from mllm_ris.data._synth_scene import COLOURS, SHAPES, SIZES
 from mllm_ris.data._synth_text import realise
 
-__all__ = ["DIFFICULTIES", "Expression", "evaluate", "generate_expressions", "query_key", "relation_status"]
+__all__ = [
+    "DIFFICULTIES",
+    "NEGATIVE_FORMS",
+    "Expression",
+    "evaluate",
+    "generate_expressions",
+    "negative_form",
+    "query_key",
+    "relation_status",
+]
 
 DIFFICULTIES: tuple[str, ...] = ("simple", "spatial", "relational", "multi", "negative")
+# The forms a negative can take: an altered description ("the red star" without one), a spatial
+# expression over an absent description ("the leftmost red star", "the largest red star"), or a
+# relation no candidate stands in ("the circle left of the red square", every circle right of it).
+NEGATIVE_FORMS: tuple[str, ...] = ("attr", "spatial", "relational")
+_FORM_OF_OP: dict[str, str] = {
+    "attr": "attr",
+    "extreme": "spatial",
+    "size_cmp": "spatial",
+    "relate": "relational",
+}
 ATTRS: tuple[str, ...] = ("size", "colour", "shape")
 _VALUES: dict[str, tuple[str, ...]] = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES}
 # Attribute subsets, fewest first (a description uses the attributes of one subset).
@@ -130,6 +151,8 @@ def evaluate(query: Mapping[str, Any], objects: Sequence[SceneItem], margin: flo
     members = _select(query["desc"], objects)
     if op == "attr":
         return frozenset(members)
+    if op in ("extreme", "size_cmp") and not members:
+        return frozenset()  # nothing matches the description: nothing to order or compare
     if op == "extreme":
         rank = int(query["rank"])
         if len(members) < 2 or len(members) < rank:
@@ -163,6 +186,11 @@ def evaluate(query: Mapping[str, Any], objects: Sequence[SceneItem], margin: flo
                 return None  # neither clearly in nor clearly out
         return frozenset(selected)
     raise ValueError(f"unknown query op {op!r}")
+
+
+def negative_form(query: Mapping[str, Any]) -> str:
+    """The :data:`NEGATIVE_FORMS` entry of a query's form (``attr``, ``spatial`` or ``relational``)."""
+    return _FORM_OF_OP[query["op"]]
 
 
 def query_key(query: Mapping[str, Any]) -> str:
@@ -329,11 +357,9 @@ class _Generator:
                 out.append(self.expression(_attr_query(descs[int(j)]), "multi", targets))
         return out
 
-    def negative(self, source: int, avoid: set[str]) -> Expression | None:
-        """An absent object made by changing one attribute of ``source``.
-
-        ``avoid`` holds the keys (:func:`query_key`) of queries already used; the new one is added.
-        """
+    def _absent_descs(self, source: int) -> list[tuple[float, dict[str, str | None]]]:
+        """Descriptions of ``source`` with one attribute changed that match no object, weighted
+        (two attributes 3, else 1; size alone never: "the large one" is not an object kind)."""
         obj = self.objects[source]
         options: list[tuple[float, dict[str, str | None]]] = []
         for changed in ATTRS:
@@ -347,21 +373,72 @@ class _Generator:
                     desc[changed] = value
                     if not _select(desc, self.objects):
                         options.append((3.0 if len(attrs) == 2 else 1.0, desc))
+        return options
+
+    def _first_unused(
+        self, options: Sequence[tuple[float, dict[str, Any]]], source: int, avoid: set[str]
+    ) -> Expression | None:
+        """A weighted draw of up to 4 of the negative ``options`` (weight, query); the first whose key is
+        not in ``avoid`` is added to it and phrased."""
         if not options:
             return None
         weights = np.array([w for w, _ in options])
         for i in self.rng.choice(
             len(options), size=min(4, len(options)), replace=False, p=weights / weights.sum()
         ):
-            query = _attr_query(options[int(i)][1])
+            query = options[int(i)][1]
             if query_key(query) not in avoid:
                 avoid.add(query_key(query))
                 return self.expression(query, "negative", [], source=source)
         return None
 
+    def negative(self, source: int, avoid: set[str]) -> Expression | None:
+        """An absent object made by changing one attribute of ``source`` (the ``attr`` form).
+
+        ``avoid`` holds the keys (:func:`query_key`) of queries already used; the new one is added.
+        """
+        options = [(w, _attr_query(d)) for w, d in self._absent_descs(source)]
+        return self._first_unused(options, source, avoid)
+
+    def negative_spatial(self, source: int, avoid: set[str]) -> Expression | None:
+        """The ``spatial`` form: an ordering or size comparison over an absent description made from
+        ``source`` ("the leftmost red star", "the largest red star" when there is no red star)."""
+        options: list[tuple[float, dict[str, Any]]] = []
+        for weight, desc in self._absent_descs(source):
+            if desc["size"] is not None:
+                desc = {**desc, "size": None}  # "the largest small star" reads wrong
+                if (desc["shape"] is None and desc["colour"] is None) or _select(desc, self.objects):
+                    continue
+            for axis, direction in _DIRECTIONS:
+                q = {"op": "extreme", "desc": desc, "axis": axis, "dir": direction, "rank": 1}
+                options.append((weight / len(_DIRECTIONS), q))
+            for size in SIZES:
+                options.append((weight / len(SIZES), {"op": "size_cmp", "desc": desc, "size": size}))
+        return self._first_unused(options, source, avoid)
+
+    def negative_relational(self, source: int, avoid: set[str]) -> Expression | None:
+        """The ``relational`` form: ``source``'s kind in a relation to a present anchor that no
+        object of that kind stands in ("the circle left of the red square", every circle clearly
+        right of it): the words are all true of the scene, only their combination is not."""
+        options: list[tuple[float, dict[str, Any]]] = []
+        descs = [d for d in self._ambiguous_descs(source) + self.unique[source] if d["shape"] is not None]
+        for desc in descs:
+            for a in range(len(self.objects)):
+                if a == source or not self.unique[a] or matches(desc, self.objects[a]):
+                    continue  # the anchor is not one of the candidates ("the square left of the square")
+                anchor = _attr_query(self.unique[a][0])
+                for rel in _RELATIONS:
+                    q = {"op": "relate", "desc": desc, "relations": [{"rel": rel, "anchor": anchor}]}
+                    if self.check(q, []):
+                        options.append((1.0, q))
+        return self._first_unused(options, source, avoid)
+
 
 def generate_expressions(
-    objects: Sequence[SceneItem], rng: np.random.Generator, margin: float
+    objects: Sequence[SceneItem],
+    rng: np.random.Generator,
+    margin: float,
+    negative_forms: Sequence[str] = ("attr",),
 ) -> list[Expression]:
     """All verified expressions of one scene.
 
@@ -374,10 +451,19 @@ def generate_expressions(
         objects: the scene's objects (attributes + visible centroids).
         rng: the only source of randomness.
         margin: spatial margin in pixels.
+        negative_forms: the :data:`NEGATIVE_FORMS` negatives are drawn from, uniformly per negative
+            (a form the scene cannot make falls back to ``attr``); ``("attr",)`` draws exactly as
+            SynthRef builds made before the other forms existed.
 
     Returns:
         the expressions, objects in order, then multi, then negatives.
+
+    Raises:
+        ValueError: an unknown or empty ``negative_forms``.
     """
+    unknown = sorted(set(negative_forms) - set(NEGATIVE_FORMS))
+    if unknown or not negative_forms:
+        raise ValueError(f"negative_forms: {list(negative_forms)}; choose from {list(NEGATIVE_FORMS)}")
     gen = _Generator(objects, rng, margin)
     out: list[Expression] = []
     for t in range(len(objects)):
@@ -389,8 +475,13 @@ def generate_expressions(
     referred = sorted({e.targets[0] for e in out if len(e.targets) == 1})
     used: set[str] = set()
     n_negatives = min(len(referred), int(rng.integers(1, 3)))
+    makers = {"attr": gen.negative, "spatial": gen.negative_spatial, "relational": gen.negative_relational}
     for i in rng.permutation(len(referred))[:n_negatives]:
-        expr = gen.negative(referred[int(i)], used)
+        source = referred[int(i)]
+        form = negative_forms[0] if len(negative_forms) == 1 else _pick(rng, negative_forms)
+        expr = makers[form](source, used)
+        if expr is None and form != "attr":
+            expr = gen.negative(source, used)
         if expr is not None:
             out.append(expr)
     return out

@@ -7,6 +7,7 @@ same for any worker count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,23 @@ class ImageRecord:
     expressions: tuple[dict[str, Any], ...]
 
 
-def render_image(index: int, *, seed: int, size: int, image_dir: str | Path) -> ImageRecord:
+def render_image(
+    index: int,
+    *,
+    seed: int,
+    size: int,
+    image_dir: str | Path,
+    negative_forms: Sequence[str] = ("attr",),
+) -> ImageRecord:
     """Generate image ``index`` of the dataset ``(seed, size)``; write its PNG into ``image_dir``.
+    ``negative_forms``: see :func:`~mllm_ris.data._synth_expr.generate_expressions`.
 
     Returns:
         the image's :class:`ImageRecord`.
     """
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, size)
-    expressions = generate_expressions(scene.objects, rng, margin_px(size))
+    expressions = generate_expressions(scene.objects, rng, margin_px(size), negative_forms)
     file_name = image_file_name(index)
     # compress_level fixed: PNG bytes depend only on the pixels.
     Image.fromarray(scene.image).save(Path(image_dir) / file_name, format="PNG", compress_level=6)

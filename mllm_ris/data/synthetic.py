@@ -20,12 +20,13 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mllm_ris.data._synth_expr import DIFFICULTIES
+from mllm_ris.data._synth_expr import DIFFICULTIES, NEGATIVE_FORMS
 from mllm_ris.data._synth_render import ImageRecord, margin_px, render_image
 from mllm_ris.data._synth_scene import COLOURS, MIN_VISIBLE_FRACTION, SHAPES, SIZES, min_visible_pixels
 from mllm_ris.data._synth_write import SPLITS, build_annotations, split_of_images, write_layouts
@@ -118,9 +119,17 @@ def _prepare_out_dir(out_dir: Path) -> Path:
 
 
 def _render_all(
-    images: int, seed: int, size: int, image_dir: Path, workers: int, progress: bool
+    images: int,
+    seed: int,
+    size: int,
+    image_dir: Path,
+    workers: int,
+    progress: bool,
+    negative_forms: tuple[str, ...],
 ) -> list[ImageRecord]:
-    render = partial(render_image, seed=seed, size=size, image_dir=str(image_dir))
+    render = partial(
+        render_image, seed=seed, size=size, image_dir=str(image_dir), negative_forms=negative_forms
+    )
     bar = None
     if progress:
         from tqdm import tqdm
@@ -156,6 +165,7 @@ def make_synthref(
     size: int,
     workers: int | None = None,
     progress: bool = True,
+    negative_forms: Sequence[str] = ("attr",),
 ) -> SynthRefSummary:
     """Generate a SynthRef dataset into ``out_dir``.
 
@@ -176,6 +186,10 @@ def make_synthref(
             Workers are started with ``spawn``, so a script calling this with ``workers > 1``
             needs the usual ``if __name__ == "__main__":`` guard.
         progress: show a progress bar on stderr.
+        negative_forms: the forms negatives take (:data:`~mllm_ris.data._synth_expr.NEGATIVE_FORMS`:
+            ``attr`` "the red star" without one; ``spatial`` "the leftmost red star" without one;
+            ``relational`` "the circle left of the red square" when no circle is). The default,
+            ``attr`` alone, builds exactly what SynthRef built before the other forms existed.
 
     Returns:
         a :class:`SynthRefSummary`.
@@ -192,13 +206,16 @@ def make_synthref(
         raise ConfigError(f"size must be >= {_MIN_SIZE} pixels, got {size}")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1 or None, got {workers}")
+    forms = tuple(dict.fromkeys(negative_forms))  # unique, in the given order
+    if not forms or set(forms) - set(NEGATIVE_FORMS):
+        raise ConfigError(f"negative_forms: {list(negative_forms)}; choose from {list(NEGATIVE_FORMS)}")
     if workers is None:
         workers = 1 if images < _PARALLEL_FROM else _available_cpus()
     workers = max(1, min(workers, images))
     start = time.perf_counter()
     out = Path(out_dir)
     image_dir = _prepare_out_dir(out)
-    records = _render_all(images, seed, size, image_dir, workers, progress)
+    records = _render_all(images, seed, size, image_dir, workers, progress, forms)
     ann = build_annotations(records, split_of_images(images, seed))
     meta = {
         "generator": "mllm-ris synthref",
@@ -213,6 +230,7 @@ def make_synthref(
         "colours": dict(COLOURS),
         "sizes": list(SIZES),
         "difficulties": list(DIFFICULTIES),
+        "negative_forms": list(forms),
         "splits": list(SPLITS),
         "image_dir": IMAGE_SUBDIR.as_posix(),
     }
