@@ -155,3 +155,39 @@ def test_pointer_bisect_trains_on_the_tasks_batches(tmp_path: Path) -> None:
     assert record["samples_seen"] == 16 and len(record["curve"]) == 2 and record["single_only"]
     assert 0.0 <= record["final"]["all"] <= 1.0 and record["curve"][0]["terms"]["no_target"] == 0.0
     assert "--set model.loss.no_target=0" in record["command"]
+
+
+def test_bench_negative_forms_reports_n_acc_per_form(tmp_path: Path) -> None:
+    """Negatives relabelled by form beside present expressions, evaluated with a saved (random) model
+    whose reject decision is the pointer's; one results JSON with a level per negative form."""
+    import torch
+    from test_model_kit import SIZE, tiny_cfg
+
+    from mllm_ris.data.synthetic import make_synthref
+    from mllm_ris.modeling.model import build_model
+
+    data = tmp_path / "synthref"
+    make_synthref(
+        data, images=16, seed=3, size=SIZE, workers=1, progress=False, negative_forms=["attr", "relational"]
+    )
+    torch.manual_seed(0)
+    overrides = (
+        "model.mllm.pointer_dim=16",
+        "model.mllm.reject_from=pointer",
+        "model.projector.descriptors=true",
+    )
+    build_model(tiny_cfg("mllm", "prior", *overrides)).save_pretrained(tmp_path / "m")
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("bench_negative_forms")
+        argv = ["--data", str(data), "--split", "all", "--model", f"tiny={tmp_path / 'm'}"]
+        assert (
+            module.main([*argv, "--negatives", "8", "--positives", "4", "--results", str(tmp_path / "r")])
+            == 0
+        )
+    finally:
+        sys.path.remove(str(BENCH))
+    levels = json.loads((tmp_path / "r" / "negative_forms_tiny.json").read_text())["levels"]
+    negatives = {level for level in levels if level.startswith("negative")}
+    assert negatives and negatives <= {"negative-attr", "negative-relational"}
+    assert sum(m["samples"] for m in levels.values()) == 12
