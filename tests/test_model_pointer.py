@@ -294,14 +294,17 @@ def test_reject_from_pointer_scores_the_prompt_state_against_the_regions() -> No
     llm = [p.grad for p in model.mllm.llm.parameters() if p.requires_grad and p.grad is not None]
     assert any(g.abs().sum() > 0 for g in llm)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.mllm.reject_head.parameters())
-    # generation: a row is rejected (no [SEG] kept, the rejection answer) exactly when its best
-    # presence logit is not above 0 (reject_threshold 0.5)
+    # generation: the pointer decides both ways (reject_threshold 0.5): a row is rejected (no [SEG]
+    # kept, the rejection answer) exactly when its best presence logit is not above 0, and a row the
+    # LLM answered without [SEG] gets one query, the presence query's, when a region is found
     model.eval()
     with torch.no_grad():
         gen = model.generate(_batch(model, answers=False), max_new_tokens=6)
-    for b in range(3):
-        if gen.no_target_prob[b] > 0.5:
-            assert not gen.target_valid[b].any() and model.rejected(gen.text[b])
+        absent = model.generate(_batch(model, answers=False), max_new_tokens=0)  # no [SEG] generated
+    for out in (gen, absent):
+        for b in range(3):
+            rejected = bool(out.no_target_prob[b] > 0.5)
+            assert rejected == (not out.target_valid[b].any()) == model.rejected(out.text[b])
     with pytest.raises(ConfigError, match="reject_from: pointer needs the region pointer"):
         tiny_cfg("mllm", "direct", "model.mllm.reject_from=pointer")
     with pytest.raises(ConfigError, match=r"reject_from: must be one of \['head', 'pointer'\]"):
@@ -333,3 +336,19 @@ def test_reject_from_pointer_learns_present_from_absent_on_one_image() -> None:
         out.loss.backward()
         opt.step()
     assert out.no_target_prob[0] < 0.5 < out.no_target_prob[1], out.no_target_prob
+    # generation with no answer tokens (the LLM says nothing, so no [SEG]): the pointer answers the
+    # present sentence with one query, the presence query, whose best region lies in the target, and
+    # rejects the absent one
+    model.eval()
+    prompts = build_collator(model, image_size=SIZE, answers=False, template=TEMPLATE)(samples)
+    with torch.no_grad():
+        gen = model.generate(prompts, max_new_tokens=0)
+        presence = model.mllm.generate(
+            prompts.input_ids, prompts.attention_mask, model.visual_tokens(prompts), max_new_tokens=0
+        ).presence_logits  # (2, 1, K)
+    assert gen.text[0] == "Sure, it is [SEG]." and model.rejected(gen.text[1])
+    assert gen.target_valid.tolist() == [[True], [False]]
+    torch.testing.assert_close(gen.region_logits[0, 0], presence[0, 0])
+    labels = model.projector.region_labels(prompts.superpixels)
+    coverage = region_coverage(labels[:1], batch.target_masks[:1], labels.max() + 1)[0, 0]  # (K,)
+    assert coverage[presence[0, 0].argmax()] >= 0.5

@@ -141,6 +141,8 @@ class GroundingGeneration:
         word_states, word_mask: as in :class:`GroundingOutput` (the same prompt tokens; None when off).
         region_logits: ``(B, T, K)`` as in :class:`GroundingOutput`, for the generated ``[SEG]`` tokens.
         presence_logits: ``(B, 1, K)`` as in :class:`GroundingOutput` (the last prompt token), or None.
+        presence_embed: ``(B, Dg)`` the grounding embedding of that same prompt state (the query a
+            ``[SEG]`` gets when the pointer overrules a rejecting answer), or None.
     """
 
     text: list[str]
@@ -152,6 +154,7 @@ class GroundingGeneration:
     word_mask: torch.Tensor | None = None
     region_logits: torch.Tensor | None = None
     presence_logits: torch.Tensor | None = None
+    presence_embed: torch.Tensor | None = None
 
 
 class GroundingMLLM(nn.Module):
@@ -408,8 +411,20 @@ class GroundingMLLM(nn.Module):
         seg_embeds, seg_valid = self._seg_embeddings(hidden, seg_mask)
         region_logits = self._region_logits(hidden, prompt_hidden, sp, visual, last)  # (B, T, K) or None
         text = [self._decode(row, eos) for row in sequences.tolist()]
+        presence_embed = None
+        if presence is not None:
+            presence_embed = self.seg_mlp(prompt_state.to(_head_dtype(self.seg_mlp)))  # (B, Dg)
         return GroundingGeneration(
-            text, sequences, seg_embeds, seg_valid, reject_logit, words, word_mask, region_logits, presence
+            text,
+            sequences,
+            seg_embeds,
+            seg_valid,
+            reject_logit,
+            words,
+            word_mask,
+            region_logits,
+            presence,
+            presence_embed,
         )
 
     def _decode(self, ids: list[int], eos: int) -> str:

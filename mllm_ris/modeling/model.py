@@ -44,7 +44,7 @@ from mllm_ris.modeling.losses import (
 from mllm_ris.modeling.mllm import GroundingMLLM
 from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
-from mllm_ris.modeling.pointer import RegionPointer, paint_regions
+from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
 from mllm_ris.modeling.projector import VisualProjector
 from mllm_ris.modeling.tokens import REJ_TOKEN, SEG_TOKEN
 from mllm_ris.modeling.vision import VisionTower
@@ -260,6 +260,10 @@ class RISModel(nn.Module):
             seg, seg_valid, reject, text, lm = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text, None
             words, word_mask, region_logits = gen.word_states, gen.word_mask, gen.region_logits
             presence = gen.presence_logits
+            if presence is not None and gen.presence_embed is not None:
+                seg, seg_valid, region_logits, text = self._answer_present(
+                    reject, presence, gen.presence_embed, seg, seg_valid, region_logits, text
+                )
             seg_valid, text = self._apply_reject_threshold(reject, seg_valid, text)
         else:
             labels = batch.labels
@@ -298,6 +302,43 @@ class RISModel(nn.Module):
             )
         q.region_logits, q.region_mask, q.region_labels = region_logits, region_mask, labels
         q.prior = paint_regions(region_logits, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
+
+    def _answer_present(
+        self,
+        reject_logit: torch.Tensor,
+        presence: torch.Tensor,
+        presence_embed: torch.Tensor,
+        seg: torch.Tensor,
+        seg_valid: torch.Tensor,
+        region_logits: torch.Tensor | None,
+        text: list[str],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+        """``mllm.reject_from: pointer``: the pointer decides both ways. A row whose answer has no
+        ``[SEG]`` although its presence query finds a region (``sigmoid(reject_logit) <= reject_threshold``)
+        answers :func:`answer_text` (1) with one query: the prompt state's embedding ``presence_embed
+        (B, Dg)`` and region logits ``presence (B, 1, K)`` (the union of what the sentence names). The other
+        way, an answer with ``[SEG]`` whose presence query finds nothing, is :meth:`_apply_reject_threshold`'s.
+        ``seg (B, T, Dg)``, ``seg_valid (B, T)`` and ``region_logits (B, T, K)`` grow to ``T = 1`` when
+        needed. With ``reject_threshold`` null the answer's text decides alone."""
+        threshold = self.cfg.reject_threshold
+        if threshold is None:
+            return seg, seg_valid, region_logits, text
+        rescue = ~seg_valid.any(1) & (torch.sigmoid(reject_logit.float()) <= threshold)  # (B,)
+        if not rescue.any():
+            return seg, seg_valid, region_logits, text
+        if seg.shape[1] == 0:  # no row has a [SEG]: one query slot
+            seg = seg.new_zeros(seg.shape[0], 1, seg.shape[2])
+            seg_valid = seg_valid.new_zeros(seg_valid.shape[0], 1)
+            if region_logits is not None:
+                region_logits = presence.new_full(presence.shape, MASKED_LOGIT)
+        seg, seg_valid = seg.clone(), seg_valid.clone()
+        seg[rescue, 0] = presence_embed[rescue].to(seg.dtype)
+        seg_valid[rescue, 0] = True
+        if region_logits is not None:
+            region_logits = region_logits.clone()
+            region_logits[rescue, 0] = presence[rescue, 0].to(region_logits.dtype)
+        text = [answer_text(1) if r else t for r, t in zip(rescue.tolist(), text, strict=True)]
+        return seg, seg_valid, region_logits, text
 
     def _apply_reject_threshold(
         self, reject_logit: torch.Tensor, seg_valid: torch.Tensor, text: list[str]
