@@ -143,6 +143,22 @@ def test_resume_with_more_steps_follows_the_configs_schedule(tmp_path: Path) -> 
     assert lrs[11] > 0.001
 
 
+def test_keep_config_schedule_reports_the_checkpoints_own_schedule() -> None:
+    """The note a resume prints names the checkpoint's schedule (lr included), not the new one's."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from mllm_ris.training.optim import keep_config_schedule, schedule_of
+
+    old = load_config(None, ["train.lr=0.01", "train.max_steps=10", "train.warmup_steps=2"]).train
+    new = load_config(None, ["train.lr=0.02", "train.max_steps=20", "train.warmup_steps=2"]).train
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=old.lr)
+    scheduler = LambdaLR(opt, schedule_of(old))
+    assert keep_config_schedule(scheduler, old) is None
+    note = keep_config_schedule(scheduler, new)
+    assert note is not None and note["lr"] == 0.01 and note["total"] == 10
+    assert keep_config_schedule(scheduler, new) is None and scheduler.base_lrs == [0.02]
+
+
 @pytest.mark.parametrize(("kind", "what"), [("loss", "loss was NaN"), ("grad", "gradient norm was NaN")])
 def test_non_finite_step_is_skipped_and_counted(tmp_path: Path, kind: str, what: str) -> None:
     task = ToyTask(bad_calls=frozenset({3, 4}) if kind == "loss" else frozenset({3}), kind=kind)

@@ -67,15 +67,15 @@ def keep_config_schedule(scheduler: LambdaLR, cfg: TrainConfig) -> dict[str, Any
     Returns the checkpoint's schedule fields when they differed from ``cfg``'s, else None.
     """
     fn, wanted = scheduler.lr_lambdas[0], schedule_of(cfg)
-    old = dict(fn.__dict__)
-    changed = old != wanted.__dict__ or any(lr != cfg.lr for lr in scheduler.base_lrs)
+    old = dict(fn.__dict__) | {"lr": scheduler.base_lrs[0]}  # before they are replaced below
+    changed = old != wanted.__dict__ | {"lr": cfg.lr} or any(lr != cfg.lr for lr in scheduler.base_lrs)
     fn.__dict__.update(wanted.__dict__)
     scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
     lrs = [cfg.lr * fn(scheduler.last_epoch)] * len(scheduler.base_lrs)
     for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
-    return (old | {"lr": scheduler.base_lrs[0]}) if changed else None
+    return old if changed else None
 
 
 def schedule_of(cfg: TrainConfig) -> _Schedule:
