@@ -316,8 +316,9 @@ class RISModel(nn.Module):
         """``mllm.reject_from: pointer``: the pointer decides both ways. A row whose answer has no
         ``[SEG]`` although its presence query finds a region (``sigmoid(reject_logit) <= reject_threshold``)
         answers :func:`answer_text` (1) with one query: the prompt state's embedding ``presence_embed
-        (B, Dg)`` and region logits ``presence (B, 1, K)`` (the union of what the sentence names). The other
-        way, an answer with ``[SEG]`` whose presence query finds nothing, is :meth:`_apply_reject_threshold`'s.
+        (B, Dg)`` and region logits ``presence (B, 1, K)`` (the union of what the sentence names). The
+        other way, an answer with ``[SEG]`` whose presence query finds nothing, is
+        :meth:`_apply_reject_threshold`'s.
         ``seg (B, T, Dg)``, ``seg_valid (B, T)`` and ``region_logits (B, T, K)`` grow to ``T = 1`` when
         needed. With ``reject_threshold`` null the answer's text decides alone."""
         threshold = self.cfg.reject_threshold
