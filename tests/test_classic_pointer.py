@@ -18,7 +18,6 @@ from mllm_ris.modeling.pointer import paint_regions
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.training.artifacts import export_model, load_trained_model
 from mllm_ris.training.ris_task import RISTask
-from mllm_ris.training.tasks import build_task
 from mllm_ris.training.trainer import Trainer
 
 POINTER = ("model.pointer.dim=16", "model.projector.descriptors=true", "model.projector.tower=false")
@@ -142,8 +141,9 @@ def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path
         f"model.superpixels.cache_dir={tmp_path / 'sp-cache'}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
-    assert isinstance(build_task(cfg), RISTask)
-    summary = Trainer(cfg, progress=False).fit()
+    trainer = Trainer(cfg, progress=False)
+    assert isinstance(trainer.task, RISTask) and trainer.task.name == "classic"
+    summary = trainer.fit()
     log = (tmp_path / "run" / "train_log.jsonl").read_text()
     assert summary.steps == 4 and '"region_bce"' in log and '"lm"' not in log
     run, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_000004"
