@@ -98,6 +98,16 @@ def test_classic_pointer_config_errors() -> None:
         model(plain)
 
 
+@pytest.mark.parametrize(("pointer", "words"), [(True, True), (True, False), (False, False)])
+def test_word_projection_trains_when_the_pointer_reads_the_words(pointer: bool, words: bool) -> None:
+    """LTS reads only the sentence query, so the text encoder's word projection is frozen, unless the
+    pointer's mixing layers read the words (``pointer.words``)."""
+    extra = (*POINTER, f"model.pointer.words={str(words).lower()}") if pointer else ()
+    model = build_model(tiny_cfg("classic", "direct", "model.head.name=lts", *extra))
+    assert not model.head.uses_words
+    assert model.text_encoder.token_proj.weight.requires_grad == words
+
+
 def test_frozen_text_encoder_memo_gives_the_same_features() -> None:
     encoder = build_model(tiny_cfg("classic", "direct")).text_encoder
     texts = ["the red circle on the left", "a square", "the big blue one below it", "a square"]
