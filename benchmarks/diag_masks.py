@@ -29,13 +29,11 @@ import torch
 import torch.nn.functional as F
 from _common import ROOT, replace_section, shown
 
-from mllm_ris.config import load_config
 from mllm_ris.data._synth_scene import COLOURS, SHAPES, SIZES
-from mllm_ris.data.collate import RISTransform
 from mllm_ris.data.masks import decode_segmentation
 from mllm_ris.data.synthetic import SynthRefDataset
-from mllm_ris.modeling.classic_model import build_classic_model, load_state
-from mllm_ris.training.classic_task import ClassicPredictor
+from mllm_ris.modeling.predictor import RISPredictor
+from mllm_ris.training.artifacts import load_trained_model
 
 DOC = ROOT / "docs" / "results.md"
 LEVELS = ("simple", "spatial", "relational")
@@ -105,14 +103,12 @@ def main() -> None:
     rows, attr_rows = [], []
     for variant in args.variants.split(","):
         run = ROOT / "runs" / "bench_heads" / variant
-        if not (run / "model.safetensors").is_file():
-            print(f"skip {variant}: no checkpoint in {run}")
+        if not (run / "config.json").is_file():
+            print(f"skip {variant}: no trained model in {run}")
             continue
-        cfg = load_config(run / "config.json")
-        model = build_classic_model(cfg.model)
-        load_state(model, run)
-        predictor = ClassicPredictor(model, RISTransform(cfg.data.image_size))
-        scale = cfg.data.image_size
+        loaded = load_trained_model(run)  # the run's final model (or its newest checkpoint)
+        predictor = RISPredictor(loaded.model, image_size=loaded.image_size, batch_size=32)
+        scale = loaded.image_size
         for level, samples in by_level.items():
             ious, located, areas, oracle, attrs = [], [], [], [], []
             for start in range(0, len(samples), predictor.batch_size):

@@ -18,7 +18,6 @@ from mllm_ris.modeling.pointer import paint_regions
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.training.artifacts import export_model, load_trained_model
 from mllm_ris.training.ris_task import RISTask
-from mllm_ris.training.tasks import build_task
 from mllm_ris.training.trainer import Trainer
 
 POINTER = ("model.pointer.dim=16", "model.projector.descriptors=true", "model.projector.tower=false")
@@ -99,6 +98,16 @@ def test_classic_pointer_config_errors() -> None:
         model(plain)
 
 
+@pytest.mark.parametrize(("pointer", "words"), [(True, True), (True, False), (False, False)])
+def test_word_projection_trains_when_the_pointer_reads_the_words(pointer: bool, words: bool) -> None:
+    """LTS reads only the sentence query, so the text encoder's word projection is frozen, unless the
+    pointer's mixing layers read the words (``pointer.words``)."""
+    extra = (*POINTER, f"model.pointer.words={str(words).lower()}") if pointer else ()
+    model = build_model(tiny_cfg("classic", "direct", "model.head.name=lts", *extra))
+    assert not model.head.uses_words
+    assert model.text_encoder.token_proj.weight.requires_grad == words
+
+
 def test_frozen_text_encoder_memo_gives_the_same_features() -> None:
     encoder = build_model(tiny_cfg("classic", "direct")).text_encoder
     texts = ["the red circle on the left", "a square", "the big blue one below it", "a square"]
@@ -142,8 +151,9 @@ def test_classic_pointer_trains_exports_and_loads(tmp_path: Path, synthref: Path
         f"model.superpixels.cache_dir={tmp_path / 'sp-cache'}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
-    assert isinstance(build_task(cfg), RISTask)
-    summary = Trainer(cfg, progress=False).fit()
+    trainer = Trainer(cfg, progress=False)
+    assert isinstance(trainer.task, RISTask) and trainer.task.name == "classic"
+    summary = trainer.fit()
     log = (tmp_path / "run" / "train_log.jsonl").read_text()
     assert summary.steps == 4 and '"region_bce"' in log and '"lm"' not in log
     run, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_000004"

@@ -23,9 +23,9 @@ from torch.utils.data import TensorDataset
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError
 from mllm_ris.training.checkpoint import CheckpointManager, read_trainer_state
-from mllm_ris.training.classic_task import ClassicTask
 from mllm_ris.training.faults import NonFiniteLossError, StopSignals
 from mllm_ris.training.optim import lr_factor
+from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.task import TrainTask
 from mllm_ris.training.trainer import Trainer, train_classic
 
@@ -110,7 +110,7 @@ def _steps_logged(out: Path) -> list[int]:
 
 
 def test_toy_task_fits_the_protocol() -> None:
-    assert isinstance(ToyTask(), TrainTask) and isinstance(ClassicTask(load_config(None)), TrainTask)
+    assert isinstance(ToyTask(), TrainTask) and isinstance(RISTask(load_config(None)), TrainTask)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -290,8 +290,8 @@ def test_classic_10_steps_equal_5_plus_resumed_5(tmp_path: Path, synthref: Path)
         "train.eval_every=5",
     )
     full = train_classic(cfg("a", *val), progress=False)
-    first = Trainer(cfg("b"), ClassicTask(cfg("b")), progress=False).fit(stop_at_step=5)
-    rest = Trainer(cfg("b"), ClassicTask(cfg("b")), progress=False).fit(resume="auto")
+    first = Trainer(cfg("b"), RISTask(cfg("b")), progress=False).fit(stop_at_step=5)
+    rest = Trainer(cfg("b"), RISTask(cfg("b")), progress=False).fit(resume="auto")
     assert rest.start_step == 5 and first.losses + rest.losses == full.losses
     assert (tmp_path / "a" / "eval" / "step_000005" / "synthref_val" / "metrics.json").is_file()
     again = train_classic(cfg("a", "train.max_steps=2"), progress=False)  # bench_heads re-runs a folder

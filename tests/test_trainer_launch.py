@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from _launch_kit import ROOT, TINY_CLASSIC_YAML, launch_cmd, launch_env
-from safetensors.torch import load_file
 
 from mllm_ris.config import load_config
 from mllm_ris.data.synthetic import make_synthref
+from mllm_ris.modeling.model import RISModel
 from mllm_ris.training.checkpoint import consolidated_state_dict, read_trainer_state
 from mllm_ris.training.trainer import Trainer
 
@@ -51,7 +51,7 @@ def _check_two_ranks_in_sync(run: Path, steps: int) -> dict:
         "random_states_1.pkl",
     }
     merged = consolidated_state_dict(ckpt)
-    exported = load_file(str(run / "model.safetensors"))
+    exported = RISModel.from_pretrained(run).state_dict()  # the final model folder, rebuilt
     assert set(exported) <= set(merged) and all(torch.equal(merged[k], exported[k]) for k in exported)
     return summary
 

@@ -27,12 +27,11 @@ import psutil  # an accelerate dependency
 import pytest
 import torch
 from _launch_kit import ROOT, TINY_CLASSIC_YAML, launch_cmd, launch_env
-from safetensors.torch import load_file
 
 from mllm_ris.config import Config, load_config
-from mllm_ris.data.synthetic import make_synthref
+from mllm_ris.data.collate import RISTransform, collate_ris
+from mllm_ris.data.synthetic import SynthRefDataset, make_synthref
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.classic_model import build_classic_model, load_state
 from mllm_ris.modeling.lora import LoraSettings, apply_lora, random_causal_lm, zero3_external_parameters
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import build_collator
@@ -156,10 +155,8 @@ def test_zero3_two_cpu_processes_train_and_export(tmp_path: Path, data_root: Pat
     ckpt = run / "checkpoints" / f"step_{STEPS:06d}"
     assert len(list((ckpt / "pytorch_model").glob("zero_pp_rank_*_model_states.pt"))) == 2
 
-    # the exported model (gathered on rank 0) loads into a fresh build and equals the merged shards
-    exported = load_file(str(run / "model.safetensors"))
-    model = build_classic_model(load_config(config).model)
-    load_state(model, run)
+    # the exported model folder (gathered on rank 0) loads into a fresh build and equals the merged shards
+    exported = RISModel.from_pretrained(run).state_dict()
     merged = consolidated_state_dict(ckpt)
     assert set(exported) <= set(merged) and all(torch.equal(merged[k], exported[k]) for k in exported)
 
@@ -175,9 +172,9 @@ def _module_outputs(model: torch.nn.Module, forward: Callable[[], object]) -> tu
     """Run ``forward``; the names of the submodules it called and ``"name: type"`` of those whose
     output hides its tensors from ZeRO-3's hooks.
 
-    The root is left out: it returns a dataclass (``RISOutput`` / ``ClassicOutput``, with text and a
-    dict of terms), harmless while it owns no parameter of its own, the only thing ZeRO-3 would
-    fetch for it in backward (checked here).
+    The root is left out: it returns a dataclass (``RISOutput``, with text and a dict of terms),
+    harmless while it owns no parameter of its own, the only thing ZeRO-3 would fetch for it in
+    backward (checked here).
     """
     assert list(model.parameters(recurse=False)) == []
     outputs: list[tuple[str, object]] = []
@@ -194,10 +191,10 @@ def _module_outputs(model: torch.nn.Module, forward: Callable[[], object]) -> tu
 
 def test_every_classic_module_returns_what_zero3_hooks_see(tmp_path: Path, data_root: Path) -> None:
     """The classic model around the heads: the text encoder returns LanguageFeatures (a named tuple)."""
-    model = build_classic_model(load_config(_yaml(tmp_path, data_root, "s2rm")).model).train()
-    called, hidden = _module_outputs(
-        model, lambda: model(torch.randn(2, 3, 32, 32), ["a red one", "the left"])
-    )
+    model = build_model(load_config(_yaml(tmp_path, data_root, "s2rm")).model).train()
+    dataset = SynthRefDataset(data_root, split="train")
+    batch = collate_ris([dataset[0], dataset[1]], RISTransform(32))
+    called, hidden = _module_outputs(model, lambda: model(batch))
     assert {"text_encoder", "pixel_encoder", "head"} <= called
     assert hidden == [], "module outputs whose tensors ZeRO-3's hooks cannot see"
 

@@ -68,7 +68,7 @@ def check_model_folder(folder: Path) -> None:
     if (folder / "model.safetensors").is_file() and not has_parts:
         raise CheckpointError(
             f"{folder} holds a classic-trainer model (model.safetensors); the pipeline reads "
-            "RISModel.save_pretrained folders"
+            f"RISModel.save_pretrained folders: `mllm-ris export {folder} --out NEW_FOLDER` writes one"
         )
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a RISModel folder (no config.json)")

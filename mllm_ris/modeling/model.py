@@ -12,8 +12,13 @@ where the queries come from (``S`` = canvas side of the batch, ``T`` = queries p
     both     images ──PixelEncoder──► pyramid ──head(queries)──► mask_logits (B, T, S/4, S/4), iou (B, T)
              [sam | auto] prompts(queries, head logits) ──SAM──► sam_logits (B, T, S, S), sam iou (B, T)
 
-With the region pointer (``mllm.pointer_dim``) the head refines the prior: its logits are a residual
-added to the prior (clamped to ``±PRIOR_CLAMP``), so SAM's prompts and every mask loss see prior + head.
+Classic mode reads one expression per image (``T = 1``, a plain :class:`RISBatch` without the pointer):
+a multi-target expression is trained on the union of its targets, a no-target one on an empty mask
+(BCE only, no Dice), and an empty predicted mask means "no target".
+
+With the region pointer (``mllm.pointer_dim`` / ``pointer.dim``) the head refines the prior: its logits
+are a residual added to the prior (clamped to ``±PRIOR_CLAMP``), so SAM's prompts and every mask loss
+see prior + head.
 Output modes: ``direct`` (head masks), ``sam`` (SAM's), ``auto`` (per query, the one with the higher
 predicted IoU), ``prior`` (the painted region prior alone; the pixel side is not run). Losses:
 :mod:`mllm_ris.modeling.losses`. Saving and loading:
@@ -233,6 +238,10 @@ class RISModel(nn.Module):
         """The text encoder's words ``(B, L, D)`` and sentence query ``(B, 1, D)``; with the region
         pointer also its scores ``(B, 1, K)`` of the batch's region tokens and their painted prior."""
         assert self.text_encoder is not None
+        if batch.images.shape[0] != len(batch.texts):
+            raise ValueError(
+                f"images: {batch.images.shape[0]}, texts: {len(batch.texts)}; need one expression per image"
+            )
         q = _Queries(lang=self.text_encoder.encode(batch.texts, device=batch.images.device))
         if self.pointer is None:
             return q

@@ -10,6 +10,10 @@ Derived values (the YAML's are overwritten, so files only choose parts and their
   ``projector.llm_dim`` ← the LLM's hidden size;
 * ``prompts.grounding_dim`` ← ``head.lang_dim`` (the SAM sparse prompt reads the same queries).
 
+Classic mode builds the text encoder before the pixel encoder (so a seed gives the initial weights the
+pointer-less classic model always had) and freezes its word projection ``text.token_proj`` when
+nothing reads the words (a head without ``uses_words``, e.g. LTS, and no ``pointer.words``).
+
 The SAM stage and prompt builder exist only for ``output_mode`` ``sam`` / ``auto``. A ``sam-vit``
 pixel encoder whose ``pixel.path`` is null or ``sam.checkpoint`` then **shares SAM's image encoder**
 (its ``pixel.sam_*`` sizes are ignored: SAM's ViT and weights are used, and one ViT pass feeds both);
@@ -148,13 +152,15 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         stage = build_sam_stage(cfg.sam)
         if cfg.sam.checkpoint is not None:
             notes.append(f"sam: {cfg.sam.variant} weights from {cfg.sam.checkpoint}")
+    # classic: the text encoder is built before the pixel encoder (the order the pointer-less classic
+    # model has always drawn its random initial weights in: a seed gives the same model as before)
+    text = build_text_encoder(cfg.text) if cfg.mode == "classic" else None
     pixel, share = _pixel_encoder(cfg, stage)
     if share:
         notes.append("pixel: sam-vit pyramid over SAM's image encoder (shared)")
     kwargs: dict[str, Any] = {}
     resolved: dict[str, Any] = {}
-    if cfg.mode == "classic":
-        text = build_text_encoder(cfg.text)
+    if text is not None:
         kwargs["text_encoder"], lang_dim = text, text.dim
         if cfg.pointer.dim is not None:
             resolved["projector"] = proj_cfg = _replace(cfg.projector, llm_dim=cfg.pointer.dim)
@@ -179,8 +185,9 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         resolved["projector"], lang_dim = proj_cfg, mllm.seg_dim
     head_cfg = _replace(cfg.head, in_channels=tuple(pixel.channels), lang_dim=lang_dim)
     head = build_head(head_cfg)
-    if cfg.mode == "classic" and not head.uses_words:  # e.g. LTS reads only the sentence query
-        kwargs["text_encoder"].token_proj.requires_grad_(False)
+    pointer_words = cfg.pointer.dim is not None and cfg.pointer.words
+    if text is not None and not head.uses_words and not pointer_words:  # e.g. LTS reads only the
+        text.token_proj.requires_grad_(False)  # sentence query: the unused word projection stays out
     if stage is not None:
         resolved["prompts"] = _replace(cfg.prompts, grounding_dim=lang_dim)
         builder = build_prompt_builder(resolved["prompts"], stage.sam)

@@ -45,7 +45,10 @@ class ModelConfig:
             "painted prior alone (mllm.pointer_dim; the pixel side is not run)"
         },
     )
-    checkpoint: str | None = field(default=None, metadata={"help": "weights to start from"})
+    checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "a model folder to start from (save_pretrained, a run or an export; same mode)"},
+    )
     reject_threshold: float | None = field(
         default=0.5,
         metadata={

@@ -7,7 +7,7 @@ implements the :class:`~mllm_ris.eval.evaluate.Predictor` protocol for both mode
 
 * mllm: the prompts are decoded (``RISModel.generate``); each generated ``[SEG]`` gives one mask; an
   answer with ``[REJ]`` or without ``[SEG]`` gives none, ``(0, H, W)``;
-* classic: one mask per expression, none when it is empty (as ``ClassicPredictor``).
+* classic: one mask per expression (the union of its targets), none when it is empty.
 
 Masks are the output mode's logits mapped back to the original image (``unletterbox``), thresholded at 0.
 """

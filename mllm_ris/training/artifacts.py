@@ -9,10 +9,9 @@ A *source* is one of:
 * a training checkpoint ``checkpoints/step_N`` (accelerate's ``model.safetensors`` or DeepSpeed
   ZeRO shards, merged with :func:`~mllm_ris.training.checkpoint.consolidated_state_dict`): the model
   is rebuilt from the checkpoint's ``config.json`` and the weights that stayed out of it (frozen
-  pretrained parts) are reloaded from their own files.
-
-Classic-mode runs of :class:`~mllm_ris.training.classic_task.ClassicTask` (``model.safetensors`` of a
-``ClassicRISModel``) load for evaluation too.
+  pretrained parts) are reloaded from their own files. A folder with one whole-model
+  ``model.safetensors`` beside the run's ``config.json`` (the final model of classic runs trained
+  before classic mode became a RISModel run: the same state-dict keys) is read the same way.
 
 :func:`export_model` turns a source into a self-contained :meth:`RISModel.from_pretrained` folder: LoRA
 merged into the LLM (``mllm/llm/``, ``lora.enabled: false``), SAM and a SAM-ViT pixel encoder written
@@ -33,13 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError, NotAvailableError
-from mllm_ris.eval.evaluate import Predictor
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.model_io import CONFIG_NAME, read_config_tree
+from mllm_ris.modeling.predictor import RISPredictor
 from mllm_ris.training.checkpoint import (
     STATE_FILE,
     CheckpointManager,
@@ -47,7 +45,6 @@ from mllm_ris.training.checkpoint import (
     read_trainer_state,
 )
 from mllm_ris.training.ris_task import external_state_keys, write_model_folder
-from mllm_ris.training.task import legacy_classic
 
 __all__ = [
     "SourceKind",
@@ -58,8 +55,8 @@ __all__ = [
     "trained_predictor",
 ]
 
-SourceKind = Literal["model", "classic", "checkpoint"]
-_CLASSIC_WEIGHTS = "model.safetensors"
+SourceKind = Literal["model", "checkpoint"]
+_STATE_DICT_FILE = "model.safetensors"  # a whole-model state dict (checkpoints, older classic runs)
 _DEFAULT_IMAGE_SIZE = 128  # DataConfig.image_size's default
 
 
@@ -68,13 +65,13 @@ class TrainedModel:
     """A model loaded back from a source (see the module doc).
 
     Attributes:
-        model: a :class:`RISModel`, or a ``ClassicRISModel`` for classic training runs; frozen, eval mode.
+        model: the :class:`RISModel`, frozen, in eval mode.
         config: the config tree the source holds (``model`` resolved for model folders).
         source: the folder the weights came from (a checkpoint when a run folder had no final model).
-        kind: ``model`` (RISModel folder), ``classic`` (ClassicRISModel folder) or ``checkpoint``.
+        kind: ``model`` (a RISModel folder) or ``checkpoint`` (one whole-model state dict).
     """
 
-    model: nn.Module
+    model: RISModel
     config: dict[str, Any]
     source: Path
     kind: SourceKind
@@ -86,7 +83,8 @@ class TrainedModel:
 
 
 def find_source(path: str | Path) -> tuple[SourceKind, Path]:
-    """Classify ``path``: a model folder, a classic model folder, or a checkpoint (a run folder's newest).
+    """Classify ``path``: a model folder, or a checkpoint (a run folder's newest, or a folder holding
+    one whole-model state dict with its config).
 
     Raises:
         CheckpointError: none of these (one line naming the folder).
@@ -98,8 +96,8 @@ def find_source(path: str | Path) -> tuple[SourceKind, Path]:
         return "checkpoint", folder
     latest = CheckpointManager(folder, keep_last=1).latest()
     if (folder / CONFIG_NAME).is_file() and (latest is None or _final_is_current(folder, latest)):
-        if (folder / _CLASSIC_WEIGHTS).is_file():
-            return "classic", folder
+        if (folder / _STATE_DICT_FILE).is_file() and not (folder / "head.safetensors").is_file():
+            return "checkpoint", folder  # one state dict + the run config: an older classic run
         if any(folder.glob("*.safetensors")) or (folder / "mllm").is_dir():
             return "model", folder
     if latest is not None:
@@ -129,24 +127,16 @@ def _full_precision(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def _from_checkpoint(folder: Path, *, full_precision: bool) -> nn.Module:
+def _from_checkpoint(folder: Path, *, full_precision: bool) -> RISModel:
     """Rebuild the model of a training checkpoint and load its (merged) weights."""
     cfg = load_config(folder / CONFIG_NAME)
     cfg = _full_precision(cfg) if full_precision else cfg
     state = consolidated_state_dict(folder)
-    external: set[str] = set()
-    if legacy_classic(cfg.model):
-        from mllm_ris.modeling.classic_model import build_classic_model
-
-        model: nn.Module = build_classic_model(cfg.model)
-        if getattr(model, "text_weights_external", False):
-            external = {k for k in model.state_dict() if k.startswith("text_encoder.model.")}
-    elif cfg.model.checkpoint is not None:
+    if cfg.model.checkpoint is not None:
         model = RISModel.from_pretrained(cfg.model.checkpoint, trainable=True)
-        external = external_state_keys(model)
     else:
         model = build_model(cfg.model)
-        external = external_state_keys(model)
+    external = external_state_keys(model)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state) - external), sorted(set(state) - expected)
     if missing or unexpected:
@@ -172,34 +162,19 @@ def _load(
 ) -> TrainedModel:
     tree = read_config_tree(folder)
     if kind == "model":  # placed on the device by its loader (a quantized base stays where it loads)
-        model: nn.Module = RISModel.from_pretrained(folder, device=device)
+        model = RISModel.from_pretrained(folder, device=device)
     else:
-        if kind == "classic":
-            from mllm_ris.modeling.classic_model import build_classic_model, load_state
-
-            model = build_classic_model(load_config(folder / CONFIG_NAME).model)
-            load_state(model, folder)
-        else:
-            model = _from_checkpoint(folder, full_precision=full_precision)
+        model = _from_checkpoint(folder, full_precision=full_precision)
         model.requires_grad_(False)
         if device is not None:
             model.to(device)
     return TrainedModel(model=model.eval(), config=tree, source=folder, kind=kind)
 
 
-def trained_predictor(path: str | Path, *, device: str = "cpu", batch_size: int = 8) -> Predictor:
+def trained_predictor(path: str | Path, *, device: str = "cpu", batch_size: int = 8) -> RISPredictor:
     """The evaluation predictor of any source, at its recorded ``data.image_size`` (``eval --checkpoint``)."""
     loaded = load_trained_model(path, device=device)
-    if loaded.kind == "classic":
-        from mllm_ris.data.collate import RISTransform
-        from mllm_ris.training.classic_task import ClassicPredictor
-
-        transform = RISTransform(loaded.image_size)
-        return ClassicPredictor(loaded.model, transform, device=device, batch_size=batch_size)  # type: ignore[arg-type]
-    from mllm_ris.modeling.predictor import RISPredictor
-
-    model: RISModel = loaded.model  # type: ignore[assignment]
-    return RISPredictor(model, image_size=loaded.image_size, device=device, batch_size=batch_size)
+    return RISPredictor(loaded.model, image_size=loaded.image_size, device=device, batch_size=batch_size)
 
 
 def _self_contained(model: RISModel) -> None:
@@ -228,26 +203,21 @@ def export_model(path: str | Path, out: str | Path, *, overwrite: bool = False) 
 
     Raises:
         CheckpointError: ``out`` exists and is not empty (without ``overwrite``), or a bad source.
-        NotAvailableError: a classic-mode ``ClassicRISModel`` run, or a model folder with a quantized
-            LLM base (export one of its training checkpoints: they are merged into a full-precision base).
+        NotAvailableError: a model folder with a quantized LLM base (export one of its training
+            checkpoints: they are merged into a full-precision base).
     """
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise CheckpointError(f"--out {target}: exists and is not empty (pass --overwrite to replace it)")
     kind, folder = find_source(path)
     model_cfg = load_config(folder / CONFIG_NAME).model
-    if legacy_classic(model_cfg) and kind != "model":
-        raise NotAvailableError(
-            f"export: {folder} is a classic-mode ClassicRISModel run; its model.safetensors is already "
-            "plain safetensors, and export writes RISModel folders"
-        )
     if kind == "model" and model_cfg.mllm.quantization != "none":
         raise NotAvailableError(
             f"export: {folder} has a quantized LLM base; export one of its training checkpoints "
             "instead (they are merged into a full-precision base)"
         )
     loaded = _load(kind, folder, device=None, full_precision=True)
-    model: RISModel = loaded.model  # type: ignore[assignment]
+    model = loaded.model
     _self_contained(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

@@ -1,22 +1,25 @@
 """Every :class:`~mllm_ris.modeling.model.RISModel` as a training task: the grounding MLLM
-(``model.mode: mllm``) and classic mode with the region pointer (``model.pointer.dim``).
+(``model.mode: mllm``) and classic mode (text encoder + pixel encoder + head, with or without the
+region pointer ``model.pointer.dim``).
 
 :class:`RISTask` plugs the RISModel into the model-agnostic
 :class:`~mllm_ris.training.trainer.Trainer`:
 
 * model: ``build_model(cfg.model)``, or ``RISModel.from_pretrained(model.checkpoint, trainable=True)``
   (then the folder's own model config is used);
-* batches: :func:`~mllm_ris.modeling.predictor.build_collator` (answered chats, one ``[SEG]`` per
-  target or ``[REJ]``, superpixels computed in the collator). Superpixel label maps go through a
-  disk cache, ``model.superpixels.cache_dir`` or ``<train.output_dir>/superpixel_cache`` when that is
-  null, so only the first epoch runs SLIC / SAM;
+* batches: :func:`~mllm_ris.modeling.predictor.build_collator` (mllm: answered chats, one ``[SEG]``
+  per target or ``[REJ]``; the superpixel projector: label maps and region descriptors computed in the
+  collator; pointer-less classic: letterboxed images, the union target and the expression). Superpixel
+  label maps go through a disk cache, ``model.superpixels.cache_dir`` or
+  ``<train.output_dir>/superpixel_cache`` when that is null, so only the first epoch runs SLIC / SAM;
 * loss: ``model(batch).loss``; every term of ``loss_terms`` is logged;
-* evaluation: :class:`~mllm_ris.modeling.predictor.RISPredictor` (generation, one mask per ``[SEG]``);
+* evaluation: :class:`~mllm_ris.modeling.predictor.RISPredictor` (mllm: generation, one mask per
+  ``[SEG]``; classic: one mask per expression, none when it is empty);
 * final model: :meth:`RISModel.save_pretrained` + ``config.json`` holding the whole run config
   (the model section resolved), so ``data.image_size`` travels with the model;
 * :meth:`RISTask.external_weights`: frozen weights that ``build_model`` reloads from their own files
-  (a LoRA-adapted LLM base, a pretrained frozen vision tower / SAM / pixel ViT) stay out of
-  training checkpoints.
+  (a LoRA-adapted LLM base, a pretrained frozen vision tower / SAM / pixel ViT / text transformer)
+  stay out of training checkpoints.
 
 **Unused parameters under DDP / ZeRO.** A micro-batch whose samples are all no-target has
 ``T = 0`` queries. The model still runs every module then (the head and the SAM stage segment one
@@ -44,8 +47,9 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from mllm_ris.config import Config, config_to_dict
+from mllm_ris.data.collate import RISBatch
 from mllm_ris.data.conversation import ChatTemplate
-from mllm_ris.data.mllm_collate import MLLMBatch, MLLMCollator
+from mllm_ris.data.mllm_collate import MLLMCollator
 from mllm_ris.data.sample import ReferringDataset, RISSample
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model import RISModel, build_model
@@ -53,7 +57,6 @@ from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
 from mllm_ris.modeling.predictor import RISPredictor, build_collator
 from mllm_ris.modeling.superpixel_cache import SuperpixelCache
 from mllm_ris.training.sampling import build_mixture, open_dataset
-from mllm_ris.training.task import legacy_classic
 
 __all__ = [
     "RISTask",
@@ -123,25 +126,26 @@ def _cached(collate: Callable, cache_dir: Path) -> Callable:
 
 
 class RISTask:
-    """A :class:`RISModel` (mllm mode, or classic with the region pointer) as a
-    :class:`~mllm_ris.training.task.TrainTask`.
+    """A :class:`RISModel` (either mode) as a :class:`~mllm_ris.training.task.TrainTask`.
 
     Args:
-        cfg: the resolved config (``model.mode`` must be ``mllm``).
+        cfg: the resolved config.
+
+    Attributes:
+        name: ``model.mode`` (``classic`` / ``mllm``), for logs.
     """
 
-    name = "mllm"
+    name = "ris"
 
     def __init__(self, cfg: Config) -> None:
-        if legacy_classic(cfg.model):
-            raise ConfigError("model.mode: classic without pointer.dim trains as ClassicTask, not here")
+        self.name = cfg.model.mode
         pointer = cfg.model.mllm.pointer_dim if cfg.model.mode == "mllm" else cfg.model.pointer.dim
         if cfg.train.pointer_warmup_steps and pointer is None:
             raise ConfigError(
                 "train.pointer_warmup_steps: needs the region pointer (model.mllm.pointer_dim / pointer.dim)"
             )
         self.cfg = cfg
-        self._collate: Callable[[Sequence[RISSample]], MLLMBatch] | None = None
+        self._collate: Callable[[Sequence[RISSample]], RISBatch] | None = None
         self._segment = not cfg.train.pointer_warmup_steps  # False during the pointer warm-up
 
     def begin_step(self, step: int) -> None:
@@ -164,8 +168,11 @@ class RISTask:
         checkpoint = self.cfg.model.checkpoint
         if checkpoint is not None:
             model = RISModel.from_pretrained(checkpoint, trainable=True)
-            if model.mode != "mllm":
-                raise ConfigError(f"model.checkpoint: {checkpoint} holds a {model.mode}-mode model, not mllm")
+            if model.mode != self.cfg.model.mode:
+                raise ConfigError(
+                    f"model.checkpoint: {checkpoint} holds a {model.mode}-mode model, "
+                    f"model.mode is {self.cfg.model.mode}"
+                )
         else:
             model = build_model(self.cfg.model)
         collate = build_collator(model, image_size=self.cfg.data.image_size)
@@ -181,8 +188,9 @@ class RISTask:
         """The ``data.train`` mixture and its per-sample weights."""
         return build_mixture(self.cfg.data.train)
 
-    def collate(self, samples: list[RISSample]) -> MLLMBatch:
-        """Letterbox, answered chat, per-target masks and (cached) superpixels of ``samples``.
+    def collate(self, samples: list[RISSample]) -> RISBatch:
+        """Letterbox and targets of ``samples`` (+ the answered chat, per-target masks and (cached)
+        superpixels, as the model needs them: :func:`~mllm_ris.modeling.predictor.build_collator`).
 
         The question phrasings are drawn with a seed hashed from ``train.seed`` and the samples
         (:func:`batch_seed`): a pure function of the batch, so a resumed run, DataLoader workers and
@@ -194,8 +202,9 @@ class RISTask:
             self._collate.template = ChatTemplate(seed=batch_seed(samples, self.cfg.train.seed))
         return self._collate(samples)
 
-    def loss(self, model: nn.Module, batch: MLLMBatch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-        """``model(batch).loss`` (LM + no-target + mask terms) and its terms, detached."""
+    def loss(self, model: nn.Module, batch: RISBatch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """``model(batch).loss`` (mask terms; mllm: + LM and no-target; pointer: + region terms) and its
+        terms, detached."""
         partitioned = getattr(model, "zero_optimization_partition_weights", None)  # a DeepSpeed engine
         zero3 = partitioned is not None and partitioned()
         out = model(batch, segment=self._segment)
@@ -209,7 +218,7 @@ class RISTask:
         return {f"{spec.name}:{spec.split}": open_dataset(spec) for spec in self.cfg.data.val}
 
     def predictor(self, model: nn.Module, device: torch.device) -> RISPredictor:
-        """Generation-based predictor at ``data.image_size`` (superpixels from the same disk cache)."""
+        """The model's predictor at ``data.image_size`` (superpixels from the same disk cache)."""
         predictor = RISPredictor(
             model,  # type: ignore[arg-type]
             image_size=self.cfg.data.image_size,

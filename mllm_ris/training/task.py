@@ -2,9 +2,8 @@
 
 A *task* builds the model, provides the training data and its collate function, computes the
 loss of a batch, wraps a model as an evaluation predictor and writes the final model files.
-Classic mode without the region pointer is :class:`mllm_ris.training.classic_task.ClassicTask`, every
-other model :class:`mllm_ris.training.ris_task.RISTask`; :func:`mllm_ris.training.tasks.build_task`
-picks one.
+Every :class:`~mllm_ris.modeling.model.RISModel` (classic or mllm mode) is
+:class:`mllm_ris.training.ris_task.RISTask`, the trainer's default; tests plug in toy tasks.
 
 Optional: ``external_weights(model) -> set[str]`` names state-dict keys (of the bare model) that
 ``build_model`` loads from their own pretrained files, e.g. a frozen LLM under LoRA. Training
@@ -22,11 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mllm_ris.config import ModelConfig
 from mllm_ris.data.sample import ReferringDataset
 from mllm_ris.eval.evaluate import Predictor
 
-__all__ = ["TrainTask", "legacy_classic"]
+__all__ = ["TrainTask"]
 
 
 @runtime_checkable
@@ -66,9 +64,3 @@ class TrainTask(Protocol):
     def save_model(self, model: nn.Module, out_dir: Path, config: dict) -> Path:
         """Write the deliverable model files (plain safetensors + config) into ``out_dir``."""
         ...
-
-
-def legacy_classic(model_cfg: ModelConfig) -> bool:
-    """Whether ``model_cfg`` trains as the legacy ``ClassicRISModel`` (classic mode without the region
-    pointer); every other model is a :class:`~mllm_ris.modeling.model.RISModel` run (``RISTask``)."""
-    return model_cfg.mode == "classic" and model_cfg.pointer.dim is None

@@ -28,7 +28,7 @@ from accelerate.utils import (
 )
 
 from mllm_ris.config import Config, config_to_dict
-from mllm_ris.errors import CheckpointError
+from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.eval.evaluate import EvalReport, evaluate
 from mllm_ris.training._runtime import (
     bare_model,
@@ -46,13 +46,12 @@ from mllm_ris.training.checkpoint import (
     read_trainer_state,
     resolve_start,
 )
-from mllm_ris.training.classic_task import ClassicTask
 from mllm_ris.training.faults import BadStepGuard, StopSignals
 from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
+from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.sampling import mixture_loader
 from mllm_ris.training.summary import TrainSummary
 from mllm_ris.training.task import TrainTask
-from mllm_ris.training.tasks import build_task
 from mllm_ris.training.tracking import RunLog, tensorboard_wanted
 
 __all__ = ["TrainSummary", "Trainer", "train", "train_classic"]
@@ -95,14 +94,14 @@ class Trainer:
 
     Args:
         cfg: the resolved config.
-        task: the model family (default: :func:`~mllm_ris.training.tasks.build_task` of ``cfg``).
+        task: the model family (default: :class:`~mllm_ris.training.ris_task.RISTask` of ``cfg``).
         progress: show a progress bar on the main process.
     """
 
     def __init__(self, cfg: Config, task: TrainTask | None = None, *, progress: bool = True) -> None:
         self.cfg = cfg
         tc = cfg.train
-        self.task = task if task is not None else build_task(cfg)
+        self.task = task if task is not None else RISTask(cfg)
         self.out_dir = Path(tc.output_dir) if tc.output_dir else None
         self.progress = progress
         self.accelerator = Accelerator(
@@ -451,23 +450,27 @@ def train(
     time_budget_s: float | None = None,
     progress: bool = True,
 ) -> TrainSummary:
-    """Build the task for ``cfg.model.mode`` and train it (the ``mllm-ris train`` command)."""
+    """Train the :class:`~mllm_ris.training.ris_task.RISTask` of ``cfg`` (the ``mllm-ris train`` command)."""
     return Trainer(cfg, progress=progress).fit(resume=resume, time_budget_s=time_budget_s)
 
 
 def train_classic(cfg: Config, *, time_budget_s: float | None = None, progress: bool = True) -> TrainSummary:
-    """Train a classic-mode model from ``cfg`` and evaluate it on every ``data.val`` dataset.
+    """Train a classic-mode model from ``cfg`` (:func:`train`) and evaluate it on every ``data.val`` dataset.
 
     A fresh run each call (an earlier run in ``train.output_dir`` is replaced) unless
     ``train.resume`` is set; checkpoints, evaluation and logging follow ``cfg.train``.
 
     Args:
-        cfg: the resolved config (``model.mode`` must be ``classic``).
+        cfg: the resolved config (``model.mode`` must be ``classic``; with or without ``pointer.dim``).
         time_budget_s: stop early after this many seconds of training (the schedule still spans
             ``train.max_steps``, so a budgeted run is a prefix of the full one).
         progress: show a progress bar.
+
+    Raises:
+        ConfigError: ``model.mode`` is not ``classic``.
     """
-    task = ClassicTask(cfg)
+    if cfg.model.mode != "classic":
+        raise ConfigError(f"model.mode: train_classic trains classic mode, got {cfg.model.mode!r}")
     if cfg.train.resume is None:
         cfg = replace(cfg, train=replace(cfg.train, overwrite_output_dir=True))
-    return Trainer(cfg, task, progress=progress).fit(time_budget_s=time_budget_s)
+    return train(cfg, time_budget_s=time_budget_s, progress=progress)
