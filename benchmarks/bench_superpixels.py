@@ -41,9 +41,9 @@ from _perf import (
     write_json,
 )
 
+from mllm_ris.modeling.superpixel_cache import SuperpixelCache
 from mllm_ris.modeling.superpixels import (
     SAMSuperpixels,
-    SuperpixelCache,
     SuperpixelConfig,
     build_superpixel_generator,
 )
