@@ -18,7 +18,7 @@ from torch import nn
 from mllm_ris.data.collate import RISBatch
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.losses import LossConfig, MaskLosses, mask_losses
-from mllm_ris.modeling.weights import check_state_fits, read_safetensors
+from mllm_ris.modeling.model_io import check_state_fits, read_safetensors
 from s2rm_head.head import FusionHead
 from s2rm_head.pixel_encoder import PixelEncoder, build_pixel_encoder
 from s2rm_head.registry import build_head

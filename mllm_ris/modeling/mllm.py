@@ -47,7 +47,9 @@ from mllm_ris.modeling.lora import (
     prepare_for_training,
     random_causal_lm,
 )
+from mllm_ris.modeling.model_io import check_state_fits
 from mllm_ris.modeling.pointer import RegionPointer
+from mllm_ris.modeling.projector import VisualTokens
 from mllm_ris.modeling.tokens import (
     GroundingTokenIds,
     add_grounding_tokens,
@@ -56,8 +58,6 @@ from mllm_ris.modeling.tokens import (
     ensure_special_tokens,
     load_tokenizer,
 )
-from mllm_ris.modeling.visual_tokens import VisualTokens
-from mllm_ris.modeling.weights import check_state_fits
 
 if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds)
     from peft import PeftModel

@@ -37,7 +37,7 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.pointer import RegionPointer, paint_regions
-from mllm_ris.modeling.visual_tokens import VisualTokens
+from mllm_ris.modeling.projector import VisualTokens
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
 # the parts a model may not have (and the losses, for training) are imported where they are used
