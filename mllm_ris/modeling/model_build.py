@@ -10,13 +10,13 @@ Derived values (the YAML's are overwritten, so files only choose parts and their
   ``projector.llm_dim`` ← the LLM's hidden size;
 * ``prompts.grounding_dim`` ← ``head.lang_dim`` (the SAM sparse prompt reads the same queries).
 
-With ``output_mode: prior`` the pixel side (pixel encoder, head, SAM) is not built: the mask is the
-region pointer's painted prior, and ``pixel`` / ``head`` / ``sam`` / ``prompts`` stay as given (nothing is
-derived for them). The SAM stage and prompt builder exist only for ``output_mode`` ``sam`` / ``auto``. A
-``sam-vit``
+The SAM stage and prompt builder exist only for ``output_mode`` ``sam`` / ``auto``. A ``sam-vit``
 pixel encoder whose ``pixel.path`` is null or ``sam.checkpoint`` then **shares SAM's image encoder**
 (its ``pixel.sam_*`` sizes are ignored: SAM's ViT and weights are used, and one ViT pass feeds both);
 with ``output_mode: direct`` the same config builds its own ViT from ``pixel.path``.
+With ``output_mode: prior`` the pixel side (pixel encoder, head, SAM) is not built: the mask is the
+region pointer's painted prior, and ``pixel`` / ``head`` / ``sam`` / ``prompts`` stay as given (nothing
+is derived for them).
 
 With ``mllm.llava_path`` the LLaVA folder is read once: its LLM and tokenizer go to the grounding
 LLM, its vision tower is used unless ``vision.name_or_path`` is set, and its projector weights are
