@@ -13,7 +13,9 @@ Subcommands:
     export         merge LoRA and write a self-contained from_pretrained model folder
 
 Every error the user can cause is printed as one line on stderr (exit code 2); ``data check``
-exits 1 when it found problems.
+exits 1 when it found problems. Each command imports its modules in its handler: building the parser
+imports none (the dataset names are read from the registry only when ``--dataset`` is checked or
+shown), so ``mllm-ris segment`` does not import the dataset loaders, the trainer or the other commands.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,24 @@ def _dataset_names() -> tuple[str, ...]:
     return DATASET_NAMES
 
 
+class _DatasetNames:
+    """``--dataset``'s choices: :data:`~mllm_ris.data.registry.DATASET_NAMES`, read when argparse checks
+    a value or writes the help (building the parser for another command leaves the registry alone)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in _dataset_names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_dataset_names())
+
+
 def _add_dataset_args(p: argparse.ArgumentParser, *, split_default: str | None) -> None:
     p.add_argument(
         "--dataset",
         required=True,
-        choices=_dataset_names(),
+        choices=_DatasetNames(),
         metavar="NAME",
-        help=f"one of: {', '.join(_dataset_names())}",
+        help="one of: %(choices)s",
     )
     p.add_argument("--root", required=True, help="dataset root folder (jsonl: the .jsonl file or its folder)")
     p.add_argument(

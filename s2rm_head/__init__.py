@@ -3,17 +3,42 @@
 The package knows nothing about LLMs: a head takes a pixel-feature pyramid and
 :class:`LanguageFeatures` and returns :class:`HeadOutput`. Build one with
 ``build_head(HeadConfig(name="s2rm" | "lts" | "cmsa" | "two-stage", ...))``.
+
+Nothing is imported here: each public name below is loaded from its module on first access
+(``from s2rm_head import build_head`` imports :mod:`s2rm_head.registry` then), so reading a config
+(:mod:`s2rm_head.config`) or an error class (:mod:`s2rm_head.errors`) does not build the heads' code.
 """
 
-from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
-from s2rm_head.casg import CASGDecoder, CASGOutput
-from s2rm_head.head import HEAD_NAMES, FoldedInputs, FusionHead, HeadConfig, S2RMHead
-from s2rm_head.prompts import PromptBuilder, PromptConfig, SAMPrompts, build_prompt_builder
-from s2rm_head.registry import build_head
-from s2rm_head.s2rm import S2RM, BiSliceScan, LanguageDistributor, ParsedSemanticBalance, S2RMOutput
-from s2rm_head.sam import SAMConfig, SAMOutput, SAMStage, build_sam, build_sam_stage
-from s2rm_head.sam_checkpoint import load_sam_checkpoint, save_sam_checkpoint
-from s2rm_head.types import HeadOutput, LanguageFeatures
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
+    from s2rm_head.casg import CASGDecoder, CASGOutput
+    from s2rm_head.config import HEAD_NAMES, HeadConfig, PromptConfig, SAMConfig
+    from s2rm_head.head import FoldedInputs, FusionHead, S2RMHead
+    from s2rm_head.prompts import PromptBuilder, SAMPrompts, build_prompt_builder
+    from s2rm_head.registry import build_head
+    from s2rm_head.s2rm import S2RM, BiSliceScan, LanguageDistributor, ParsedSemanticBalance, S2RMOutput
+    from s2rm_head.sam import SAMOutput, SAMStage, build_sam, build_sam_stage
+    from s2rm_head.sam_checkpoint import load_sam_checkpoint, save_sam_checkpoint
+    from s2rm_head.types import HeadOutput, LanguageFeatures
+
+_HOMES: dict[str, tuple[str, ...]] = {
+    "baselines": ("CMSAHead", "LTSHead", "TwoStageHead"),
+    "casg": ("CASGDecoder", "CASGOutput"),
+    "config": ("HEAD_NAMES", "HeadConfig", "PromptConfig", "SAMConfig"),
+    "head": ("FoldedInputs", "FusionHead", "S2RMHead"),
+    "prompts": ("PromptBuilder", "SAMPrompts", "build_prompt_builder"),
+    "registry": ("build_head",),
+    "s2rm": ("S2RM", "BiSliceScan", "LanguageDistributor", "ParsedSemanticBalance", "S2RMOutput"),
+    "sam": ("SAMOutput", "SAMStage", "build_sam", "build_sam_stage"),
+    "sam_checkpoint": ("load_sam_checkpoint", "save_sam_checkpoint"),
+    "types": ("HeadOutput", "LanguageFeatures"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "HEAD_NAMES",
@@ -46,3 +71,18 @@ __all__ = [
     "load_sam_checkpoint",
     "save_sam_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public name ``name``, imported from its module on first use (PEP 562)."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"s2rm_head.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazily imported public ones."""
+    return sorted({*globals(), *__all__})

@@ -30,7 +30,8 @@ from s2rm_head._blocks import (
     coord_features,
     upsample_to,
 )
-from s2rm_head.head import NUM_LEVELS, FoldedInputs, FusionHead, HeadConfig
+from s2rm_head.config import NUM_LEVELS, HeadConfig
+from s2rm_head.head import FoldedInputs, FusionHead
 
 __all__ = ["CMSAHead", "LTSHead", "TwoStageHead"]
 

@@ -21,68 +21,19 @@ gather parameters module by module, and must all do so).
 
 from __future__ import annotations
 
-import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from s2rm_head._blocks import LayerNorm2d
 from s2rm_head.casg import CASGDecoder
-from s2rm_head.errors import ConfigError
+from s2rm_head.config import HEAD_NAMES, NUM_LEVELS, HeadConfig
 from s2rm_head.s2rm import S2RM
 from s2rm_head.types import HeadOutput, LanguageFeatures, pad_query_slot
 
-__all__ = ["HEAD_NAMES", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead"]
-
-HeadName = Literal["s2rm", "lts", "cmsa", "two-stage"]
-HEAD_NAMES: tuple[str, ...] = typing.get_args(HeadName)
-NUM_LEVELS = 4
-
-
-@dataclass
-class HeadConfig:
-    """Config of a fusion head; invalid values raise ``ValueError`` naming the field."""
-
-    name: HeadName = field(default="s2rm", metadata={"help": f"which head: one of {HEAD_NAMES}"})
-    dim: int = field(default=64, metadata={"help": "common width of every fused level"})
-    in_channels: tuple[int, ...] = field(
-        default=(16, 32, 64, 128), metadata={"help": "channels of the 4 pixel-pyramid levels, finest first"}
-    )
-    lang_dim: int = field(default=384, metadata={"help": "width D of LanguageFeatures tokens and queries"})
-    num_heads: int = field(default=4, metadata={"help": "attention heads (S2RM language distribution, CMSA)"})
-    coparse: bool = field(default=True, metadata={"help": "S2RM: spatial-semantic recurrent co-parsing"})
-    balance: bool = field(default=True, metadata={"help": "S2RM: self-distilled balancing (else average)"})
-    fuse_levels: tuple[int, ...] = field(
-        default=(1, 2, 3), metadata={"help": "S2RM: pyramid levels fused by an S2RM block (0 = stride 4)"}
-    )
-    scan_kernel: int = field(default=3, metadata={"help": "S2RM: kernel of the recurrence along a slice"})
-    coarse_level: int = field(
-        default=3, metadata={"help": "CMSA self-attention / LTS localisation level (2 = 1/16, 3 = 1/32)"}
-    )
-
-    def __post_init__(self) -> None:
-        self.in_channels = tuple(self.in_channels)
-        self.fuse_levels = tuple(self.fuse_levels)
-        if self.name not in HEAD_NAMES:
-            raise ConfigError(f"name: unknown head {self.name!r}; one of {HEAD_NAMES}")
-        for name in ("dim", "lang_dim", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.dim % self.num_heads:
-            raise ConfigError(f"dim: {self.dim} is not divisible by num_heads={self.num_heads}")
-        if len(self.in_channels) != NUM_LEVELS or min(self.in_channels) < 1:
-            raise ConfigError(f"in_channels: need {NUM_LEVELS} positive widths, got {self.in_channels}")
-        if not self.fuse_levels or sorted(set(self.fuse_levels)) != list(self.fuse_levels):
-            raise ConfigError(f"fuse_levels: need distinct increasing level indices, got {self.fuse_levels}")
-        if not set(self.fuse_levels) <= set(range(NUM_LEVELS)):
-            raise ConfigError(f"fuse_levels: indices must be in 0..{NUM_LEVELS - 1}, got {self.fuse_levels}")
-        if self.scan_kernel < 1 or self.scan_kernel % 2 == 0:
-            raise ConfigError(f"scan_kernel: must be odd and >= 1, got {self.scan_kernel}")
-        if self.coarse_level not in (2, 3):
-            raise ConfigError(f"coarse_level: must be 2 (1/16) or 3 (1/32), got {self.coarse_level}")
+__all__ = ["HEAD_NAMES", "NUM_LEVELS", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead"]
 
 
 @dataclass

@@ -17,10 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
@@ -28,7 +26,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from transformers import MODEL_FOR_BACKBONE_MAPPING, AutoBackbone, AutoConfig, PretrainedConfig
 
-from s2rm_head.errors import ConfigError
+from s2rm_head.config import HF_STAGES, PixelEncoderConfig
 
 __all__ = [
     "PYRAMID_STRIDES",
@@ -42,73 +40,6 @@ __all__ = [
 ]
 
 PYRAMID_STRIDES: tuple[int, int, int, int] = (4, 8, 16, 32)
-_STAGES = ["stage1", "stage2", "stage3", "stage4"]
-
-
-def _fail(name: str, message: str) -> None:
-    raise ConfigError(f"{name}: {message}")
-
-
-@dataclass
-class PixelEncoderConfig:
-    """Which pixel encoder to build; ``cnn_*`` / ``hf_*`` / ``sam_*`` fields belong to one kind each."""
-
-    name: Literal["tiny-cnn", "hf-backbone", "sam-vit"] = field(
-        default="tiny-cnn", metadata={"help": "encoder kind"}
-    )
-    path: str | None = field(default=None, metadata={"help": "hf: pretrained folder; sam: checkpoint file"})
-    cnn_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata={"help": "4 widths"})
-    cnn_blocks: int = field(default=1, metadata={"help": "residual blocks per stage after its s2 conv"})
-    cnn_norm: Literal["bn", "gn"] = field(default="bn", metadata={"help": "BatchNorm or GroupNorm"})
-    hf_model_type: str = field(default="convnext", metadata={"help": "AutoConfig model_type (random init)"})
-    hf_config_json: str = field(
-        default="{}", metadata={"help": 'JSON config kwargs for random init, e.g. {"depths": [1, 1, 1, 1]}'}
-    )
-    hf_out_features: list[str] = field(default_factory=lambda: list(_STAGES), metadata={"help": "4 stages"})
-    hf_freeze: bool = field(default=False, metadata={"help": "freeze the backbone (kept in eval mode)"})
-    sam_img_size: int = field(default=1024, metadata={"help": "fixed input side; the ViT's patch size is 16"})
-    sam_embed_dim: int = field(default=768, metadata={"help": "vit_b 768, vit_l 1024, vit_h 1280"})
-    sam_depth: int = field(default=12, metadata={"help": "vit_b 12, vit_l 24, vit_h 32"})
-    sam_num_heads: int = field(default=12, metadata={"help": "vit_b 12, vit_l 16, vit_h 16"})
-    sam_global_attn_indexes: list[int] = field(
-        default_factory=lambda: [2, 5, 8, 11], metadata={"help": "vit_b [2,5,8,11]; vit_l [5,11,17,23]"}
-    )
-    sam_window_size: int = field(default=14, metadata={"help": "window attention size (0 = global)"})
-    sam_out_chans: int = field(default=256, metadata={"help": "channels of SAM's neck (stride 16)"})
-    sam_pyramid_channels: int = field(default=256, metadata={"help": "channels of every pyramid level"})
-    sam_freeze_vit: bool = field(default=True, metadata={"help": "freeze the ViT; the pyramid trains"})
-
-    def __post_init__(self) -> None:
-        if self.name not in ("tiny-cnn", "hf-backbone", "sam-vit"):
-            _fail("name", f"must be one of tiny-cnn, hf-backbone, sam-vit, got {self.name!r}")
-        if self.name == "tiny-cnn" and self.path is not None:
-            _fail("path", "tiny-cnn has no pretrained weights; load a checkpoint of the whole model instead")
-        if len(self.cnn_widths) != 4 or min(self.cnn_widths) < 2:
-            _fail("cnn_widths", f"needs 4 widths >= 2, got {self.cnn_widths}")
-        if self.cnn_norm not in ("bn", "gn"):
-            _fail("cnn_norm", f"must be bn or gn, got {self.cnn_norm!r}")
-        for name in ("cnn_blocks", "sam_window_size"):
-            if getattr(self, name) < 0:
-                _fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("sam_embed_dim", "sam_depth", "sam_num_heads", "sam_out_chans", "sam_pyramid_channels"):
-            if getattr(self, name) < 1:
-                _fail(name, f"must be >= 1, got {getattr(self, name)}")
-        try:
-            kwargs = json.loads(self.hf_config_json)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"hf_config_json: not valid JSON ({exc})") from None
-        if not isinstance(kwargs, dict):
-            _fail("hf_config_json", f"must be a JSON object, got {self.hf_config_json!r}")
-        if len(self.hf_out_features) != 4:
-            _fail("hf_out_features", f"needs 4 stages (strides 4..32), got {self.hf_out_features}")
-        if self.sam_img_size < 32 or self.sam_img_size % 32:
-            _fail("sam_img_size", f"must be a positive multiple of 32, got {self.sam_img_size}")
-        if self.sam_embed_dim % self.sam_num_heads:
-            _fail(
-                "sam_embed_dim", f"{self.sam_embed_dim} not divisible by sam_num_heads={self.sam_num_heads}"
-            )
-        if any(not 0 <= i < self.sam_depth for i in self.sam_global_attn_indexes):
-            _fail("sam_global_attn_indexes", f"{self.sam_global_attn_indexes} not in [0, {self.sam_depth})")
 
 
 class PixelEncoder(nn.Module):
@@ -273,7 +204,7 @@ class HFBackboneEncoder(_FrozenMixin, PixelEncoder):
     ) -> HFBackboneEncoder:
         """Random init from a backbone-capable config (e.g. ``ConvNextConfig(depths=[1, 1, 1, 1])``)."""
         config = copy.deepcopy(config)  # the caller's config is left as it was
-        config.out_features = list(out_features or _STAGES)  # the setter aligns out_indices
+        config.out_features = list(out_features or HF_STAGES)  # the setter aligns out_indices
         return cls(AutoBackbone.from_config(config), freeze=freeze)
 
     @classmethod
@@ -290,7 +221,7 @@ class HFBackboneEncoder(_FrozenMixin, PixelEncoder):
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         if type(config) not in MODEL_FOR_BACKBONE_MAPPING:
             raise ValueError(f"hf-backbone: {config.model_type!r} in {str(path)!r} has no backbone class")
-        config.out_features = list(out_features or _STAGES)  # the setter aligns out_indices
+        config.out_features = list(out_features or HF_STAGES)  # the setter aligns out_indices
         backbone_cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]
         backbone = backbone_cls.from_pretrained(str(path), config=config, local_files_only=True)
         return cls(backbone, freeze=freeze)

@@ -30,7 +30,6 @@ SAM pixel its cells cover, like ``batched_mask_to_box`` of segment-anything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from s2rm_head.errors import ConfigError
+from s2rm_head.config import PromptConfig
 
 __all__ = [
     "PromptBuilder",
@@ -49,36 +48,6 @@ __all__ = [
     "coarse_to_dense",
     "coarse_to_points",
 ]
-
-
-@dataclass
-class PromptConfig:
-    """Which prompts the head gives SAM; invalid values raise ``ValueError`` naming the field."""
-
-    sparse: bool = field(default=True, metadata={"help": "grounding embedding -> k extra sparse tokens"})
-    box: bool = field(default=True, metadata={"help": "box of the coarse mask (empty -> whole image)"})
-    points: bool = field(default=True, metadata={"help": "positive / negative points from the coarse mask"})
-    dense: bool = field(default=True, metadata={"help": "coarse logits as SAM's mask input"})
-    grounding_dim: int = field(default=256, metadata={"help": "width Dg of the grounding embeddings"})
-    num_sparse_tokens: int = field(default=1, metadata={"help": "sparse tokens k per grounding embedding"})
-    num_pos_points: int = field(default=1, metadata={"help": "positive points per pair"})
-    num_neg_points: int = field(default=1, metadata={"help": "negative points per pair"})
-    mask_threshold: float = field(default=0.0, metadata={"help": "coarse logit above which a cell is mask"})
-    dense_pad_logit: float = field(
-        default=-10.0, metadata={"help": "mask input outside a non-square head canvas (background)"}
-    )
-
-    def __post_init__(self) -> None:
-        if not (self.sparse or self.box or self.points or self.dense):
-            raise ConfigError("sparse: every prompt type is off (sparse, box, points, dense); enable one")
-        for name in ("grounding_dim", "num_sparse_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_pos_points", "num_neg_points"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.points and self.num_pos_points + self.num_neg_points == 0:
-            raise ConfigError("num_pos_points: points are on but num_pos_points + num_neg_points = 0")
 
 
 class SAMPrompts(NamedTuple):

@@ -14,9 +14,8 @@ differentiable prompt → mask path.
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +23,10 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from s2rm_head.errors import ConfigError
-from s2rm_head.pixel_encoder import PixelEncoderConfig, build_sam_vit
+from s2rm_head.config import SAM_ARCHS, SAM_VARIANTS, PixelEncoderConfig, SAMArch, SAMConfig
+from s2rm_head.pixel_encoder import build_sam_vit
 from s2rm_head.prompts import SAMPrompts
 from s2rm_head.sam_checkpoint import (
-    SAM_ARCHS,
-    SAMArch,
     SAMLoadReport,
     infer_sam_arch,
     load_sam_checkpoint,
@@ -52,101 +49,8 @@ __all__ = [
     "save_sam_checkpoint",
 ]
 
-SAMVariant = Literal["vit_b", "vit_l", "vit_h", "tiny"]
-SAM_VARIANTS: tuple[str, ...] = typing.get_args(SAMVariant)
 _PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM's, on 0..255 RGB
 _PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def _fail(name: str, message: str) -> None:
-    raise ConfigError(f"{name}: {message}")
-
-
-@dataclass
-class SAMConfig:
-    """Which SAM to build, its weights and what trains; ``tiny_*`` fields apply to ``variant="tiny"`` only."""
-
-    variant: SAMVariant = field(default="tiny", metadata={"help": f"one of {SAM_VARIANTS}"})
-    checkpoint: str | None = field(
-        default=None, metadata={"help": "official-layout .pth / .safetensors file; null = random init"}
-    )
-    strict: bool = field(
-        default=True, metadata={"help": "missing / unexpected checkpoint keys are an error (else reported)"}
-    )
-    img_size: int | None = field(
-        default=None, metadata={"help": "input side, multiple of 32; null = 1024 (official) / 64 (tiny)"}
-    )
-    tiny_embed_dim: int = field(default=32, metadata={"help": "tiny: ViT width"})
-    tiny_depth: int = field(default=2, metadata={"help": "tiny: ViT blocks"})
-    tiny_num_heads: int = field(default=2, metadata={"help": "tiny: ViT attention heads"})
-    tiny_global_attn_indexes: tuple[int, ...] = field(
-        default=(1,), metadata={"help": "tiny: blocks with global attention (others windowed)"}
-    )
-    tiny_window_size: int = field(default=2, metadata={"help": "tiny: window attention size in patches"})
-    tiny_prompt_dim: int = field(default=32, metadata={"help": "tiny: prompt / mask-decoder width (256)"})
-    tiny_decoder_heads: int = field(default=2, metadata={"help": "tiny: two-way transformer heads (8)"})
-    tiny_decoder_mlp_dim: int = field(default=64, metadata={"help": "tiny: two-way transformer MLP (2048)"})
-    freeze_image_encoder: bool = field(default=True, metadata={"help": "no grad + eval mode for the ViT"})
-    freeze_prompt_encoder: bool = field(default=True, metadata={"help": "freeze point/box/mask embeddings"})
-    freeze_mask_decoder: bool = field(default=False, metadata={"help": "freeze the mask decoder"})
-    multimask: bool = field(
-        default=False, metadata={"help": "decode 3 candidates and keep the highest predicted IoU"}
-    )
-
-    def __post_init__(self) -> None:
-        self.tiny_global_attn_indexes = tuple(self.tiny_global_attn_indexes)
-        if self.variant not in SAM_VARIANTS:
-            _fail("variant", f"unknown SAM variant {self.variant!r}; one of {SAM_VARIANTS}")
-        if self.checkpoint is not None and not str(self.checkpoint).strip():
-            _fail("checkpoint", "empty path; use null for random init")
-        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
-            _fail("img_size", f"must be a positive multiple of 32, got {self.img_size}")
-        positive = (
-            "tiny_embed_dim",
-            "tiny_depth",
-            "tiny_num_heads",
-            "tiny_decoder_heads",
-            "tiny_decoder_mlp_dim",
-        )
-        for name in (*positive, "tiny_window_size"):
-            if getattr(self, name) < (name in positive):
-                _fail(name, f"must be >= {int(name in positive)}, got {getattr(self, name)}")
-        tiny = self._tiny_arch()
-        if tiny.embed_dim % tiny.num_heads:
-            _fail("tiny_embed_dim", f"{tiny.embed_dim} not divisible by tiny_num_heads={tiny.num_heads}")
-        if tiny.prompt_dim < 8 or tiny.prompt_dim % 8:  # the mask decoder upscales to width C / 8
-            _fail("tiny_prompt_dim", f"must be a positive multiple of 8, got {tiny.prompt_dim}")
-        if (tiny.prompt_dim // 2) % tiny.decoder_heads:  # cross-attention runs at width C / 2
-            _fail("tiny_decoder_heads", f"must divide tiny_prompt_dim // 2 = {tiny.prompt_dim // 2}")
-        if any(not 0 <= i < tiny.depth for i in tiny.global_attn_indexes):
-            _fail("tiny_global_attn_indexes", f"{tiny.global_attn_indexes} not in [0, {tiny.depth})")
-
-    @property
-    def arch(self) -> SAMArch:
-        """The hyper-parameters ``variant`` selects (no allocation)."""
-        if self.variant in SAM_ARCHS:
-            return SAM_ARCHS[self.variant]
-        return self._tiny_arch()
-
-    def _tiny_arch(self) -> SAMArch:
-        return SAMArch(
-            embed_dim=self.tiny_embed_dim,
-            depth=self.tiny_depth,
-            num_heads=self.tiny_num_heads,
-            global_attn_indexes=self.tiny_global_attn_indexes,
-            window_size=self.tiny_window_size,
-            prompt_dim=self.tiny_prompt_dim,
-            decoder_heads=self.tiny_decoder_heads,
-            decoder_mlp_dim=self.tiny_decoder_mlp_dim,
-            iou_hidden_dim=self.tiny_prompt_dim,
-        )
-
-    @property
-    def image_size(self) -> int:
-        """``img_size`` resolved: 1024 for the official variants, 64 for tiny, unless set."""
-        if self.img_size is not None:
-            return self.img_size
-        return 64 if self.variant == "tiny" else 1024
 
 
 def _set_trainable(sam: Sam, cfg: SAMConfig) -> None:

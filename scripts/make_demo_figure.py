@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mllm_ris.inference.default_model import bundled_scenes, scene_references
 from mllm_ris.inference.inputs import load_image
 from mllm_ris.inference.pipeline import RISPipeline
-from mllm_ris.inference.render import overlay
+from mllm_ris.inference.results import overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 2  # panels at 2x the 128-px scene

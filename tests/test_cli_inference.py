@@ -19,7 +19,7 @@ from test_pipeline_kit import png_header, scene_image, write_png
 
 from mllm_ris.cli import main
 from mllm_ris.inference import default_model as dm
-from mllm_ris.inference import outputs
+from mllm_ris.inference import results
 
 ERR = "mllm-ris: error: "
 
@@ -208,7 +208,7 @@ def test_a_failed_write_leaves_no_files(
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(outputs.os, "replace", flaky_replace)
+    monkeypatch.setattr(results.os, "replace", flaky_replace)
     out = tmp_path / "out"
     assert main(["segment", str(image), "x", "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"{ERR}cannot write {out / 'scene_mask.png'}: No space left on device\n"

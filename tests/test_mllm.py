@@ -14,8 +14,8 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.llava import load_llava_checkpoint
 from mllm_ris.modeling.lora import LoraSettings
 from mllm_ris.modeling.mllm import GroundingMLLM, MLLMConfig, build_grounding_mllm
+from mllm_ris.modeling.projector import VisualTokens
 from mllm_ris.modeling.tokens import TokenCountError, train_bpe_tokenizer
-from mllm_ris.modeling.visual_tokens import VisualTokens
 
 TEMPLATE = ChatTemplate(seed=0)
 

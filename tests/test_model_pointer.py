@@ -12,6 +12,7 @@ from test_model_kit import SIZE, TEMPLATE, synth_samples, tiny_cfg
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
+from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
 from mllm_ris.modeling.predictor import build_collator
 from mllm_ris.modeling.projector import descriptor_features
@@ -249,6 +250,51 @@ def test_reject_detach_keeps_the_no_target_loss_out_of_the_llm(detach: bool) -> 
     with torch.no_grad():
         gen = model.generate(_batch(model, answers=False), max_new_tokens=4)
     assert gen.no_target_prob.shape == (3,) and torch.isfinite(gen.no_target_prob).all()
+
+
+def test_prior_mode_builds_no_pixel_side_and_old_folders_still_load(tmp_path: Path) -> None:
+    """Output mode prior builds no pixel encoder / head / SAM and its folder has no files for them; a
+    folder written before (with pixel_encoder / head files, like the bundled model) loads the same
+    model, the extra files ignored."""
+    from safetensors.torch import save_file
+
+    from mllm_ris.inference.default_model import default_model_path
+    from mllm_ris.inference.loading import check_model_folder
+
+    model = _build("prior").eval()
+    assert model.pixel_encoder is None and model.head is None and model.sam_stage is None
+    folder = model.save_pretrained(tmp_path / "m")
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "projector.safetensors", "mllm"} <= files
+    assert not files & {"pixel_encoder.safetensors", "head.safetensors", "sam_stage.safetensors"}
+    check_model_folder(folder)  # a RISModel folder without head.safetensors
+    batch = _batch(model, answers=False)
+    with torch.no_grad():
+        a = model.generate(batch, max_new_tokens=6)
+        b = RISModel.from_pretrained(folder).generate(batch, max_new_tokens=6)
+    assert a.text == b.text
+    for name in ("masks", "scores", "no_target_prob"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), msg=name)
+    # the layout of older prior-mode folders: pixel side files beside the rest
+    old = _build("direct")
+    for part in ("pixel_encoder", "head"):
+        save_file(
+            {k: v.contiguous() for k, v in getattr(old, part).state_dict().items()},
+            str(folder / f"{part}.safetensors"),
+        )
+    loaded = RISModel.from_pretrained(folder)
+    assert loaded.head is None and loaded.pixel_encoder is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.generate(batch, max_new_tokens=6).masks, a.masks)
+    # and the bundled model is such a folder
+    bundled = default_model_path()
+    assert (bundled / "head.safetensors").is_file() and (bundled / "pixel_encoder.safetensors").is_file()
+    assert RISModel.from_pretrained(bundled).head is None
+    parts = build_parts(tiny_cfg("mllm", "direct", POINTER)).kwargs
+    with pytest.raises(ConfigError, match="prior has no pixel side"):
+        RISModel(**{**parts, "cfg": model.cfg})  # a prior-mode model given a pixel side
+    with pytest.raises(ConfigError, match="prior has no pixel side"):
+        RISModel(**{**parts, "pixel_encoder": None, "head": None})  # a direct-mode model without one
 
 
 def _check_prior_masks(out, labels: torch.Tensor) -> None:

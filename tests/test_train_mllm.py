@@ -137,6 +137,41 @@ def test_pointer_warmup_then_full_steps(tmp_path: Path, synthref: Path) -> None:
         RISTask(_cfg(files, tmp_path / "x", "train.pointer_warmup_steps=2"))
 
 
+def test_prior_checkpoint_with_an_unused_pixel_side(tmp_path: Path, synthref: Path) -> None:
+    """A prior-mode training checkpoint written when prior mode still built the pixel side (its
+    model.safetensors holds head / pixel_encoder weights): it exports (those weights dropped, the same
+    predictions), a resume refuses it in one line naming the way out, and that way trains."""
+    from safetensors.torch import save_file
+
+    from mllm_ris.errors import CheckpointError
+    from mllm_ris.training.artifacts import export_model, load_trained_model
+
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="prior", batch=2)
+    pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true", "train.save_every=2")
+    cfg = _cfg(files, tmp_path / "run", "train.max_steps=2", *pointer)
+    Trainer(cfg, progress=False).fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    state = load_file(str(ckpt / "model.safetensors"))
+    assert not any(k.startswith(("head.", "pixel_encoder.")) for k in state)
+    old = {
+        **state,
+        "head.query_proj.0.weight": torch.zeros(4, 4),
+        "pixel_encoder.stem.0.weight": torch.ones(2),
+    }
+    save_file(old, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_trained_model(ckpt).model
+    assert loaded.head is None and loaded.pixel_encoder is None
+    export_model(ckpt, tmp_path / "exported")
+    assert RISModel.from_pretrained(tmp_path / "exported").head is None
+    more = _cfg(files, tmp_path / "run", "train.max_steps=3", *pointer)
+    with pytest.raises(CheckpointError, match=r"unexpected .*export .* model\.checkpoint=DIR$"):
+        Trainer(more, progress=False).fit(resume="auto")
+    again = _cfg(
+        files, tmp_path / "again", "train.max_steps=1", f"model.checkpoint={tmp_path / 'exported'}", *pointer
+    )
+    assert Trainer(again, progress=False).fit().steps == 1
+
+
 def test_train_command_with_two_config_files(
     tmp_path: Path, synthref: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from mllm_ris.data.images import read_image
-
 __all__ = ["RISSample", "RefEntry", "ReferringDataset", "Sentence"]
 
 RefId = int | str
@@ -174,6 +172,8 @@ class ReferringDataset(ABC):
 
     def load_image(self, ref: RefEntry) -> np.ndarray:
         """Read the ref's image as ``(H, W, 3)`` uint8 and check it matches the annotation size."""
+        from mllm_ris.data.images import read_image  # datasets only (inference has its arrays)
+
         return read_image(ref.image_path, expect_hw=(ref.height, ref.width))
 
     @abstractmethod

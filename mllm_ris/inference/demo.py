@@ -15,10 +15,15 @@ from pathlib import Path
 from mllm_ris.inference.chat import ChatSession
 from mllm_ris.inference.default_model import BundledScene, bundled_scenes
 from mllm_ris.inference.inputs import load_image
-from mllm_ris.inference.outputs import ensure_out_dir, write_atomic, write_result_files
 from mllm_ris.inference.pipeline import RISPipeline
-from mllm_ris.inference.render import GalleryItem, gallery_html
-from mllm_ris.inference.results import RISResult
+from mllm_ris.inference.results import (
+    GalleryItem,
+    RISResult,
+    ensure_out_dir,
+    gallery_html,
+    write_atomic,
+    write_result_files,
+)
 
 __all__ = ["DemoReport", "run_demo"]
 

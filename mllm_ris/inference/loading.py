@@ -10,6 +10,7 @@ import torch
 
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.model import RISModel
+from mllm_ris.modeling.model_io import PARTS
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -64,7 +65,7 @@ def check_model_folder(folder: Path) -> None:
         raise CheckpointError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise CheckpointError(f"not a model folder: {folder} is a file")
-    has_parts = (folder / "head.safetensors").is_file()
+    has_parts = any((folder / f"{part}.safetensors").is_file() for part in PARTS)  # a RISModel folder
     if (folder / "model.safetensors").is_file() and not has_parts:
         raise CheckpointError(
             f"{folder} holds a classic-trainer model (model.safetensors); the pipeline reads "

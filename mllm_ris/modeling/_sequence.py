@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from mllm_ris.modeling.projector import VisualTokens
 from mllm_ris.modeling.tokens import IMAGE_TOKEN, TokenCountError
-from mllm_ris.modeling.visual_tokens import VisualTokens
 
 IGNORE_INDEX = -100
 VISUAL_ID = -1  # token id written at visual and padding positions of ``Spliced.token_ids``

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import (
@@ -25,12 +24,11 @@ from transformers import (
 )
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.lora import DTYPES, load_causal_lm
-from mllm_ris.modeling.pretrained_llm import truncate_layers
+from mllm_ris.modeling.lora import DTYPES
 from mllm_ris.modeling.tokens import has_tokenizer_files
 from mllm_ris.modeling.vision import VisionTower, default_image_stats
 
-__all__ = ["LlavaCheckpoint", "load_base_llm", "load_llava_checkpoint"]
+__all__ = ["LlavaCheckpoint", "load_llava_checkpoint"]
 
 # LLaVA projector → our projectors' ``mlp = nn.Sequential(Linear(Cv, D), GELU, Linear(D, D))``
 _PROJECTOR_KEYS = {"linear_1": "mlp.0", "linear_2": "mlp.2"}
@@ -113,27 +111,4 @@ def load_llava_checkpoint(
         projector_state=projector_state,
         tokenizer=tokenizer,
         image_token_id=int(config.image_token_index),
-    )
-
-
-def load_base_llm(
-    *,
-    path: str | Path | None,
-    llava_path: str | Path | None = None,
-    quantization: Literal["none", "4bit", "8bit"] = "none",
-    dtype: str = "float32",
-    device: str | torch.device | None = None,
-    keep_layers: int | None = None,
-) -> PreTrainedModel:
-    """The causal LM in ``path`` (see :func:`load_causal_lm`) or, when ``llava_path`` is set, a LLaVA
-    checkpoint's; ``keep_layers`` keeps its first N decoder layers."""
-    if llava_path is not None:
-        if quantization != "none":
-            raise ConfigError("quantization: not supported with llava_path; save the language model first")
-        llm = load_llava_checkpoint(llava_path, dtype=dtype).llm
-        return llm if keep_layers is None else truncate_layers(llm, keep_layers)
-    if path is None:
-        raise ConfigError("name_or_path: a saved LLM folder is needed here (no random init)")
-    return load_causal_lm(
-        path, quantization=quantization, dtype=dtype, device=device, keep_layers=keep_layers
     )

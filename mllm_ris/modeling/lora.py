@@ -43,7 +43,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.pretrained_llm import GGUF_ALIASES, resolve_llm_source, truncate_layers
 
 if TYPE_CHECKING:  # peft is imported where it is used: importing it costs seconds (bitsandbytes, inductor)
     from peft import PeftModel
@@ -329,13 +328,18 @@ def load_causal_lm(
     A quantized model is placed at load time on ``device`` (default: ``cuda:0`` when available, else
     CPU: bitsandbytes >= 0.45 runs 4-bit NF4 on CPU); an unquantized one stays on CPU.
     ``keep_layers`` keeps the first N decoder layers (``ConfigError`` when the LLM has fewer).
+    A folder with a ``config.json`` is read as it is (:mod:`~mllm_ris.modeling.pretrained_llm` is
+    imported for the other sources only).
     """
-    path = resolve_llm_source(path)
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(
-            f"name_or_path: no config.json in {str(path)!r} (a local model folder, a .gguf file or one of "
-            f"{sorted(GGUF_ALIASES)} is needed)"
-        )
+    if not (Path(path) / "config.json").is_file():  # a GGUF alias or file (converted and cached once)
+        from mllm_ris.modeling.pretrained_llm import GGUF_ALIASES, resolve_llm_source
+
+        path = resolve_llm_source(path)
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(
+                f"name_or_path: no config.json in {str(path)!r} (a local model folder, a .gguf file or one "
+                f"of {sorted(GGUF_ALIASES)} is needed)"
+            )
     kwargs: dict[str, object] = {"local_files_only": True, "dtype": DTYPES[dtype]}
     qcfg = quantization_config(quantization, dtype)
     if qcfg is not None:
@@ -345,7 +349,11 @@ def load_causal_lm(
         if quantization == "4bit" and torch.device(where).type == "cpu":
             _check_4bit_cpu_widths(Path(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    return model if keep_layers is None else truncate_layers(model, keep_layers)
+    if keep_layers is None:
+        return model
+    from mllm_ris.modeling.pretrained_llm import truncate_layers
+
+    return truncate_layers(model, keep_layers)
 
 
 BNB_4BIT_BLOCK = 64  # bitsandbytes' NF4 block size (BitsAndBytesConfig's default)

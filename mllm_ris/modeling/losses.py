@@ -27,12 +27,13 @@ DETR does for its queries; the same order is used at the SAM level. With one tar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from mllm_ris.modeling.model_config import LossConfig
 from mllm_ris.modeling.pointer import pointer_loss
 
 __all__ = [
@@ -46,46 +47,6 @@ __all__ = [
     "region_coverage",
     "region_losses",
 ]
-
-
-@dataclass
-class LossConfig:
-    """Weights of the loss terms (0 switches a term off)."""
-
-    bce: float = field(default=1.0, metadata={"help": "per-pixel binary cross-entropy"})
-    dice: float = field(default=1.0, metadata={"help": "soft Dice, on samples that have a target"})
-    iou: float = field(default=1.0, metadata={"help": "MSE of the predicted IoU against the measured one"})
-    lm: float = field(default=1.0, metadata={"help": "LM cross-entropy on the answer tokens (mllm mode)"})
-    no_target: float = field(default=1.0, metadata={"help": "BCE of the reject logit (mllm mode)"})
-    no_target_pos_weight: float = field(
-        default=1.0,
-        metadata={
-            "help": "weight of the no-target class in that BCE; targeted / no-target expressions of the "
-            "training data balances the two classes (then reject_threshold 0.5 is a balanced decision)"
-        },
-    )
-    sam: float = field(default=1.0, metadata={"help": "scale of the bce/dice/iou terms on SAM's masks"})
-    region_bce: float = field(
-        default=1.0, metadata={"help": "BCE of the region pointer's logits against the target's regions"}
-    )
-    region_dice: float = field(
-        default=1.0, metadata={"help": "soft Dice of the pointer's painted region prior"}
-    )
-    region_threshold: float = field(
-        default=0.5, metadata={"help": "a region belongs to a target when the target covers this fraction"}
-    )
-    match_targets: bool = field(
-        default=True, metadata={"help": "assign targets to [SEG] queries by minimum BCE + Dice (Hungarian)"}
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("bce", "dice", "iou", "lm", "no_target", "sam", "region_bce", "region_dice"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.region_threshold <= 1.0:
-            raise ValueError(f"region_threshold: must be in (0, 1], got {self.region_threshold}")
-        if self.no_target_pos_weight <= 0:
-            raise ValueError(f"no_target_pos_weight: must be > 0, got {self.no_target_pos_weight}")
 
 
 @dataclass

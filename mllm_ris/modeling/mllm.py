@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,6 @@ from mllm_ris.modeling._sequence import (
     pack_states,
     splice_visual_tokens,
 )
-from mllm_ris.modeling.llava import load_base_llm
 from mllm_ris.modeling.lora import (
     MLLMConfig,
     apply_lora,
@@ -48,8 +47,9 @@ from mllm_ris.modeling.lora import (
     prepare_for_training,
     random_causal_lm,
 )
+from mllm_ris.modeling.model_io import check_state_fits
 from mllm_ris.modeling.pointer import RegionPointer
-from mllm_ris.modeling.pretrained_llm import truncate_layers
+from mllm_ris.modeling.projector import VisualTokens
 from mllm_ris.modeling.tokens import (
     GroundingTokenIds,
     add_grounding_tokens,
@@ -58,8 +58,6 @@ from mllm_ris.modeling.tokens import (
     ensure_special_tokens,
     load_tokenizer,
 )
-from mllm_ris.modeling.visual_tokens import VisualTokens
-from mllm_ris.modeling.weights import check_state_fits
 
 if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds)
     from peft import PeftModel
@@ -518,6 +516,33 @@ class GroundingMLLM(nn.Module):
         return model.eval()
 
 
+def load_base_llm(
+    *,
+    path: str | Path | None,
+    llava_path: str | Path | None = None,
+    quantization: Literal["none", "4bit", "8bit"] = "none",
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    keep_layers: int | None = None,
+) -> PreTrainedModel:
+    """The causal LM in ``path`` (see :func:`~mllm_ris.modeling.lora.load_causal_lm`) or, when
+    ``llava_path`` is set, a LLaVA checkpoint's (:mod:`~mllm_ris.modeling.llava` is imported only then);
+    ``keep_layers`` keeps its first N decoder layers."""
+    if llava_path is not None:
+        from mllm_ris.modeling.llava import load_llava_checkpoint
+        from mllm_ris.modeling.pretrained_llm import truncate_layers
+
+        if quantization != "none":
+            raise ConfigError("quantization: not supported with llava_path; save the language model first")
+        llm = load_llava_checkpoint(llava_path, dtype=dtype).llm
+        return llm if keep_layers is None else truncate_layers(llm, keep_layers)
+    if path is None:
+        raise ConfigError("name_or_path: a saved LLM folder is needed here (no random init)")
+    return load_causal_lm(
+        path, quantization=quantization, dtype=dtype, device=device, keep_layers=keep_layers
+    )
+
+
 def build_grounding_mllm(
     cfg: MLLMConfig,
     *,
@@ -539,6 +564,8 @@ def build_grounding_mllm(
         parts = load_llava_checkpoint(cfg.llava_path, dtype=cfg.dtype)
         llm, tokenizer = parts.llm, tokenizer or parts.tokenizer
         if cfg.keep_layers is not None:
+            from mllm_ris.modeling.pretrained_llm import truncate_layers
+
             llm = truncate_layers(llm, cfg.keep_layers)
     elif llm is None and cfg.name_or_path is not None:
         llm = load_causal_lm(

@@ -36,33 +36,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch
-from mllm_ris.data.conversation import answer_text
+from mllm_ris.data.conversation import REJ_TOKEN, SEG_TOKEN, answer_text
 from mllm_ris.data.mllm_collate import MLLMBatch
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.losses import (
-    LossConfig,
-    match_targets,
-    no_target_loss,
-    pair_mask_losses,
-    region_losses,
-)
-from mllm_ris.modeling.mllm import GroundingMLLM
 from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
-from mllm_ris.modeling.projector import VisualProjector
-from mllm_ris.modeling.tokens import REJ_TOKEN, SEG_TOKEN
-from mllm_ris.modeling.vision import VisionTower
-from mllm_ris.modeling.visual_tokens import VisualTokens
-from s2rm_head.head import FusionHead
-from s2rm_head.pixel_encoder import PixelEncoder, SAMViTEncoder
-from s2rm_head.prompts import PromptBuilder
-from s2rm_head.sam import SAMStage
-from s2rm_head.text_encoder import TextEncoder
+from mllm_ris.modeling.projector import VisualTokens
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
+# the parts a model may not have (and the losses, for training) are imported where they are used
 if TYPE_CHECKING:
-    from mllm_ris.modeling.model_config import ModelConfig
+    from mllm_ris.modeling.mllm import GroundingMLLM
+    from mllm_ris.modeling.model_config import LossConfig, ModelConfig
+    from mllm_ris.modeling.projector import VisualProjector
+    from mllm_ris.modeling.vision import VisionTower
+    from s2rm_head.head import FusionHead
+    from s2rm_head.pixel_encoder import PixelEncoder
+    from s2rm_head.prompts import PromptBuilder
+    from s2rm_head.sam import SAMStage
+    from s2rm_head.text_encoder import TextEncoder
 
 __all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model"]
 
@@ -144,8 +137,9 @@ class RISModel(nn.Module):
 
     Args:
         cfg: the resolved model config (derived widths filled in); saved with the weights.
-        pixel_encoder, head: the pixel side.
-        loss: the loss weights (``cfg.loss``, a :class:`~mllm_ris.modeling.losses.LossConfig`).
+        pixel_encoder, head: the pixel side; both None exactly in output mode ``prior`` (the mask is
+            the painted region prior: nothing reads pixels).
+        loss: the loss weights (``cfg.loss``, a :class:`~mllm_ris.modeling.model_config.LossConfig`).
         text_encoder: classic mode's language side.
         vision, projector, mllm: mllm mode's language side.
         pointer: classic mode's region pointer (``pointer.dim``; with a descriptor-only ``projector``).
@@ -158,8 +152,8 @@ class RISModel(nn.Module):
         self,
         *,
         cfg: ModelConfig,
-        pixel_encoder: PixelEncoder,
-        head: FusionHead,
+        pixel_encoder: PixelEncoder | None,
+        head: FusionHead | None,
         loss: LossConfig,
         text_encoder: TextEncoder | None = None,
         vision: VisionTower | None = None,
@@ -183,8 +177,16 @@ class RISModel(nn.Module):
             raise ConfigError("mode: mllm needs a vision tower exactly when projector.tower is on")
         if (cfg.output_mode in ("sam", "auto")) != (sam_stage is not None and prompt_builder is not None):
             raise ConfigError(f"output_mode: {cfg.output_mode!r} with sam_stage={sam_stage is not None}")
-        if share_sam_vit and (sam_stage is None or not isinstance(pixel_encoder, SAMViTEncoder)):
-            raise ConfigError("pixel: sharing SAM's ViT needs a SAM stage and a sam-vit pixel encoder")
+        if (cfg.output_mode == "prior") != (pixel_encoder is None and head is None):
+            raise ConfigError(
+                f"output_mode: {cfg.output_mode!r} with pixel_encoder={pixel_encoder is not None}, "
+                f"head={head is not None}; prior has no pixel side, the other modes need both"
+            )
+        if share_sam_vit:
+            from s2rm_head.pixel_encoder import SAMViTEncoder
+
+            if sam_stage is None or not isinstance(pixel_encoder, SAMViTEncoder):
+                raise ConfigError("pixel: sharing SAM's ViT needs a SAM stage and a sam-vit pixel encoder")
         self.cfg = cfg
         self.loss_cfg = loss
         self.text_encoder = text_encoder
@@ -372,7 +374,10 @@ class RISModel(nn.Module):
     def _pyramid(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """``images (B, 3, S, S)`` → 4 maps ``(B, C_i, side/s_i, side/s_i)`` and, when the ViT is shared
         with SAM, SAM's image embeddings ``(B, C, E, E)`` from the same pass (else None)."""
+        assert self.pixel_encoder is not None  # the pixel side exists outside output mode prior
         if self.share_sam_vit:
+            from s2rm_head.pixel_encoder import SAMViTEncoder
+
             assert self.sam_stage is not None and isinstance(self.pixel_encoder, SAMViTEncoder)
             embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)
             return self.pixel_encoder.pyramid(embed), embed  # the pyramid over the shared ViT output
@@ -399,6 +404,7 @@ class RISModel(nn.Module):
         if t == 0:
             lang = pad_query_slot(lang)
         pyramid, sam_embed = self._pyramid(images)
+        assert self.head is not None
         head = self.head(pyramid, lang)  # mask_logits (B, Tq, h, w), iou_pred (B, Tq); Tq = max(T, 1)
         b, tq, h, w = head.mask_logits.shape
         mask_logits, head_up = head.mask_logits, head.mask_logits
@@ -525,6 +531,8 @@ class RISModel(nn.Module):
         self, out: RISOutput, batch: RISBatch, q: _Queries, seg: _Segmentation, *, masks: bool = True
     ) -> None:
         """Fill ``loss``, ``loss_terms`` and ``matched_targets`` (terms: :mod:`mllm_ris.modeling.losses`)."""
+        from mllm_ris.modeling.losses import match_targets, no_target_loss, pair_mask_losses, region_losses
+
         cfg, extra = self.cfg.loss, self.loss_cfg
         terms: dict[str, torch.Tensor] = {}
         if self.mode == "classic":  # one query per expression, trained on the union (empty for no-target)
@@ -592,6 +600,8 @@ class RISModel(nn.Module):
         cfg = read_model_config(folder)
         mllm = None
         if cfg.mode == "mllm":
+            from mllm_ris.modeling.mllm import GroundingMLLM
+
             mllm = GroundingMLLM.from_pretrained(folder / "mllm", trainable=trainable, device=device)
         model = build_model(cfg, mllm=mllm)
         load_parts(model, folder)

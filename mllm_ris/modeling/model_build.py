@@ -18,6 +18,9 @@ The SAM stage and prompt builder exist only for ``output_mode`` ``sam`` / ``auto
 pixel encoder whose ``pixel.path`` is null or ``sam.checkpoint`` then **shares SAM's image encoder**
 (its ``pixel.sam_*`` sizes are ignored: SAM's ViT and weights are used, and one ViT pass feeds both);
 with ``output_mode: direct`` the same config builds its own ViT from ``pixel.path``.
+With ``output_mode: prior`` the pixel side (pixel encoder, head, SAM) is not built: the mask is the
+region pointer's painted prior, and ``pixel`` / ``head`` / ``sam`` / ``prompts`` stay as given (nothing
+is derived for them).
 
 With ``mllm.llava_path`` the LLaVA folder is read once: its LLM and tokenizer go to the grounding
 LLM, its vision tower is used unless ``vision.name_or_path`` is set, and its projector weights are
@@ -33,19 +36,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.llava import load_llava_checkpoint
-from mllm_ris.modeling.mllm import GroundingMLLM, build_grounding_mllm
 from mllm_ris.modeling.pointer import RegionPointer
 from mllm_ris.modeling.projector import VisualProjector, build_projector
-from mllm_ris.modeling.vision import VisionTower, build_vision_tower
-from s2rm_head.pixel_encoder import PixelEncoder, SAMViTEncoder, build_pixel_encoder
-from s2rm_head.prompts import build_prompt_builder
-from s2rm_head.registry import build_head
-from s2rm_head.sam import SAMStage, build_sam_stage
-from s2rm_head.text_encoder import build_text_encoder
 
+# the parts a config may not use are imported where they are built
 if TYPE_CHECKING:
+    from mllm_ris.modeling.mllm import GroundingMLLM
     from mllm_ris.modeling.model_config import ModelConfig
+    from mllm_ris.modeling.vision import VisionTower
+    from s2rm_head.pixel_encoder import PixelEncoder
+    from s2rm_head.sam import SAMStage
 
 __all__ = ["BuiltParts", "build_parts"]
 
@@ -65,6 +65,8 @@ def _replace(cfg: Any, **changes: Any) -> Any:
 
 def _pixel_encoder(cfg: ModelConfig, stage: SAMStage | None) -> tuple[PixelEncoder, bool]:
     """The pixel encoder, and whether it shares the SAM stage's ViT."""
+    from s2rm_head.pixel_encoder import SAMViTEncoder, build_pixel_encoder
+
     pixel = cfg.pixel
     if pixel.name == "sam-vit" and stage is not None and pixel.path in (None, cfg.sam.checkpoint):
         if pixel.sam_freeze_vit != cfg.sam.freeze_image_encoder:
@@ -100,10 +102,14 @@ def _mllm_side(
 ) -> tuple[VisionTower | None, GroundingMLLM, dict[str, torch.Tensor]]:
     """Vision tower (None when ``projector.tower`` is off), grounding LLM and (from a LLaVA folder)
     projector weights; LLaVA read at most once."""
+    from mllm_ris.modeling.mllm import build_grounding_mllm
+
     m = cfg.mllm
     vision: VisionTower | None = None
     projector_state: dict[str, torch.Tensor] = {}
     if m.llava_path is not None and (mllm is None or cfg.vision.name_or_path is None):
+        from mllm_ris.modeling.llava import load_llava_checkpoint
+
         parts = load_llava_checkpoint(m.llava_path, freeze_vision=cfg.vision.freeze, dtype=m.dtype)
         if mllm is None:
             mllm = build_grounding_mllm(m, llm=parts.llm, tokenizer=parts.tokenizer)
@@ -117,6 +123,8 @@ def _mllm_side(
     if not cfg.projector.tower:  # region tokens from the descriptors alone: no tower to build or run
         return None, mllm, {}
     if vision is None:
+        from mllm_ris.modeling.vision import build_vision_tower
+
         vision = build_vision_tower(cfg.vision)
         if cfg.vision.name_or_path is not None:
             notes.append(f"vision: tower from {cfg.vision.name_or_path}")
@@ -149,13 +157,19 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     notes: list[str] = []
     stage = builder = None
     if cfg.output_mode in ("sam", "auto"):
+        from s2rm_head.sam import build_sam_stage
+
         stage = build_sam_stage(cfg.sam)
         if cfg.sam.checkpoint is not None:
             notes.append(f"sam: {cfg.sam.variant} weights from {cfg.sam.checkpoint}")
     # classic: the text encoder is built before the pixel encoder (the order the pointer-less classic
     # model has always drawn its random initial weights in: a seed gives the same model as before)
-    text = build_text_encoder(cfg.text) if cfg.mode == "classic" else None
-    pixel, share = _pixel_encoder(cfg, stage)
+    text = None
+    if cfg.mode == "classic":
+        from s2rm_head.text_encoder import build_text_encoder
+
+        text = build_text_encoder(cfg.text)
+    pixel, share = _pixel_encoder(cfg, stage) if cfg.output_mode != "prior" else (None, False)
     if share:
         notes.append("pixel: sam-vit pyramid over SAM's image encoder (shared)")
     kwargs: dict[str, Any] = {}
@@ -183,12 +197,19 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
             notes.append(_load_projector_mlp(projector, projector_state, str(cfg.mllm.llava_path)))
         kwargs.update(vision=vision, projector=projector, mllm=mllm)
         resolved["projector"], lang_dim = proj_cfg, mllm.seg_dim
-    head_cfg = _replace(cfg.head, in_channels=tuple(pixel.channels), lang_dim=lang_dim)
-    head = build_head(head_cfg)
+    head_cfg, head = cfg.head, None
+    if pixel is not None:  # the pixel side (not in output mode prior)
+        from s2rm_head.registry import build_head
+
+        head_cfg = _replace(cfg.head, in_channels=tuple(pixel.channels), lang_dim=lang_dim)
+        head = build_head(head_cfg)
+    head_words = head is not None and head.uses_words
     pointer_words = cfg.pointer.dim is not None and cfg.pointer.words
-    if text is not None and not head.uses_words and not pointer_words:  # e.g. LTS reads only the
-        text.token_proj.requires_grad_(False)  # sentence query: the unused word projection stays out
+    if text is not None and not head_words and not pointer_words:  # e.g. LTS reads only the sentence
+        text.token_proj.requires_grad_(False)  # query: the unused word projection stays out of training
     if stage is not None:
+        from s2rm_head.prompts import build_prompt_builder
+
         resolved["prompts"] = _replace(cfg.prompts, grounding_dim=lang_dim)
         builder = build_prompt_builder(resolved["prompts"], stage.sam)
     kwargs.update(

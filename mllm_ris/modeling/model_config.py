@@ -1,28 +1,134 @@
 """``ModelConfig``: which :class:`~mllm_ris.modeling.model.RISModel` to build, from its parts' configs.
 
 Here, in ``modeling``, so a model folder (:mod:`mllm_ris.modeling.model_io`) reads its config without
-the whole-run tree of :mod:`mllm_ris.config` (which re-exports it).
+the whole-run tree of :mod:`mllm_ris.config` (which re-exports it). The configs of the parts a model
+may not use live beside it, so reading a config imports none of their code: :class:`LossConfig`
+(the loss weights; the losses are :mod:`mllm_ris.modeling.losses`, which re-exports it),
+:class:`VisionTowerConfig` (:mod:`mllm_ris.modeling.vision`, which re-exports it) and ``s2rm_head``'s
+(:mod:`s2rm_head.config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mllm_ris.config_tree import check
 from mllm_ris.modeling.lora import MLLMConfig
-from mllm_ris.modeling.losses import LossConfig
 from mllm_ris.modeling.pointer import PointerConfig
 from mllm_ris.modeling.projector import ProjectorConfig
 from mllm_ris.modeling.superpixels import SuperpixelConfig
-from mllm_ris.modeling.vision import VisionTowerConfig
-from s2rm_head.head import HeadConfig
-from s2rm_head.pixel_encoder import PixelEncoderConfig
-from s2rm_head.prompts import PromptConfig
-from s2rm_head.sam import SAMConfig
-from s2rm_head.text_encoder import TextEncoderConfig
+from s2rm_head.config import HeadConfig, PixelEncoderConfig, PromptConfig, SAMConfig, TextEncoderConfig
 
-__all__ = ["ModelConfig"]
+if TYPE_CHECKING:
+    from transformers import ViTConfig
+
+__all__ = ["LossConfig", "ModelConfig", "VisionTowerConfig"]
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (0 switches a term off)."""
+
+    bce: float = field(default=1.0, metadata={"help": "per-pixel binary cross-entropy"})
+    dice: float = field(default=1.0, metadata={"help": "soft Dice, on samples that have a target"})
+    iou: float = field(default=1.0, metadata={"help": "MSE of the predicted IoU against the measured one"})
+    lm: float = field(default=1.0, metadata={"help": "LM cross-entropy on the answer tokens (mllm mode)"})
+    no_target: float = field(default=1.0, metadata={"help": "BCE of the reject logit (mllm mode)"})
+    no_target_pos_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the no-target class in that BCE; targeted / no-target expressions of the "
+            "training data balances the two classes (then reject_threshold 0.5 is a balanced decision)"
+        },
+    )
+    sam: float = field(default=1.0, metadata={"help": "scale of the bce/dice/iou terms on SAM's masks"})
+    region_bce: float = field(
+        default=1.0, metadata={"help": "BCE of the region pointer's logits against the target's regions"}
+    )
+    region_dice: float = field(
+        default=1.0, metadata={"help": "soft Dice of the pointer's painted region prior"}
+    )
+    region_threshold: float = field(
+        default=0.5, metadata={"help": "a region belongs to a target when the target covers this fraction"}
+    )
+    match_targets: bool = field(
+        default=True, metadata={"help": "assign targets to [SEG] queries by minimum BCE + Dice (Hungarian)"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("bce", "dice", "iou", "lm", "no_target", "sam", "region_bce", "region_dice"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.region_threshold <= 1.0:
+            raise ValueError(f"region_threshold: must be in (0, 1], got {self.region_threshold}")
+        if self.no_target_pos_weight <= 0:
+            raise ValueError(f"no_target_pos_weight: must be > 0, got {self.no_target_pos_weight}")
+
+
+@dataclass
+class VisionTowerConfig:
+    """Which vision model to load; ``random_*`` fields only shape the tiny default (no path)."""
+
+    name_or_path: str | None = field(
+        default=None, metadata={"help": "local HF vision model folder; null = tiny random ViT"}
+    )
+    feature_layer: int = field(
+        default=-2, metadata={"help": "hidden_states index (0 = patch embeddings, -1 = last layer)"}
+    )
+    freeze: bool = field(default=True, metadata={"help": "freeze the tower and keep it in eval mode"})
+    feature_memo_mb: float = field(
+        default=0.0,
+        metadata={
+            "help": "a frozen tower keeps the features of the images it saw, up to this many MB (least "
+            "recently used dropped first), and reuses them for the same pixels; 0 = off. Training sees "
+            "each image many times: on CPU the tiny tower is ~60 % of a pointer warm-up step"
+        },
+    )
+    random_image_size: int = field(default=128, metadata={"help": "input side S (random init only)"})
+    random_patch_size: int = field(default=4, metadata={"help": "patch side (random init only)"})
+    random_hidden_size: int = field(default=32, metadata={"help": "Cv (random init only)"})
+    random_num_layers: int = field(default=2, metadata={"help": "random init only"})
+    random_num_heads: int = field(default=2, metadata={"help": "random init only"})
+
+    def __post_init__(self) -> None:
+        check(
+            self.random_image_size % self.random_patch_size == 0,
+            "random_image_size",
+            f"{self.random_image_size} not divisible by random_patch_size={self.random_patch_size}",
+        )
+        check(
+            self.random_hidden_size % self.random_num_heads == 0,
+            "random_hidden_size",
+            f"{self.random_hidden_size} not divisible by random_num_heads={self.random_num_heads}",
+        )
+        check(self.feature_memo_mb >= 0, "feature_memo_mb", f"must be >= 0, got {self.feature_memo_mb}")
+        check(
+            self.feature_memo_mb == 0 or self.freeze,
+            "feature_memo_mb",
+            "needs freeze: true (a trained tower's features change)",
+        )
+        for name in ("random_patch_size", "random_num_layers", "random_num_heads"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        layers = self.random_num_layers + 1  # hidden_states holds the embeddings + every layer
+        check(
+            self.name_or_path is not None or -layers <= self.feature_layer < layers,
+            "feature_layer",
+            f"{self.feature_layer} out of range for a {self.random_num_layers}-layer tower",
+        )
+
+    def tiny_config(self) -> ViTConfig:
+        """The random default: a ViT whose grid is ``(S / patch)^2`` (32 x 32 = 1024 with defaults)."""
+        from transformers import ViTConfig
+
+        return ViTConfig(
+            image_size=self.random_image_size,
+            patch_size=self.random_patch_size,
+            hidden_size=self.random_hidden_size,
+            num_hidden_layers=self.random_num_layers,
+            num_attention_heads=self.random_num_heads,
+            intermediate_size=2 * self.random_hidden_size,
+        )
 
 
 @dataclass

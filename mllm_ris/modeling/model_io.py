@@ -12,22 +12,24 @@ frozen vision tower from ``vision.name_or_path`` / ``mllm.llava_path``, a frozen
 from ``sam.checkpoint``, a frozen pixel backbone with ``pixel.path``, and a ViT shared with SAM
 (saved once, under ``sam_stage``). Everything else — random-init parts included — is written.
 Loading checks every file against the rebuilt model: missing / unexpected keys and mis-shaped
-tensors are a one-line :class:`~mllm_ris.errors.CheckpointError`.
+tensors are a one-line :class:`~mllm_ris.errors.CheckpointError`. That check and the safetensors
+reader (:func:`check_state_fits`, :func:`read_safetensors`) are the ones every loader of ours runs
+(the grounding LLM's heads, training checkpoints).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mllm_ris.config_tree import config_to_dict, from_dict
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.model_config import ModelConfig
-from mllm_ris.modeling.weights import check_state_fits, read_safetensors
 
 if TYPE_CHECKING:
     from mllm_ris.modeling.model import RISModel
@@ -35,10 +37,12 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_NAME",
     "PARTS",
+    "check_state_fits",
     "load_parts",
     "owned_state",
     "read_config_tree",
     "read_model_config",
+    "read_safetensors",
     "save_model",
 ]
 
@@ -53,6 +57,42 @@ PARTS: tuple[str, ...] = (
     "prompt_builder",
     "sam_stage",
 )
+
+
+def check_state_fits(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, name: str
+) -> None:
+    """Refuse ``state`` unless it has exactly ``expected``'s keys, each with the same shape.
+
+    Args:
+        name: how messages name the file, e.g. ``"checkpoint runs/x/model.safetensors"``.
+
+    Raises:
+        CheckpointError: one line naming ``name`` and the missing / unexpected keys or the first
+            mis-shaped tensor.
+    """
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            want = tuple(expected[key].shape)
+            raise CheckpointError(f"{name}: {key} has shape {tuple(value.shape)}, the model {want}")
+
+
+def read_safetensors(file: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors ``file``; ``name`` says which file in the one-line errors.
+
+    Raises:
+        CheckpointError: ``cannot read {name}: ...`` for a truncated or foreign file.
+    """
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated / foreign files
+        raise CheckpointError(f"cannot read {name}: {str(exc).splitlines()[0]}") from None
 
 
 def _external(model: RISModel, part: str) -> tuple[str, ...] | None:

@@ -33,18 +33,17 @@ from skimage.color import rgb2lab
 from skimage.segmentation import slic
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.superpixel_cache import CacheStats, SuperpixelCache
-from mllm_ris.processing.rgb import SuperpixelInputError, as_rgb
+from mllm_ris.processing.labels import SuperpixelInputError, as_rgb
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
+    from mllm_ris.modeling.superpixel_cache import SuperpixelCache
+
 __all__ = [
-    "CacheStats",
     "GridSuperpixels",
     "SAMSuperpixels",
     "SLICSuperpixels",
-    "SuperpixelCache",
     "SuperpixelConfig",
     "SuperpixelGenerator",
     "SuperpixelInputError",
@@ -342,4 +341,8 @@ def build_superpixel_generator(
             msg = "method: 'sam' needs a segment-anything model (pass sam=...), or use method slic / grid"
             raise ConfigError(msg)
         generator = SAMSuperpixels(sam, cfg)
-    return SuperpixelCache(cfg.cache_dir, generator) if cfg.cache_dir else generator
+    if not cfg.cache_dir:
+        return generator
+    from mllm_ris.modeling.superpixel_cache import SuperpixelCache  # a training cache
+
+    return SuperpixelCache(cfg.cache_dir, generator)

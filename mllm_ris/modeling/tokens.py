@@ -25,7 +25,6 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mllm_ris.data.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, template_corpus
 from mllm_ris.errors import ConfigError, MllmRisError
-from mllm_ris.modeling.pretrained_llm import resolve_llm_source
 
 __all__ = [
     "GROUNDING_TOKENS",
@@ -222,6 +221,8 @@ def load_tokenizer(choice: str | None, *, model_dir: str | Path | None = None) -
             ``choice`` is None; a GGUF source gives the tokenizer cached with its model).
     """
     if choice is None and model_dir is not None:
+        from mllm_ris.modeling.pretrained_llm import resolve_llm_source  # a GGUF source: its cached folder
+
         model_dir = resolve_llm_source(model_dir)
     if choice is None:
         choice = str(model_dir) if model_dir is not None and has_tokenizer_files(model_dir) else "bpe"

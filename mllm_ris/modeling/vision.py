@@ -11,16 +11,16 @@ when it has one, else taken from the model family's HF default; nothing is downl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, ViTConfig
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.model_config import VisionTowerConfig
 from mllm_ris.processing.memo import LruMemo, digest
 
 __all__ = ["VisionTower", "VisionTowerConfig", "build_vision_tower", "default_image_stats"]
@@ -38,74 +38,6 @@ _FAMILY_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "siglip_vision_model": (_HALF, _HALF),
     "vit": (_HALF, _HALF),
 }
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-@dataclass
-class VisionTowerConfig:
-    """Which vision model to load; ``random_*`` fields only shape the tiny default (no path)."""
-
-    name_or_path: str | None = field(
-        default=None, metadata={"help": "local HF vision model folder; null = tiny random ViT"}
-    )
-    feature_layer: int = field(
-        default=-2, metadata={"help": "hidden_states index (0 = patch embeddings, -1 = last layer)"}
-    )
-    freeze: bool = field(default=True, metadata={"help": "freeze the tower and keep it in eval mode"})
-    feature_memo_mb: float = field(
-        default=0.0,
-        metadata={
-            "help": "a frozen tower keeps the features of the images it saw, up to this many MB (least "
-            "recently used dropped first), and reuses them for the same pixels; 0 = off. Training sees "
-            "each image many times: on CPU the tiny tower is ~60 % of a pointer warm-up step"
-        },
-    )
-    random_image_size: int = field(default=128, metadata={"help": "input side S (random init only)"})
-    random_patch_size: int = field(default=4, metadata={"help": "patch side (random init only)"})
-    random_hidden_size: int = field(default=32, metadata={"help": "Cv (random init only)"})
-    random_num_layers: int = field(default=2, metadata={"help": "random init only"})
-    random_num_heads: int = field(default=2, metadata={"help": "random init only"})
-
-    def __post_init__(self) -> None:
-        _check(
-            self.random_image_size % self.random_patch_size == 0,
-            "random_image_size",
-            f"{self.random_image_size} not divisible by random_patch_size={self.random_patch_size}",
-        )
-        _check(
-            self.random_hidden_size % self.random_num_heads == 0,
-            "random_hidden_size",
-            f"{self.random_hidden_size} not divisible by random_num_heads={self.random_num_heads}",
-        )
-        _check(self.feature_memo_mb >= 0, "feature_memo_mb", f"must be >= 0, got {self.feature_memo_mb}")
-        _check(
-            self.feature_memo_mb == 0 or self.freeze,
-            "feature_memo_mb",
-            "needs freeze: true (a trained tower's features change)",
-        )
-        for name in ("random_patch_size", "random_num_layers", "random_num_heads"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        layers = self.random_num_layers + 1  # hidden_states holds the embeddings + every layer
-        _check(
-            self.name_or_path is not None or -layers <= self.feature_layer < layers,
-            "feature_layer",
-            f"{self.feature_layer} out of range for a {self.random_num_layers}-layer tower",
-        )
-
-    def tiny_config(self) -> ViTConfig:
-        """The random default: a ViT whose grid is ``(S / patch)^2`` (32 x 32 = 1024 with defaults)."""
-        return ViTConfig(
-            image_size=self.random_image_size,
-            patch_size=self.random_patch_size,
-            hidden_size=self.random_hidden_size,
-            num_hidden_layers=self.random_num_layers,
-            num_attention_heads=self.random_num_heads,
-            intermediate_size=2 * self.random_hidden_size,
-        )
 
 
 def default_image_stats(

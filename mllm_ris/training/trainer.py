@@ -161,10 +161,30 @@ class Trainer:
             raise CheckpointError(error)
         return None if start is None else Path(start)
 
+    def _check_fits(self, path: Path) -> None:
+        """Before loading a checkpoint: its model weights fit the model (a one-line error, not
+        torch's list of every key); DeepSpeed-sharded checkpoints are checked by DeepSpeed."""
+        if not (path / "model.safetensors").is_file():
+            return
+        try:
+            check_external_only_missing(
+                path, self.accelerator.unwrap_model(self.model), frozenset(self.external)
+            )
+        except CheckpointError as exc:
+            if self.cfg.model.output_mode == "prior" and (
+                "'head." in str(exc) or "'pixel_encoder." in str(exc)
+            ):
+                raise CheckpointError(
+                    f"{exc}: it was written when output mode prior still built the unused pixel side; "
+                    f"its optimizer state cannot be resumed, but its weights can: `mllm-ris export {path} "
+                    "--out DIR`, then train from them with model.checkpoint=DIR"
+                ) from None
+            raise
+
     def _load(self, path: Path) -> None:
         saved = read_trainer_state(path)
+        self._check_fits(path)
         if self.external:
-            check_external_only_missing(path, self.accelerator.unwrap_model(self.model), self.external)
             self.accelerator.load_state(str(path), strict=False)
         else:
             self.accelerator.load_state(str(path))
