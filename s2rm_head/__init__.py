@@ -11,8 +11,9 @@ Nothing is imported here: each public name below is loaded from its module on fi
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import lazy_loader
 
 if TYPE_CHECKING:
     from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
@@ -38,7 +39,6 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "sam_checkpoint": ("load_sam_checkpoint", "save_sam_checkpoint"),
     "types": ("HeadOutput", "LanguageFeatures"),
 }
-_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "HEAD_NAMES",
@@ -73,16 +73,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """The public name ``name``, imported from its module on first use (PEP 562)."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"s2rm_head.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the lazily imported public ones."""
-    return sorted({*globals(), *__all__})
+# each public name is imported from its module (_HOMES) on first access (PEP 562, lazy_loader)
+__getattr__, __dir__, _ = lazy_loader.attach(__name__, submod_attrs={m: list(n) for m, n in _HOMES.items()})

@@ -7,35 +7,28 @@ module of the package (e.g. :mod:`mllm_ris.data.collate`) does not import the da
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import lazy_loader
 
 if TYPE_CHECKING:
     from mllm_ris.data.registry import DATASET_NAMES, build_dataset
     from mllm_ris.data.sample import RefEntry, ReferringDataset, RISSample, Sentence
 
-_MODULE_OF = {
-    "DATASET_NAMES": "registry",
-    "build_dataset": "registry",
-    "RISSample": "sample",
-    "RefEntry": "sample",
-    "ReferringDataset": "sample",
-    "Sentence": "sample",
-}
+__all__ = [
+    "DATASET_NAMES",
+    "RISSample",
+    "RefEntry",
+    "ReferringDataset",
+    "Sentence",
+    "build_dataset",
+]
 
-__all__ = ["DATASET_NAMES", "RISSample", "RefEntry", "ReferringDataset", "Sentence", "build_dataset"]
-
-
-def __getattr__(name: str) -> Any:
-    """The public name ``name``, imported from its module on first use (PEP 562)."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the lazily imported public ones."""
-    return sorted({*globals(), *__all__})
+# every public name, by the module it is imported from on first access (PEP 562, lazy_loader)
+__getattr__, __dir__, _ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "registry": ["DATASET_NAMES", "build_dataset"],
+        "sample": ["RISSample", "RefEntry", "ReferringDataset", "Sentence"],
+    },
+)

@@ -16,8 +16,9 @@ See docs/inference.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import lazy_loader
 
 if TYPE_CHECKING:
     from mllm_ris.inference.chat import ChatSession
@@ -25,20 +26,6 @@ if TYPE_CHECKING:
     from mllm_ris.inference.inputs import MAX_IMAGE_PIXELS, MAX_QUERY_CHARS, InputError, load_image
     from mllm_ris.inference.pipeline import RISPipeline
     from mllm_ris.inference.results import Prediction, RISResult
-
-_MODULE_OF = {
-    "ChatSession": "chat",
-    "bundled_scenes": "default_model",
-    "default_model_path": "default_model",
-    "make_sample_scenes": "default_model",
-    "MAX_IMAGE_PIXELS": "inputs",
-    "MAX_QUERY_CHARS": "inputs",
-    "InputError": "inputs",
-    "load_image": "inputs",
-    "RISPipeline": "pipeline",
-    "Prediction": "results",
-    "RISResult": "results",
-}
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -54,17 +41,14 @@ __all__ = [
     "make_sample_scenes",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """The public name ``name``, imported from its module on first use (PEP 562)."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the lazily imported public ones."""
-    return sorted({*globals(), *__all__})
+# every public name, by the module it is imported from on first access (PEP 562, lazy_loader)
+__getattr__, __dir__, _ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "chat": ["ChatSession"],
+        "default_model": ["bundled_scenes", "default_model_path", "make_sample_scenes"],
+        "inputs": ["InputError", "MAX_IMAGE_PIXELS", "MAX_QUERY_CHARS", "load_image"],
+        "pipeline": ["RISPipeline"],
+        "results": ["Prediction", "RISResult"],
+    },
+)

@@ -9,8 +9,9 @@ import the others.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import lazy_loader
 
 if TYPE_CHECKING:
     from mllm_ris.processing.regions import (
@@ -48,15 +49,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """The public name ``name`` of :mod:`mllm_ris.processing.regions`, imported on first use (PEP 562)."""
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.regions"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the lazily imported public ones."""
-    return sorted({*globals(), *__all__})
+# each public name is imported from mllm_ris.processing.regions on first access (PEP 562, lazy_loader)
+__getattr__, __dir__, _ = lazy_loader.attach(__name__, submod_attrs={"regions": __all__})
