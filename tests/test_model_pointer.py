@@ -254,7 +254,7 @@ def test_reject_detach_keeps_the_no_target_loss_out_of_the_llm(detach: bool) -> 
 
 def test_prior_mode_builds_no_pixel_side_and_old_folders_still_load(tmp_path: Path) -> None:
     """Output mode prior builds no pixel encoder / head / SAM and its folder has no files for them; a
-    folder written before (with pixel_encoder / head files, like the bundled model) loads the same
+    folder written before (with pixel_encoder / head files, as bundled models had) loads the same
     model, the extra files ignored."""
     from safetensors.torch import save_file
 
@@ -286,9 +286,11 @@ def test_prior_mode_builds_no_pixel_side_and_old_folders_still_load(tmp_path: Pa
     assert loaded.head is None and loaded.pixel_encoder is None
     with torch.no_grad():
         torch.testing.assert_close(loaded.generate(batch, max_new_tokens=6).masks, a.masks)
-    # and the bundled model is such a folder
+    # the bundled model is a prior-mode folder of the new layout
     bundled = default_model_path()
-    assert (bundled / "head.safetensors").is_file() and (bundled / "pixel_encoder.safetensors").is_file()
+    assert (
+        not (bundled / "head.safetensors").exists() and not (bundled / "pixel_encoder.safetensors").exists()
+    )
     assert RISModel.from_pretrained(bundled).head is None
     parts = build_parts(tiny_cfg("mllm", "direct", POINTER)).kwargs
     with pytest.raises(ConfigError, match="prior has no pixel side"):
