@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_NAME",
     "PARTS",
+    "PIXEL_PARTS",
     "check_state_fits",
+    "is_pixel_side",
     "load_parts",
     "owned_state",
     "read_config_tree",
@@ -57,6 +59,14 @@ PARTS: tuple[str, ...] = (
     "prompt_builder",
     "sam_stage",
 )
+# the parts that read pixels: output mode prior builds none of them (older prior-mode training
+# checkpoints, written when it still did, hold their weights)
+PIXEL_PARTS: frozenset[str] = frozenset({"pixel_encoder", "head", "prompt_builder", "sam_stage"})
+
+
+def is_pixel_side(key: str) -> bool:
+    """Whether a RISModel state-dict ``key`` belongs to one of :data:`PIXEL_PARTS`."""
+    return key.split(".", 1)[0] in PIXEL_PARTS
 
 
 def check_state_fits(

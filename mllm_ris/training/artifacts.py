@@ -36,7 +36,7 @@ import torch
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError, NotAvailableError
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.model_io import CONFIG_NAME, read_config_tree
+from mllm_ris.modeling.model_io import CONFIG_NAME, is_pixel_side, read_config_tree
 from mllm_ris.modeling.predictor import RISPredictor
 from mllm_ris.training.checkpoint import (
     STATE_FILE,
@@ -127,10 +127,6 @@ def _full_precision(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-# parts a prior-mode model does not build; older training checkpoints of such runs still hold them
-_PIXEL_SIDE = frozenset({"pixel_encoder", "head", "prompt_builder", "sam_stage"})
-
-
 def _from_checkpoint(folder: Path, *, full_precision: bool) -> RISModel:
     """Rebuild the model of a training checkpoint and load its (merged) weights."""
     cfg = load_config(folder / CONFIG_NAME)
@@ -143,7 +139,7 @@ def _from_checkpoint(folder: Path, *, full_precision: bool) -> RISModel:
     external = external_state_keys(model)
     expected = set(model.state_dict())
     if cfg.model.output_mode == "prior":  # written before prior mode stopped building the pixel side
-        state = {k: v for k, v in state.items() if k in expected or k.split(".", 1)[0] not in _PIXEL_SIDE}
+        state = {k: v for k, v in state.items() if k in expected or not is_pixel_side(k)}
     missing, unexpected = sorted(expected - set(state) - external), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(

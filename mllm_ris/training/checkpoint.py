@@ -40,6 +40,7 @@ __all__ = [
     "consolidated_state_dict",
     "read_trainer_state",
     "resolve_start",
+    "saved_keys",
 ]
 
 STATE_FILE = "trainer_state.json"
@@ -189,6 +190,23 @@ class CheckpointManager:
         return stale
 
 
+def saved_keys(checkpoint: str | Path) -> set[str]:
+    """The model keys in a checkpoint's ``model.safetensors`` (its header only; a DDP ``module.``
+    prefix removed).
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    from safetensors import safe_open
+
+    path = Path(checkpoint) / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k.removeprefix("module.") for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:  # safetensors raises several types for missing / truncated files
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
 def check_external_only_missing(
     checkpoint: str | Path, model: torch.nn.Module, external: frozenset[str]
 ) -> None:
@@ -197,14 +215,8 @@ def check_external_only_missing(
     Raises:
         CheckpointError: other keys are missing or unexpected (the message counts and names a few).
     """
-    from safetensors import safe_open
-
     path = Path(checkpoint) / "model.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            saved = {k.removeprefix("module.") for k in f.keys()}  # noqa: SIM118 - not a dict
-    except Exception as exc:  # safetensors raises several types for missing / truncated files
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    saved = saved_keys(checkpoint)
     expected = set(model.state_dict())
     missing = sorted(expected - saved - external)
     unexpected = sorted(saved - expected)

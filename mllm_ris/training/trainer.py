@@ -30,6 +30,7 @@ from accelerate.utils import (
 from mllm_ris.config import Config, config_to_dict
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.eval.evaluate import EvalReport, evaluate
+from mllm_ris.modeling.model_io import is_pixel_side
 from mllm_ris.training._runtime import (
     bare_model,
     fill_deepspeed_auto,
@@ -45,6 +46,7 @@ from mllm_ris.training.checkpoint import (
     check_external_only_missing,
     read_trainer_state,
     resolve_start,
+    saved_keys,
 )
 from mllm_ris.training.faults import BadStepGuard, StopSignals
 from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
@@ -166,20 +168,17 @@ class Trainer:
         torch's list of every key); DeepSpeed-sharded checkpoints are checked by DeepSpeed."""
         if not (path / "model.safetensors").is_file():
             return
-        try:
-            check_external_only_missing(
-                path, self.accelerator.unwrap_model(self.model), frozenset(self.external)
-            )
-        except CheckpointError as exc:
-            if self.cfg.model.output_mode == "prior" and (
-                "'head." in str(exc) or "'pixel_encoder." in str(exc)
-            ):
+        model = self.accelerator.unwrap_model(self.model)
+        if self.cfg.model.output_mode == "prior":
+            stale = sorted(k for k in saved_keys(path) - set(model.state_dict()) if is_pixel_side(k))
+            if stale:
                 raise CheckpointError(
-                    f"{exc}: it was written when output mode prior still built the unused pixel side; "
-                    f"its optimizer state cannot be resumed, but its weights can: `mllm-ris export {path} "
-                    "--out DIR`, then train from them with model.checkpoint=DIR"
-                ) from None
-            raise
+                    f"{path / 'model.safetensors'}: {len(stale)} unexpected pixel-side keys (e.g. "
+                    f"{stale[:3]}): it was written when output mode prior still built the unused pixel "
+                    f"side; its optimizer state cannot be resumed, but its weights can: `mllm-ris export "
+                    f"{path} --out DIR`, then train from them with model.checkpoint=DIR"
+                )
+        check_external_only_missing(path, model, frozenset(self.external))
 
     def _load(self, path: Path) -> None:
         saved = read_trainer_state(path)
