@@ -54,7 +54,7 @@ class FormSubset:
         self.forms = {
             s["sent_id"]: negative_form(s["query"]) for r in grefs for s in r["sentences"] if r["no_target"]
         }
-        difficulty = [self.data.refs[ri].sentences[si].difficulty for ri, si in self.data._index]
+        difficulty = [self.data.entry(i)[1].difficulty for i in range(len(self.data))]
         neg = [i for i, d in enumerate(difficulty) if d == "negative"]
         pos = [i for i, d in enumerate(difficulty) if d != "negative"]
         self.indices = sorted(_spread(neg, negatives) + _spread(pos, positives))

@@ -142,10 +142,14 @@ class ReferringDataset(ABC):
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, idx: int) -> RISSample:
+    def entry(self, idx: int) -> tuple[RefEntry, Sentence]:
+        """Sample ``idx``'s ref and sentence: its annotations without reading the image or masks."""
         ri, si = self._index[idx]
         ref = self.refs[ri]
-        sent = ref.sentences[si]
+        return ref, ref.sentences[si]
+
+    def __getitem__(self, idx: int) -> RISSample:
+        ref, sent = self.entry(idx)
         image = self.load_image(ref)
         if sent.exist and not ref.no_target:
             masks = self.load_masks(ref)
