@@ -169,6 +169,7 @@ def _mllm_side(
 
 
 def _check_classic_pointer(cfg: ModelConfig) -> None:
+    """Classic mode's pointer needs the descriptor-only superpixel projector (checked before it is built)."""
     proj = cfg.projector
     if proj.kind != "superpixel" or not proj.descriptors or proj.tower:
         raise ConfigError(
@@ -180,8 +181,7 @@ def _check_classic_pointer(cfg: ModelConfig) -> None:
 def _classic_pointer(cfg: ModelConfig, text_dim: int) -> RegionPointer:
     """Classic mode's region pointer: the sentence query (and words) of width ``text_dim`` against the
     superpixel projector's region tokens of width ``pointer.dim`` (descriptors alone, no tower)."""
-    ptr = cfg.pointer
-    _check_classic_pointer(cfg)
+    ptr = cfg.pointer  # the projector was checked first (_check_classic_pointer)
     assert ptr.dim is not None
     return RegionPointer(
         query_dim=text_dim,
