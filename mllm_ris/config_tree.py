@@ -132,8 +132,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         kwargs[key] = _convert(value, hints[key], full)
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # __post_init__ names the field locally (ConfigError or a plain
-        # ValueError from s2rm_head, which does not import mllm_ris); add where it lives
+    except ConfigError as exc:  # __post_init__ names the field locally (every config's checks, s2rm_head's
+        # included, raise ConfigError: one hierarchy, s2rm_head.errors); add where it lives
         raise ConfigError(f"{path}.{exc}" if path else str(exc)) from None
 
 

@@ -3,18 +3,22 @@
 Every error a user can cause (a bad path, a corrupt file, a wrong config value) is raised as a
 subclass of :class:`MllmRisError` with a one-line message that names the problem. The CLI turns
 these into one line on stderr and a non-zero exit code; anything else is a bug. One hierarchy with
-``s2rm_head``'s (:mod:`s2rm_head.errors`): ``MllmRisError``, ``ConfigError`` and ``CheckpointError``
-are its classes, re-exported.
+``s2rm_head``'s (:mod:`s2rm_head.errors`): ``MllmRisError``, ``ConfigError``, ``MissingFileError``
+and ``CheckpointError`` are its classes, re-exported, so ``except ConfigError`` catches a bad value
+in a head's config and in the run's alike. ``ConfigError`` is also a ``ValueError`` (and
+``MissingFileError``, a ``ConfigError``, a ``FileNotFoundError``); a tensor of the wrong shape at call
+time stays a plain ``ValueError`` (a bug in the caller, not a config).
 """
 
 from __future__ import annotations
 
-from s2rm_head.errors import CheckpointError, ConfigError, RISError
+from s2rm_head.errors import CheckpointError, ConfigError, MissingFileError, RISError
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "MissingFileError",
     "MllmRisError",
     "NotAvailableError",
 ]

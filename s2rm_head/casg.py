@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2rm_head._blocks import MaskIoUPredictor, conv_norm_act, upsample_to
+from s2rm_head.errors import ConfigError
 
 __all__ = ["CASGDecoder", "CASGOutput"]
 
@@ -52,7 +53,7 @@ class CASGDecoder(nn.Module):
     def __init__(self, *, dim: int, num_levels: int = 4) -> None:
         super().__init__()
         if num_levels < 2:
-            raise ValueError(f"num_levels: CASG needs at least 2 levels, got {num_levels}")
+            raise ConfigError(f"num_levels: CASG needs at least 2 levels, got {num_levels}")
         self.num_levels = num_levels
         self.abstract = conv_norm_act(2 * dim, dim)  # [F_{n-1}, pooled F_{n-2}] -> A
         self.guide = nn.Conv2d(dim, 1, kernel_size=1)  # A -> guidance logits

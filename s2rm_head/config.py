@@ -5,6 +5,12 @@ prompts to build (:class:`HeadConfig`, :class:`PixelEncoderConfig`, :class:`Text
 Plain dataclasses checked on construction (a one-line :class:`~s2rm_head.errors.ConfigError` naming
 the field), without torch or the parts' code: a model's config is read without importing the parts
 it may not build. Each part's module re-exports its config (``from s2rm_head.head import HeadConfig``).
+
+**Derived widths.** ``HeadConfig.in_channels`` / ``lang_dim`` and ``PromptConfig.grounding_dim`` are
+the widths of what feeds the part (the pixel pyramid, the language queries). They default to None:
+whoever assembles the parts fills them in from the built encoders (``mllm_ris``'s ``build_parts``,
+which refuses a set value that disagrees). A head or prompt builder built alone needs them set
+(:func:`require_width` says which one is missing).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ __all__ = [
     "SAMArch",
     "SAMConfig",
     "TextEncoderConfig",
+    "require_width",
 ]
 
 HeadName = Literal["s2rm", "lts", "cmsa", "two-stage"]
@@ -44,16 +51,39 @@ def _fail(name: str, message: str) -> None:
     raise ConfigError(f"{name}: {message}")
 
 
+def require_width(value: typing.Any, name: str, what: str) -> typing.Any:
+    """``value`` of the derived width ``name`` (see the module doc), or a ConfigError when it is unset."""
+    if value is None:
+        raise ConfigError(
+            f"{name}: null; set {what} to build this part alone (assembled models derive it from "
+            "the built encoders)"
+        )
+    return value
+
+
 @dataclass
 class HeadConfig:
-    """Config of a fusion head; invalid values raise ``ValueError`` naming the field."""
+    """Config of a fusion head; invalid values raise ``ConfigError`` (a ``ValueError``) naming the field.
+
+    ``in_channels`` and ``lang_dim`` are derived widths (module doc): None until the encoders are built.
+    """
 
     name: HeadName = field(default="s2rm", metadata={"help": f"which head: one of {HEAD_NAMES}"})
     dim: int = field(default=64, metadata={"help": "common width of every fused level"})
-    in_channels: tuple[int, ...] = field(
-        default=(16, 32, 64, 128), metadata={"help": "channels of the 4 pixel-pyramid levels, finest first"}
+    in_channels: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "channels of the 4 pixel-pyramid levels, finest first; derived from the built pixel "
+            "encoder (leave null)"
+        },
     )
-    lang_dim: int = field(default=384, metadata={"help": "width D of LanguageFeatures tokens and queries"})
+    lang_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "width D of LanguageFeatures tokens and queries; derived from text.dim / mllm.seg_dim "
+            "(leave null)"
+        },
+    )
     num_heads: int = field(default=4, metadata={"help": "attention heads (S2RM language distribution, CMSA)"})
     coparse: bool = field(default=True, metadata={"help": "S2RM: spatial-semantic recurrent co-parsing"})
     balance: bool = field(default=True, metadata={"help": "S2RM: self-distilled balancing (else average)"})
@@ -66,16 +96,20 @@ class HeadConfig:
     )
 
     def __post_init__(self) -> None:
-        self.in_channels = tuple(self.in_channels)
+        if self.in_channels is not None:
+            self.in_channels = tuple(self.in_channels)
         self.fuse_levels = tuple(self.fuse_levels)
         if self.name not in HEAD_NAMES:
             raise ConfigError(f"name: unknown head {self.name!r}; one of {HEAD_NAMES}")
         for name in ("dim", "lang_dim", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {value}")
         if self.dim % self.num_heads:
             raise ConfigError(f"dim: {self.dim} is not divisible by num_heads={self.num_heads}")
-        if len(self.in_channels) != NUM_LEVELS or min(self.in_channels) < 1:
+        if self.in_channels is not None and (
+            len(self.in_channels) != NUM_LEVELS or min(self.in_channels) < 1
+        ):
             raise ConfigError(f"in_channels: need {NUM_LEVELS} positive widths, got {self.in_channels}")
         if not self.fuse_levels or sorted(set(self.fuse_levels)) != list(self.fuse_levels):
             raise ConfigError(f"fuse_levels: need distinct increasing level indices, got {self.fuse_levels}")
@@ -185,13 +219,17 @@ class TextEncoderConfig:
 
 @dataclass
 class PromptConfig:
-    """Which prompts the head gives SAM; invalid values raise ``ValueError`` naming the field."""
+    """Which prompts the head gives SAM; invalid values raise ``ConfigError`` (a ``ValueError``) naming
+    the field. ``grounding_dim`` is a derived width (module doc): None until the queries' source is built."""
 
     sparse: bool = field(default=True, metadata={"help": "grounding embedding -> k extra sparse tokens"})
     box: bool = field(default=True, metadata={"help": "box of the coarse mask (empty -> whole image)"})
     points: bool = field(default=True, metadata={"help": "positive / negative points from the coarse mask"})
     dense: bool = field(default=True, metadata={"help": "coarse logits as SAM's mask input"})
-    grounding_dim: int = field(default=256, metadata={"help": "width Dg of the grounding embeddings"})
+    grounding_dim: int | None = field(
+        default=None,
+        metadata={"help": "width Dg of the grounding embeddings; derived from head.lang_dim (leave null)"},
+    )
     num_sparse_tokens: int = field(default=1, metadata={"help": "sparse tokens k per grounding embedding"})
     num_pos_points: int = field(default=1, metadata={"help": "positive points per pair"})
     num_neg_points: int = field(default=1, metadata={"help": "negative points per pair"})
@@ -204,8 +242,9 @@ class PromptConfig:
         if not (self.sparse or self.box or self.points or self.dense):
             raise ConfigError("sparse: every prompt type is off (sparse, box, points, dense); enable one")
         for name in ("grounding_dim", "num_sparse_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {value}")
         for name in ("num_pos_points", "num_neg_points"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

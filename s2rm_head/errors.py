@@ -8,7 +8,7 @@ message is one line naming the field or file.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "RISError"]
+__all__ = ["CheckpointError", "ConfigError", "MissingFileError", "RISError"]
 
 
 class RISError(Exception):
@@ -17,6 +17,10 @@ class RISError(Exception):
 
 class ConfigError(RISError, ValueError):
     """A config value is missing, has the wrong type or is out of range (the message names the field)."""
+
+
+class MissingFileError(ConfigError, FileNotFoundError):
+    """A file or folder a config names does not exist (also a ``FileNotFoundError``; the message names it)."""
 
 
 class CheckpointError(RISError):

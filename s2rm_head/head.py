@@ -29,7 +29,7 @@ from torch import nn
 
 from s2rm_head._blocks import LayerNorm2d
 from s2rm_head.casg import CASGDecoder
-from s2rm_head.config import HEAD_NAMES, NUM_LEVELS, HeadConfig
+from s2rm_head.config import HEAD_NAMES, NUM_LEVELS, HeadConfig, require_width
 from s2rm_head.s2rm import S2RM
 from s2rm_head.types import HeadOutput, LanguageFeatures, pad_query_slot
 
@@ -65,15 +65,17 @@ class FusionHead(nn.Module, ABC):
     def __init__(self, *, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        in_channels = require_width(cfg.in_channels, "in_channels", "the pixel pyramid's 4 widths")
+        lang_dim = require_width(cfg.lang_dim, "lang_dim", "the language queries' width")
         # per level: (B, C_i, H_i, W_i) -> (B, dim, H_i, W_i)
         self.pixel_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, cfg.dim, kernel_size=1, bias=False), LayerNorm2d(cfg.dim))
-            for c in cfg.in_channels
+            for c in in_channels
         )
-        self.query_proj = nn.Sequential(nn.Linear(cfg.lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.query_proj = nn.Sequential(nn.Linear(lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
         self.token_proj: nn.Sequential | None = None
         if self.uses_words:
-            self.token_proj = nn.Sequential(nn.Linear(cfg.lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+            self.token_proj = nn.Sequential(nn.Linear(lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
 
     @abstractmethod
     def decode(self, inputs: FoldedInputs) -> tuple[torch.Tensor, torch.Tensor]:

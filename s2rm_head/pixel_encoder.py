@@ -27,6 +27,7 @@ from torch import nn
 from transformers import MODEL_FOR_BACKBONE_MAPPING, AutoBackbone, AutoConfig, PretrainedConfig
 
 from s2rm_head.config import HF_STAGES, PixelEncoderConfig
+from s2rm_head.errors import ConfigError, MissingFileError
 
 __all__ = [
     "PYRAMID_STRIDES",
@@ -106,7 +107,7 @@ class TinyCNNEncoder(PixelEncoder):
     ) -> None:
         super().__init__()
         if len(widths) != 4:
-            raise ValueError(f"widths: needs 4 values, got {tuple(widths)}")
+            raise ConfigError(f"widths: needs 4 values, got {tuple(widths)}")
         self.channels = tuple(int(w) for w in widths)  # type: ignore[assignment]
         stem_width = max(widths[0] // 2, 8)
         self.stem = _ConvNormAct(3, stem_width, stride=2, norm=norm)  # stride 2
@@ -171,7 +172,7 @@ class HFBackboneEncoder(_FrozenMixin, PixelEncoder):
         self.backbone = backbone
         channels = tuple(int(c) for c in backbone.channels)
         if len(channels) != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone out_features {backbone.out_features} gives {len(channels)} levels, need 4"
             )
         self.channels = channels  # type: ignore[assignment]
@@ -213,14 +214,12 @@ class HFBackboneEncoder(_FrozenMixin, PixelEncoder):
     ) -> HFBackboneEncoder:
         """Load weights from a local folder (config.json + weights); never touches the network."""
         if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"hf-backbone: no config.json in {str(path)!r} (a local folder is needed)"
-            )
+            raise MissingFileError(f"hf-backbone: no config.json in {str(path)!r} (a local folder is needed)")
         # AutoBackbone.from_pretrained asks the Hub whether ``path`` is a repo (and fails on local
         # folders in transformers 5); resolve the backbone class from the local config instead.
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         if type(config) not in MODEL_FOR_BACKBONE_MAPPING:
-            raise ValueError(f"hf-backbone: {config.model_type!r} in {str(path)!r} has no backbone class")
+            raise ConfigError(f"hf-backbone: {config.model_type!r} in {str(path)!r} has no backbone class")
         config.out_features = list(out_features or HF_STAGES)  # the setter aligns out_indices
         backbone_cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]
         backbone = backbone_cls.from_pretrained(str(path), config=config, local_files_only=True)
@@ -254,7 +253,7 @@ class SAMViTEncoder(_FrozenMixin, PixelEncoder):
     def __init__(self, *, vit: ImageEncoderViT, pyramid_channels: int = 256, freeze_vit: bool = True) -> None:
         super().__init__()
         if tuple(vit.patch_embed.proj.stride) != (16, 16):
-            raise ValueError(f"vit: patch stride {tuple(vit.patch_embed.proj.stride)}, the pyramid needs 16")
+            raise ConfigError(f"vit: patch stride {tuple(vit.patch_embed.proj.stride)}, the pyramid needs 16")
         self.vit = vit
         self.img_size = int(vit.img_size)
         c_vit = vit.neck[-1].weight.shape[0]  # out_chans of SAM's neck (its last LayerNorm2d)
@@ -312,7 +311,7 @@ def _load_sam_vit_weights(vit: ImageEncoderViT, path: str) -> None:
     """Load ``image_encoder.*`` (or bare ViT) weights from a SAM ``.pth`` / ``.safetensors`` file."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"sam-vit: checkpoint {path!r} does not exist")
+        raise MissingFileError(f"sam-vit: checkpoint {path!r} does not exist")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -325,9 +324,9 @@ def _load_sam_vit_weights(vit: ImageEncoderViT, path: str) -> None:
     try:
         result = vit.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches (a different ViT size)
-        raise ValueError(f"sam-vit: checkpoint {path!r} does not fit the ViT config: {exc}") from None
+        raise ConfigError(f"sam-vit: checkpoint {path!r} does not fit the ViT config: {exc}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"sam-vit: checkpoint {path!r} does not fit the ViT config: "
             f"missing {len(result.missing_keys)} keys {result.missing_keys[:3]}, "
             f"unexpected {len(result.unexpected_keys)} {result.unexpected_keys[:3]}"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from s2rm_head.config import PromptConfig
+from s2rm_head.config import PromptConfig, require_width
 
 __all__ = [
     "PromptBuilder",
@@ -187,8 +187,9 @@ class PromptBuilder(nn.Module):
         self.mask_input_size = 4 * (img_size // 16)  # PromptEncoder.mask_input_size
         self.sparse_proj: nn.Sequential | None = None
         if cfg.sparse:  # (N, Dg) -> (N, k * C)
+            grounding_dim = require_width(cfg.grounding_dim, "grounding_dim", "the grounding queries' width")
             self.sparse_proj = nn.Sequential(
-                nn.Linear(cfg.grounding_dim, prompt_dim),
+                nn.Linear(grounding_dim, prompt_dim),
                 nn.GELU(),
                 nn.Linear(prompt_dim, cfg.num_sparse_tokens * prompt_dim),
             )
@@ -212,11 +213,12 @@ class PromptBuilder(nn.Module):
                 "coarse_logits: box / points / dense prompts are on but no coarse mask was given"
             )
         if queries is not None:
-            if queries.shape[-1] != cfg.grounding_dim or queries.dim() not in (2, 3):
+            dg = cfg.grounding_dim  # None: a builder without sparse prompts, alone (not read)
+            if queries.dim() not in (2, 3) or (dg is not None and queries.shape[-1] != dg):
                 raise ValueError(
-                    f"queries: shape {tuple(queries.shape)}, expected (B, T, {cfg.grounding_dim}) or (N, Dg)"
+                    f"queries: shape {tuple(queries.shape)}, expected (B, T, {dg or 'Dg'}) or (N, Dg)"
                 )
-            queries = queries.reshape(-1, cfg.grounding_dim)  # (B, T, Dg) -> (N, Dg)
+            queries = queries.reshape(-1, queries.shape[-1])  # (B, T, Dg) -> (N, Dg)
         if coarse_logits is not None:
             if coarse_logits.dim() != 4:
                 raise ValueError(f"coarse_logits: shape {tuple(coarse_logits.shape)}, expected 4-D")

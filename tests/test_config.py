@@ -141,3 +141,56 @@ def test_several_files_merge_in_order(tmp_path: Path) -> None:
     assert cfg.train.batch_size == 3 and cfg.train.lr == 0.25
     with pytest.raises(ConfigError, match="config file not found"):
         load_config([model, tmp_path / "missing.yaml"])
+
+
+def test_one_error_hierarchy_for_s2rm_head_and_mllm_ris(tmp_path: Path) -> None:
+    """A bad head config (s2rm_head, which imports nothing from mllm_ris), a bad run config, a bad
+    loss weight, a missing pretrained folder and a derived width that disagrees are all caught by one
+    ``except ConfigError`` (still ValueErrors for callers that caught those)."""
+    import s2rm_head.errors
+    from mllm_ris.errors import MissingFileError, MllmRisError
+    from mllm_ris.modeling.model import build_model
+    from s2rm_head.config import HeadConfig
+    from s2rm_head.text_encoder import build_text_encoder
+
+    assert ConfigError is s2rm_head.errors.ConfigError and issubclass(ConfigError, ValueError)
+    assert issubclass(MissingFileError, ConfigError) and issubclass(MissingFileError, FileNotFoundError)
+    failing = [
+        lambda: HeadConfig(dim=0),  # s2rm_head's own check
+        lambda: load_config(None, ["train.lr=-1"]),  # mllm_ris's config tree
+        lambda: load_config(None, ["model.loss.bce=-1"]),  # LossConfig (was a plain ValueError)
+        lambda: build_text_encoder(load_config(None, [f"model.text.path={tmp_path / 'none'}"]).model.text),
+        lambda: build_model(load_config(None, ["model.text.init=random", "model.head.lang_dim=7"]).model),
+    ]
+    messages = []
+    for make in failing:
+        try:
+            make()
+        except ConfigError as exc:  # one type for every config problem
+            assert isinstance(exc, MllmRisError) and isinstance(exc, ValueError)
+            messages.append(str(exc))
+        else:
+            pytest.fail("no ConfigError")
+    assert messages[0].startswith("dim: must be >= 1") and messages[1].startswith("train.lr:")
+    assert messages[2].startswith("model.loss.bce: loss weights must be >= 0")
+    assert "does not exist" in messages[3]
+    assert messages[4].startswith("head.lang_dim: 7 disagrees with the text encoder's width")
+    assert all("\n" not in m for m in messages)  # one line each: the CLI prints it as it is
+
+
+def test_derived_widths_are_not_user_facing() -> None:
+    """The widths build_parts derives default to null, and no shipped model config sets them."""
+    model = load_config(None).model
+    derived = {
+        "head": ("in_channels", "lang_dim"),
+        "projector": ("vision_dim", "llm_dim", "grid"),
+        "prompts": ("grounding_dim",),
+    }
+    for section, names in derived.items():
+        assert all(getattr(getattr(model, section), n) is None for n in names), section
+    import yaml
+
+    for path in CONFIGS:
+        tree = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        for section, names in derived.items():
+            assert not set(tree.get(section) or {}) & set(names), f"{path.name}: {section}"

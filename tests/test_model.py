@@ -222,3 +222,57 @@ def test_predictor_classic_returns_original_sizes() -> None:
         )
         assert (pred.masks.shape[0] == 0) == (pred.no_target_prob > 0.5) and pred.text is None
     assert [m.shape for m in predictor.predict_batch(samples)] == [p.masks.shape for p in preds]
+
+
+def test_each_config_is_saved_once_and_old_folders_load(tmp_path: Path) -> None:
+    """The grounding LLM's config lives in config.json (model.mllm) only; a folder written before
+    (mllm/mllm_config.json beside it, like the bundled model's) still loads, and re-saving over it
+    drops the second copy. The derived widths are written resolved and checked on load."""
+    import dataclasses
+    import json
+
+    from mllm_ris.errors import ConfigError
+    from mllm_ris.inference.default_model import ASSETS_DIR
+    from mllm_ris.modeling.mllm import GroundingMLLM
+
+    model = _build("mllm", "auto", seed=4).eval()
+    folder = model.save_pretrained(tmp_path / "m")
+    tree = json.loads((folder / "config.json").read_text())
+    assert not (folder / "mllm" / "mllm_config.json").exists()  # once: config.json's model.mllm
+    assert tree["model"]["mllm"] == dataclasses.asdict(model.cfg.mllm)
+    assert tree["model"]["head"]["lang_dim"] == model.mllm.seg_dim  # derived widths: written resolved
+    assert tree["model"]["prompts"]["grounding_dim"] == model.mllm.seg_dim
+    batch = _batch(model)
+    with torch.no_grad():
+        want = model(batch).masks
+    loaded = RISModel.from_pretrained(folder)
+    assert loaded.mllm.cfg == loaded.cfg.mllm == model.cfg.mllm
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).masks, want)
+    with pytest.raises(CheckpointError, match=r"no mllm_config\.json"):  # a standalone GroundingMLLM folder
+        GroundingMLLM.from_pretrained(folder / "mllm")
+
+    # the layout before: mllm/mllm_config.json too (equal to model.mllm): loads as before
+    (folder / "mllm" / "mllm_config.json").write_text(json.dumps(tree["model"]["mllm"]))
+    with torch.no_grad():
+        torch.testing.assert_close(RISModel.from_pretrained(folder)(batch).masks, want)
+    model.save_pretrained(folder)  # re-saved: one copy again
+    assert not (folder / "mllm" / "mllm_config.json").exists()
+
+    # a derived width in config.json that the rebuilt parts disagree with: one line naming the field
+    tree["model"]["head"]["in_channels"] = [1, 2, 3, 4]
+    (folder / "config.json").write_text(json.dumps(tree))
+    with pytest.raises(ConfigError, match=r"^head\.in_channels: \[1, 2, 3, 4\] disagrees with the pixel"):
+        RISModel.from_pretrained(folder)
+
+    # the bundled model was saved with both copies and with widths set for parts it does not build
+    bundled_dir = ASSETS_DIR / "default_model"  # read only
+    bundled = json.loads((bundled_dir / "config.json").read_text())["model"]
+    assert (bundled_dir / "mllm" / "mllm_config.json").is_file() and bundled["head"]["lang_dim"] == 384
+    default = RISModel.from_pretrained(bundled_dir)
+    assert (
+        default.mllm.cfg == default.cfg.mllm
+        and default.cfg.mllm.pointer_dim == bundled["mllm"]["pointer_dim"]
+    )
+    assert default.cfg.head.lang_dim is None and default.cfg.projector.vision_dim is None  # not built
+    assert default.cfg.projector.llm_dim == bundled["projector"]["llm_dim"] == default.mllm.hidden_size

@@ -177,3 +177,111 @@ def test_llava_folder_feeds_llm_tower_and_projector(llava_dir: Path, tmp_path: P
     batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(synth_samples())
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).masks, model(batch).masks)
+
+
+@pytest.mark.parametrize(
+    ("mode", "output_mode", "override", "message"),
+    [
+        (
+            "mllm",
+            "direct",
+            "model.head.in_channels=[8, 8, 8, 8]",
+            "head.in_channels: [8, 8, 8, 8] disagrees with the pixel encoder's channels [8, 8, 16, 16]",
+        ),
+        (
+            "mllm",
+            "direct",
+            "model.head.lang_dim=32",
+            "head.lang_dim: 32 disagrees with the grounding LLM's seg_dim 16",
+        ),
+        (
+            "mllm",
+            "direct",
+            "model.projector.vision_dim=32",
+            "projector.vision_dim: 32 disagrees with the vision tower's width 16",
+        ),
+        (
+            "mllm",
+            "direct",
+            "model.projector.grid=[4, 16]",
+            "projector.grid: [4, 16] disagrees with the vision tower's grid [8, 8]",
+        ),
+        (
+            "mllm",
+            "direct",
+            "model.projector.llm_dim=16",
+            "projector.llm_dim: 16 disagrees with the LLM's hidden size 32",
+        ),
+        (
+            "mllm",
+            "sam",
+            "model.prompts.grounding_dim=8",
+            "prompts.grounding_dim: 8 disagrees with head.lang_dim",
+        ),
+        (
+            "classic",
+            "prior",
+            "model.projector.llm_dim=64",
+            "projector.llm_dim: 64 disagrees with pointer.dim 32",
+        ),
+    ],
+)
+def test_a_derived_width_that_disagrees_is_an_error_naming_it(
+    mode: str, output_mode: str, override: str, message: str
+) -> None:
+    pointer = ["model.pointer.dim=32", "model.projector.descriptors=true", "model.projector.tower=false"]
+    extra = pointer if mode == "classic" else []
+    with pytest.raises(ConfigError) as info:
+        build_model(tiny_cfg(mode, output_mode, *extra, override))
+    assert str(info.value).startswith(message) and str(info.value).endswith("; remove it (it is derived)")
+
+
+def test_derived_widths_resolved_equal_values_accepted_unbuilt_parts_null() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("mllm", "sam"))
+    resolved = model.cfg
+    assert resolved.head.in_channels == (8, 8, 16, 16) and resolved.head.lang_dim == 16
+    assert (resolved.projector.vision_dim, resolved.projector.grid, resolved.projector.llm_dim) == (
+        16,
+        (8, 8),
+        32,
+    )
+    assert resolved.prompts.grounding_dim == 16
+    given = [  # the resolved values, written out: the same model
+        "model.head.in_channels=[8, 8, 16, 16]",
+        "model.head.lang_dim=16",
+        "model.projector.vision_dim=16",
+        "model.projector.grid=[8, 8]",
+        "model.projector.llm_dim=32",
+        "model.prompts.grounding_dim=16",
+    ]
+    torch.manual_seed(0)
+    assert build_model(tiny_cfg("mllm", "sam", *given)).cfg == resolved
+    # parts not built derive nothing: their widths are null, whatever was given (older folders)
+    direct = build_model(tiny_cfg("mllm", "direct", "model.prompts.grounding_dim=999")).cfg
+    assert direct.prompts.grounding_dim is None
+    classic = build_model(tiny_cfg("classic", "direct", "model.projector.vision_dim=6")).cfg
+    assert (classic.projector.vision_dim, classic.projector.llm_dim, classic.projector.grid) == (
+        None,
+        None,
+        None,
+    )
+
+
+def test_parts_built_alone_need_their_widths() -> None:
+    from mllm_ris.modeling.projector import ProjectorConfig, build_projector
+    from s2rm_head.config import HeadConfig, PromptConfig
+    from s2rm_head.prompts import PromptBuilder
+    from s2rm_head.registry import build_head
+
+    with pytest.raises(ConfigError, match=r"^in_channels: null; set the pixel pyramid's 4 widths"):
+        build_head(HeadConfig(lang_dim=8))
+    with pytest.raises(ConfigError, match=r"^lang_dim: null"):
+        build_head(HeadConfig(in_channels=(4, 4, 4, 4)))
+    with pytest.raises(ConfigError, match=r"^grounding_dim: null"):
+        PromptBuilder(cfg=PromptConfig(), prompt_dim=32, img_size=64)
+    PromptBuilder(cfg=PromptConfig(sparse=False), prompt_dim=32, img_size=64)  # reads no queries
+    with pytest.raises(ConfigError, match=r"^llm_dim: null"):
+        build_projector(ProjectorConfig(vision_dim=8, num_heads=2))
+    with pytest.raises(ConfigError, match=r"^vision_dim: null"):
+        build_projector(ProjectorConfig(llm_dim=8))

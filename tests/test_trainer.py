@@ -173,6 +173,35 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path: Path, kind: str, what:
     assert json.loads((tmp_path / "summary.json").read_text())["bad_steps"] == len(bad)
 
 
+def test_step_flags_and_results_are_typed() -> None:
+    """A micro-batch's flags are named counts (summed field by field over ranks); the step result
+    carries a SkipReason and a signal.Signals, not strings."""
+    from dataclasses import fields
+    from signal import Signals
+
+    from mllm_ris.training.faults import SkipReason
+    from mllm_ris.training.trainer import StepFlags, StepResult
+
+    nan = StepFlags.of_rank(torch.tensor(float("nan")), Signals.SIGTERM, late=False)
+    assert (nan.loss, nan.non_finite, nan.sigint, nan.sigterm, nan.over_budget) == (0.0, 1.0, 0.0, 1.0, 0.0)
+    ok = StepFlags.of_rank(torch.tensor(2.5), Signals.SIGINT, late=True)
+    assert (ok.loss, ok.non_finite, ok.sigint, ok.over_budget) == (2.5, 0.0, 1.0, 1.0)
+    assert (nan.stop, ok.stop, StepFlags().stop) == (Signals.SIGTERM, Signals.SIGINT, None)
+
+    class TwoRanks:  # accelerate's reduce over two ranks that report the same flags
+        device = torch.device("cpu")
+
+        def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+            assert reduction == "sum" and tensor.dtype == torch.float64
+            return tensor * 2
+
+    total = ok.summed(TwoRanks())  # type: ignore[arg-type]
+    assert total == StepFlags(loss=5.0, non_finite=0.0, sigint=2.0, sigterm=0.0, over_budget=2.0)
+    assert str(SkipReason.NON_FINITE_LOSS) == "loss was NaN / inf"  # what logs and errors show
+    types = {f.name: f.type for f in fields(StepResult)}
+    assert types["bad"] == "SkipReason | None" and types["signal"] == "Signals | None"
+
+
 def test_consecutive_bad_steps_abort_with_a_clear_message(tmp_path: Path) -> None:
     task = ToyTask(bad_calls=frozenset(range(3, 100)))
     trainer = Trainer(_cfg(tmp_path, "train.max_bad_steps=3", "train.save_every=2"), task, progress=False)

@@ -447,12 +447,21 @@ class GroundingMLLM(nn.Module):
     def _heads_state(self) -> dict[str, torch.Tensor]:
         return {f"{n}.{k}": v for n, head in self._heads().items() for k, v in head.state_dict().items()}
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, *, write_config: bool = True) -> None:
         """Write ``mllm_config.json``, ``tokenizer/``, ``heads.safetensors``, ``adapter/`` (LoRA + token
-        rows) and ``llm/`` (the full LLM without LoRA, or the random base, which no path can rebuild)."""
+        rows) and ``llm/`` (the full LLM without LoRA, or the random base, which no path can rebuild).
+
+        Args:
+            write_config: False inside a RISModel folder, whose ``config.json`` holds this config
+                (``model.mllm``) once: ``mllm_config.json`` is not written (an old one is removed) and
+                :meth:`from_pretrained` is given the config.
+        """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / _CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        if write_config:
+            (folder / _CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        else:
+            (folder / _CONFIG_FILE).unlink(missing_ok=True)
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
         save_file(
             {k: v.detach().contiguous() for k, v in self._heads_state().items()}, str(folder / _HEADS_FILE)
@@ -469,7 +478,12 @@ class GroundingMLLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, trainable: bool = False, device: str | torch.device | None = None
+        cls,
+        path: str | Path,
+        *,
+        trainable: bool = False,
+        device: str | torch.device | None = None,
+        config: MLLMConfig | None = None,
     ) -> GroundingMLLM:
         """Rebuild a model written by :meth:`save_pretrained` (in eval mode).
 
@@ -477,11 +491,18 @@ class GroundingMLLM(nn.Module):
             trainable: resume training (LoRA / token rows, or the whole LLM without LoRA, train;
                 checkpointing as configured); False = inference, every weight frozen.
             device: where a quantized base is loaded (see ``load_causal_lm``).
+            config: the model's config when the folder's owner holds it (a RISModel folder's
+                ``config.json``); None reads the folder's ``mllm_config.json``. Given, a
+                ``mllm_config.json`` in the folder (RISModel folders written before the config was
+                saved once have one) is not read.
         """
         folder = Path(path)
-        if not (folder / _CONFIG_FILE).is_file():
+        if config is not None:
+            cfg = config
+        elif (folder / _CONFIG_FILE).is_file():
+            cfg = MLLMConfig.from_dict(json.loads((folder / _CONFIG_FILE).read_text()))
+        else:
             raise CheckpointError(f"{str(folder)!r} is not a GroundingMLLM folder (no {_CONFIG_FILE})")
-        cfg = MLLMConfig.from_dict(json.loads((folder / _CONFIG_FILE).read_text()))
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         saved = folder / "llm"
         llm = load_base_llm(

@@ -602,7 +602,9 @@ class RISModel(nn.Module):
         if cfg.mode == "mllm":
             from mllm_ris.modeling.mllm import GroundingMLLM
 
-            mllm = GroundingMLLM.from_pretrained(folder / "mllm", trainable=trainable, device=device)
+            mllm = GroundingMLLM.from_pretrained(
+                folder / "mllm", trainable=trainable, device=device, config=cfg.mllm
+            )
         model = build_model(cfg, mllm=mllm)
         load_parts(model, folder)
         if not trainable:

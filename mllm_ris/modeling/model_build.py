@@ -1,6 +1,7 @@
 """Assemble the parts of a :class:`~mllm_ris.modeling.model.RISModel` from one ``ModelConfig``.
 
-Derived values (the YAML's are overwritten, so files only choose parts and their sizes):
+Derived widths (default null: config files choose parts and their sizes, not the widths between
+them); each is filled in from the built parts:
 
 * ``head.in_channels`` ← the built pixel encoder's ``channels``;
 * ``head.lang_dim`` ← the text encoder's ``dim`` (classic) or ``mllm.seg_dim`` (mllm);
@@ -9,6 +10,15 @@ Derived values (the YAML's are overwritten, so files only choose parts and their
   built with ``projector.tower: false``: tokens come from the region descriptors alone);
   ``projector.llm_dim`` ← the LLM's hidden size;
 * ``prompts.grounding_dim`` ← ``head.lang_dim`` (the SAM sparse prompt reads the same queries).
+
+A value given for one of them (YAML, override, a saved folder's ``config.json``) must equal the
+derived one, else a :class:`~mllm_ris.errors.ConfigError` names the field
+(``head.in_channels: [1, 1, 1, 1] disagrees with the pixel encoder's channels [16, 32, 64, 128];
+remove it (it is derived)``); equal values are accepted, so folders saved with the resolved widths
+load. A part that is not built derives nothing: its derived widths are null in the resolved config
+(a value given for them is dropped: e.g. ``head.*`` in output mode prior, ``projector.vision_dim`` /
+``grid`` without a tower, ``prompts.grounding_dim`` without SAM). The resolved config
+(``RISModel.cfg``) is what a model folder's ``config.json`` holds.
 
 Classic mode builds the text encoder before the pixel encoder (so a seed gives the initial weights the
 pointer-less classic model always had) and freezes its word projection ``text.token_proj`` when
@@ -19,8 +29,8 @@ pixel encoder whose ``pixel.path`` is null or ``sam.checkpoint`` then **shares S
 (its ``pixel.sam_*`` sizes are ignored: SAM's ViT and weights are used, and one ViT pass feeds both);
 with ``output_mode: direct`` the same config builds its own ViT from ``pixel.path``.
 With ``output_mode: prior`` the pixel side (pixel encoder, head, SAM) is not built: the mask is the
-region pointer's painted prior, and ``pixel`` / ``head`` / ``sam`` / ``prompts`` stay as given (nothing
-is derived for them).
+region pointer's painted prior, and ``pixel`` / ``sam`` / ``prompts`` stay as given (nothing is
+derived for them; ``head``'s and ``prompts``' derived widths are null).
 
 With ``mllm.llava_path`` the LLaVA folder is read once: its LLM and tokenizer go to the grounding
 LLM, its vision tower is used unless ``vision.name_or_path`` is set, and its projector weights are
@@ -61,6 +71,31 @@ class BuiltParts:
 def _replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` (re-runs the config's checks)."""
     return dataclasses.replace(cfg, **changes)
+
+
+def _shown(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def _derive(section: str, cfg: Any, **derived: tuple[Any, str]) -> Any:
+    """``cfg`` with each derived field ``name`` set to ``derived[name] = (value, where it comes from)``.
+
+    Raises:
+        ConfigError: a field already set to another value (``section.name: ... disagrees with ...``).
+    """
+    for name, (value, source) in derived.items():
+        given = getattr(cfg, name)
+        if given is not None and given != value:
+            raise ConfigError(
+                f"{section}.{name}: {_shown(given)} disagrees with {source} {_shown(value)}; "
+                "remove it (it is derived)"
+            )
+    return _replace(cfg, **{name: value for name, (value, _) in derived.items()})
+
+
+def _cleared(cfg: Any, *names: str) -> Any:
+    """``cfg`` with the derived fields ``names`` null: their part is not built, nothing derives them."""
+    return _replace(cfg, **dict.fromkeys(names))
 
 
 def _pixel_encoder(cfg: ModelConfig, stage: SAMStage | None) -> tuple[PixelEncoder, bool]:
@@ -133,15 +168,20 @@ def _mllm_side(
     return vision, mllm, projector_state
 
 
-def _classic_pointer(cfg: ModelConfig, text_dim: int) -> RegionPointer:
-    """Classic mode's region pointer: the sentence query (and words) of width ``text_dim`` against the
-    superpixel projector's region tokens of width ``pointer.dim`` (descriptors alone, no tower)."""
-    proj, ptr = cfg.projector, cfg.pointer
+def _check_classic_pointer(cfg: ModelConfig) -> None:
+    """Classic mode's pointer needs the descriptor-only superpixel projector (checked before it is built)."""
+    proj = cfg.projector
     if proj.kind != "superpixel" or not proj.descriptors or proj.tower:
         raise ConfigError(
             "pointer.dim: classic mode's pointer reads region tokens from the descriptors alone; set "
             "projector.kind superpixel, projector.descriptors true, projector.tower false"
         )
+
+
+def _classic_pointer(cfg: ModelConfig, text_dim: int) -> RegionPointer:
+    """Classic mode's region pointer: the sentence query (and words) of width ``text_dim`` against the
+    superpixel projector's region tokens of width ``pointer.dim`` (descriptors alone, no tower)."""
+    ptr = cfg.pointer  # the projector was checked first (_check_classic_pointer)
     assert ptr.dim is not None
     return RegionPointer(
         query_dim=text_dim,
@@ -174,11 +214,16 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         notes.append("pixel: sam-vit pyramid over SAM's image encoder (shared)")
     kwargs: dict[str, Any] = {}
     resolved: dict[str, Any] = {}
+    lang_source = "the text encoder's width"
     if text is not None:
         kwargs["text_encoder"], lang_dim = text, text.dim
         if cfg.pointer.dim is not None:
-            resolved["projector"] = proj_cfg = _replace(cfg.projector, llm_dim=cfg.pointer.dim)
+            _check_classic_pointer(cfg)
+            proj_cfg = _derive("projector", cfg.projector, llm_dim=(cfg.pointer.dim, "pointer.dim"))
+            resolved["projector"] = proj_cfg = _cleared(proj_cfg, "vision_dim", "grid")  # no tower
             kwargs.update(projector=build_projector(proj_cfg), pointer=_classic_pointer(cfg, text.dim))
+        else:  # no projector
+            resolved["projector"] = _cleared(cfg.projector, "vision_dim", "llm_dim", "grid")
     else:
         if cfg.pointer.dim is not None:
             raise ConfigError(
@@ -190,19 +235,35 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
                 f"got {cfg.projector.kind!r}"
             )
         vision, mllm, projector_state = _mllm_side(cfg, mllm, notes)
-        widths = {"vision_dim": vision.dim, "grid": vision.grid} if vision is not None else {}
-        proj_cfg = _replace(cfg.projector, llm_dim=mllm.hidden_size, **widths)
+        proj_cfg = _derive("projector", cfg.projector, llm_dim=(mllm.hidden_size, "the LLM's hidden size"))
+        if vision is not None:
+            where = "the vision tower's"
+            proj_cfg = _derive(
+                "projector",
+                proj_cfg,
+                vision_dim=(vision.dim, f"{where} width"),
+                grid=(vision.grid, f"{where} grid"),
+            )
+        else:
+            proj_cfg = _cleared(proj_cfg, "vision_dim", "grid")
         projector = build_projector(proj_cfg)
         if projector_state:
             notes.append(_load_projector_mlp(projector, projector_state, str(cfg.mllm.llava_path)))
         kwargs.update(vision=vision, projector=projector, mllm=mllm)
-        resolved["projector"], lang_dim = proj_cfg, mllm.seg_dim
-    head_cfg, head = cfg.head, None
+        resolved["projector"], lang_dim, lang_source = proj_cfg, mllm.seg_dim, "the grounding LLM's seg_dim"
+    head = None
     if pixel is not None:  # the pixel side (not in output mode prior)
         from s2rm_head.registry import build_head
 
-        head_cfg = _replace(cfg.head, in_channels=tuple(pixel.channels), lang_dim=lang_dim)
+        head_cfg = _derive(
+            "head",
+            cfg.head,
+            in_channels=(tuple(pixel.channels), "the pixel encoder's channels"),
+            lang_dim=(lang_dim, lang_source),
+        )
         head = build_head(head_cfg)
+    else:
+        head_cfg = _cleared(cfg.head, "in_channels", "lang_dim")
     head_words = head is not None and head.uses_words
     pointer_words = cfg.pointer.dim is not None and cfg.pointer.words
     if text is not None and not head_words and not pointer_words:  # e.g. LTS reads only the sentence
@@ -210,8 +271,12 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     if stage is not None:
         from s2rm_head.prompts import build_prompt_builder
 
-        resolved["prompts"] = _replace(cfg.prompts, grounding_dim=lang_dim)
+        resolved["prompts"] = _derive(
+            "prompts", cfg.prompts, grounding_dim=(lang_dim, f"head.lang_dim ({lang_source})")
+        )
         builder = build_prompt_builder(resolved["prompts"], stage.sam)
+    else:
+        resolved["prompts"] = _cleared(cfg.prompts, "grounding_dim")
     kwargs.update(
         cfg=_replace(cfg, head=head_cfg, **resolved),
         pixel_encoder=pixel,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from mllm_ris.config_tree import check
+from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.lora import MLLMConfig
 from mllm_ris.modeling.pointer import PointerConfig
 from mllm_ris.modeling.projector import ProjectorConfig
@@ -59,11 +60,11 @@ class LossConfig:
     def __post_init__(self) -> None:
         for name in ("bce", "dice", "iou", "lm", "no_target", "sam", "region_bce", "region_dice"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.region_threshold <= 1.0:
-            raise ValueError(f"region_threshold: must be in (0, 1], got {self.region_threshold}")
+            raise ConfigError(f"region_threshold: must be in (0, 1], got {self.region_threshold}")
         if self.no_target_pos_weight <= 0:
-            raise ValueError(f"no_target_pos_weight: must be > 0, got {self.no_target_pos_weight}")
+            raise ConfigError(f"no_target_pos_weight: must be > 0, got {self.no_target_pos_weight}")
 
 
 @dataclass

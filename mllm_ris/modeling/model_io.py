@@ -6,6 +6,11 @@
     mllm/                      GroundingMLLM.save_pretrained: tokenizer, LoRA adapter, [SEG] MLP and
                                reject head, and the base LLM only when no path can rebuild it
 
+Each config is written once: the grounding LLM's (``MLLMConfig``) is ``config.json``'s
+``model.mllm``, and ``mllm/`` holds no ``mllm_config.json`` (folders written before have one, equal
+to ``model.mllm``; it is not read). ``config.json`` holds the resolved config, the derived widths
+included (:mod:`mllm_ris.modeling.model_build`): loading rebuilds the parts and checks them.
+
 A weight is left out when it is frozen **and** comes from pretrained files the config names
 (they are reloaded from there): a frozen pretrained text transformer (``text.init: pretrained``), a
 frozen vision tower from ``vision.name_or_path`` / ``mllm.llava_path``, a frozen SAM part loaded
@@ -152,7 +157,7 @@ def save_model(model: RISModel, path: str | Path) -> Path:
         else:
             file.unlink(missing_ok=True)
     if model.mllm is not None:
-        model.mllm.save_pretrained(folder / "mllm")
+        model.mllm.save_pretrained(folder / "mllm", write_config=False)  # config.json's model.mllm
     return folder
 
 

@@ -97,9 +97,9 @@ class RegionPointer(nn.Module):
         super().__init__()
         for name, value in (("query_dim", query_dim), ("region_dim", region_dim), ("dim", dim)):
             if value <= 0:
-                raise ValueError(f"{name}: must be > 0, got {value}")
+                raise ConfigError(f"{name}: must be > 0, got {value}")
         if layers < 0 or (layers and dim % _MIX_HEADS):
-            raise ValueError(
+            raise ConfigError(
                 f"layers: must be >= 0 with dim divisible by {_MIX_HEADS}, got {layers}, dim {dim}"
             )
         self.dim = dim
@@ -113,7 +113,7 @@ class RegionPointer(nn.Module):
             )
             self.score = nn.Linear(dim, 1)  # each region's mixed state -> its score
         if word_dim is not None and not layers:
-            raise ValueError("word_dim: words are read by the mixing layers; set layers > 0")
+            raise ConfigError("word_dim: words are read by the mixing layers; set layers > 0")
         self.word_proj = nn.Linear(word_dim, dim) if word_dim is not None else None
         self.query_proj = nn.Linear(query_dim, dim)
         self.region_proj = nn.Linear(region_dim, dim)

@@ -89,15 +89,31 @@ _COVERAGE_EPS = 1e-2  # floor of the coverage inside the log bias: log(0 + eps) 
 
 @dataclass
 class ProjectorConfig:
-    """Config of a visual projector; invalid values raise ConfigError naming the field."""
+    """Config of a visual projector; invalid values raise ConfigError naming the field.
+
+    ``vision_dim``, ``llm_dim`` and ``grid`` are derived widths: ``build_parts`` fills them in from the
+    built vision tower and LLM (a set value that disagrees is an error). A projector built alone
+    (:func:`build_projector`) needs ``llm_dim``, and ``vision_dim`` when it reads the tower.
+    """
 
     kind: Literal["superpixel", "patch"] = field(
         default="superpixel", metadata={"help": "one token per superpixel, or per patch (LLaVA baseline)"}
     )
-    vision_dim: int = field(default=64, metadata={"help": "Cv, width of the vision tower's patch features"})
-    llm_dim: int = field(default=64, metadata={"help": "D, the LLM's hidden size"})
+    vision_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cv, width of the vision tower's patch features; derived from the tower (leave null)"
+        },
+    )
+    llm_dim: int | None = field(
+        default=None,
+        metadata={"help": "D, the LLM's hidden size (classic: pointer.dim); derived (leave null)"},
+    )
     grid: tuple[int, int] | None = field(
-        default=None, metadata={"help": "(h, w) patch grid; null = square, derived from N"}
+        default=None,
+        metadata={
+            "help": "(h, w) patch grid; derived from the tower (leave null); null alone = square from N"
+        },
     )
     max_tokens: int | None = field(
         default=None,
@@ -128,8 +144,9 @@ class ProjectorConfig:
         if self.kind not in ("superpixel", "patch"):
             raise ConfigError(f"kind: must be superpixel or patch, got {self.kind!r}")
         for name in ("vision_dim", "llm_dim", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {value}")
         if self.grid is not None:
             self.grid = tuple(self.grid)  # type: ignore[assignment]
             if len(self.grid) != 2 or min(self.grid) < 1:
@@ -142,8 +159,23 @@ class ProjectorConfig:
             )
         if not self.tower and not (self.kind == "superpixel" and self.descriptors):
             raise ConfigError("tower: false builds tokens from the descriptors alone; set descriptors: true")
-        if self.aggregator and self.vision_dim % self.num_heads:
+        if (
+            self.aggregator
+            and self.tower
+            and self.vision_dim is not None
+            and self.vision_dim % self.num_heads
+        ):
             raise ConfigError(f"num_heads: vision_dim={self.vision_dim} is not divisible by {self.num_heads}")
+
+
+_UNUSED_VISION_DIM = 64
+
+
+def _width(value: int | None, name: str) -> int:
+    """A derived width the projector needs (a ConfigError naming it when unset)."""
+    if value is None:
+        raise ConfigError(f"{name}: null; build_parts derives it from the built parts, set it to build alone")
+    return value
 
 
 class VisualProjector(nn.Module):
@@ -152,11 +184,15 @@ class VisualProjector(nn.Module):
     def __init__(self, *, cfg: ProjectorConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        d = _width(cfg.llm_dim, "llm_dim")
+        # no tower (the superpixel projector drops the mlp): drawn at the width vision_dim's default
+        # had, so a seed gives the initial weights it gave before vision_dim was derived
+        cv = _width(cfg.vision_dim, "vision_dim") if cfg.tower else _UNUSED_VISION_DIM
         # indices 0 / 2 match LLaVA's multi_modal_projector.linear_1 / linear_2
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.vision_dim, cfg.llm_dim, bias=cfg.mlp_bias),
+            nn.Linear(cv, d, bias=cfg.mlp_bias),
             nn.GELU(),
-            nn.Linear(cfg.llm_dim, cfg.llm_dim, bias=cfg.mlp_bias),
+            nn.Linear(d, d, bias=cfg.mlp_bias),
         )
 
     def grid_for(self, n: int) -> tuple[int, int]:

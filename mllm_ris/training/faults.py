@@ -1,7 +1,8 @@
 """Fault handling: non-finite losses and stop signals.
 
 * :class:`BadStepGuard` counts optimizer steps skipped because the loss (or the gradient norm)
-  was NaN / inf, and raises :class:`NonFiniteLossError` after ``max_bad_steps`` in a row.
+  was NaN / inf (:class:`SkipReason`), and raises :class:`NonFiniteLossError` after
+  ``max_bad_steps`` in a row.
 * :class:`StopSignals` turns SIGTERM / SIGINT into a flag the training loop polls once per
   micro-batch, so the run saves a checkpoint at the end of the current step and exits. A second
   SIGINT at least ``StopSignals.repeat_after_s`` seconds after the first raises
@@ -14,12 +15,20 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from enum import StrEnum
 from types import FrameType, TracebackType
 from typing import Any
 
 from mllm_ris.errors import MllmRisError
 
-__all__ = ["BadStepGuard", "NonFiniteLossError", "StopSignals", "exit_code_for"]
+__all__ = ["BadStepGuard", "NonFiniteLossError", "SkipReason", "StopSignals", "exit_code_for"]
+
+
+class SkipReason(StrEnum):
+    """Why an optimizer step was skipped; the value is the text logs and errors show."""
+
+    NON_FINITE_LOSS = "loss was NaN / inf"
+    NON_FINITE_GRAD_NORM = "gradient norm was NaN / inf"
 
 
 class NonFiniteLossError(MllmRisError):
@@ -78,6 +87,11 @@ class StopSignals:
         self.received: int | None = None
         self._first_sigint: float | None = None
         self._previous: dict[int, Any] = {}
+
+    @property
+    def received_signal(self) -> signal.Signals | None:
+        """``Signals.SIGTERM`` / ``Signals.SIGINT`` once one arrived."""
+        return None if self.received is None else signal.Signals(self.received)
 
     @property
     def name(self) -> str | None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from mllm_ris.training.checkpoint import (
     resolve_start,
     saved_keys,
 )
-from mllm_ris.training.faults import BadStepGuard, StopSignals
+from mllm_ris.training.faults import BadStepGuard, SkipReason, StopSignals
 from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
 from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.sampling import mixture_loader
@@ -61,13 +62,42 @@ __all__ = ["TrainSummary", "Trainer", "train", "train_classic"]
 
 @dataclass
 class StepFlags:
-    """What one micro-batch reports to every rank (summed over ranks by one all-reduce)."""
+    """What one micro-batch reports to every rank: counts, summed over ranks by one all-reduce
+    (:meth:`summed`; a float64 tensor with one element per field)."""
 
     loss: float = 0.0  # this rank's loss (0 when not finite)
     non_finite: float = 0.0  # ranks whose loss was NaN / inf
     sigint: float = 0.0  # ranks that received SIGINT
     sigterm: float = 0.0  # ranks that received SIGTERM
     over_budget: float = 0.0  # 1 when rank 0's clock passed the time budget
+
+    @classmethod
+    def of_rank(cls, loss: torch.Tensor, received: Signals | None, late: bool) -> StepFlags:
+        """This rank's flags: its ``loss``, the stop signal it ``received``, whether it is ``late``."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        return cls(
+            loss=float(loss.detach().float()) if finite else 0.0,
+            non_finite=0.0 if finite else 1.0,
+            sigint=float(received == Signals.SIGINT),
+            sigterm=float(received == Signals.SIGTERM),
+            over_budget=float(late),
+        )
+
+    def summed(self, accelerator: Accelerator) -> StepFlags:
+        """Every field summed over the ranks (a collective: every rank calls it)."""
+        names = [f.name for f in fields(self)]
+        local = torch.tensor(
+            [getattr(self, n) for n in names], dtype=torch.float64, device=accelerator.device
+        )
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        return StepFlags(**dict(zip(names, total, strict=True)))
+
+    @property
+    def stop(self) -> Signals | None:
+        """The signal that stops the run: SIGINT when a rank got one, else SIGTERM, else None."""
+        if self.sigint > 0:
+            return Signals.SIGINT
+        return Signals.SIGTERM if self.sigterm > 0 else None
 
 
 @dataclass
@@ -79,15 +109,15 @@ class StepResult:
         terms: the task's named loss terms, averaged over micro-batches.
         bad: why the step was skipped (a NaN / inf loss or gradient norm), else None.
         grad_norm: the gradient norm before clipping, when computed.
-        signal: ``"SIGINT"`` / ``"SIGTERM"`` when a rank was asked to stop, else None.
+        signal: ``Signals.SIGINT`` / ``Signals.SIGTERM`` when a rank was asked to stop, else None.
         over_budget: the time budget ran out.
     """
 
     loss: float
     terms: dict[str, float]
-    bad: str | None
+    bad: SkipReason | None
     grad_norm: float | None
-    signal: str | None
+    signal: Signals | None
     over_budget: bool
 
 
@@ -207,25 +237,16 @@ class Trainer:
 
     def _flags(self, loss: torch.Tensor, stop: StopSignals, deadline: float | None) -> StepFlags:
         """This micro-batch's :class:`StepFlags`, summed over ranks (one all-reduce)."""
-        finite = bool(torch.isfinite(loss.detach()).all())
         late = self.accelerator.is_main_process and deadline is not None and time.perf_counter() > deadline
-        local = StepFlags(
-            loss=float(loss.detach().float()) if finite else 0.0,
-            non_finite=0.0 if finite else 1.0,
-            sigint=float(stop.name == "SIGINT"),
-            sigterm=float(stop.name == "SIGTERM"),
-            over_budget=float(late),  # rank 0's clock decides
-        )
-        if self.accelerator.num_processes == 1:
-            return local
-        t = torch.tensor(astuple(local), dtype=torch.float64, device=self.accelerator.device)
-        return StepFlags(*self.accelerator.reduce(t, reduction="sum").tolist())
+        local = StepFlags.of_rank(loss, stop.received_signal, late)  # rank 0's clock decides `late`
+        return local if self.accelerator.num_processes == 1 else local.summed(self.accelerator)
 
     def _step(self, batches: Iterator[Any], stop: StopSignals, deadline: float | None) -> StepResult:
         """Run ``grad_accum_steps`` micro-batches and (unless one was bad) the optimizer step."""
         acc, tc = self.accelerator, self.cfg.train
         world = acc.num_processes
-        loss_sum, terms, bad, flags = 0.0, {}, None, StepFlags()
+        loss_sum, terms, flags = 0.0, {}, StepFlags()
+        bad: SkipReason | None = None
         grad_norm = None
         for _ in range(tc.grad_accum_steps):
             batch = send_to_device(next(batches), acc.device)
@@ -233,7 +254,7 @@ class Trainer:
                 loss, parts = self.task.loss(self.model, batch)
                 flags = self._flags(loss, stop, deadline)
                 if flags.non_finite > 0:  # some rank saw NaN / inf: every rank skips this backward
-                    bad = "loss was NaN / inf"
+                    bad = SkipReason.NON_FINITE_LOSS
                 else:
                     acc.backward(loss)
                     loss_sum += flags.loss / world
@@ -247,7 +268,7 @@ class Trainer:
                         if bad is None:
                             grad_norm = acc.clip_grad_norm_(self.params, tc.max_grad_norm or math.inf)
                             if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                                bad = "gradient norm was NaN / inf"
+                                bad = SkipReason.NON_FINITE_GRAD_NORM
                         if bad is None:
                             self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
@@ -257,7 +278,7 @@ class Trainer:
             terms=terms,
             bad=bad,
             grad_norm=None if grad_norm is None else float(grad_norm),
-            signal="SIGINT" if flags.sigint > 0 else "SIGTERM" if flags.sigterm > 0 else None,
+            signal=flags.stop,
             over_budget=flags.over_budget > 0,
         )
 
@@ -350,7 +371,8 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
         )
         losses: list[float] = []
-        seconds, interrupted, saved_at = 0.0, None, begin if start is not None else -1
+        seconds, saved_at = 0.0, begin if start is not None else -1
+        interrupted: Signals | None = None
         try:
             with StopSignals() as stop:
                 batches = iter(loader)
@@ -370,10 +392,14 @@ class Trainer:
                     if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                         self.log.evaluation(self.evaluate(), step, self.out_dir)
                     interrupted = out.signal
-                    if interrupted or out.over_budget or (tc.save_every and step % tc.save_every == 0):
+                    if (
+                        interrupted is not None
+                        or out.over_budget
+                        or (tc.save_every and step % tc.save_every == 0)
+                    ):
                         self.save_checkpoint()
                         saved_at = step
-                    if interrupted or out.over_budget:
+                    if interrupted is not None or out.over_budget:
                         break
             if self.state.step != saved_at:
                 self.save_checkpoint()
@@ -382,7 +408,9 @@ class Trainer:
                 reports = self._finish()
         finally:
             self.log.close()
-        return self._summary(losses, seconds, begin, reports, interrupted, guard)
+        return self._summary(
+            losses, seconds, begin, reports, interrupted.name if interrupted is not None else None, guard
+        )
 
     def _record(self, out: StepResult, guard: BadStepGuard, seconds: float, end: int) -> None:
         """Count a skipped step (may raise NonFiniteLossError) or log an applied one."""
@@ -390,7 +418,7 @@ class Trainer:
         self.log.advance()  # type: ignore[union-attr]
         if out.bad is not None:
             self._say(f"step {step}: {out.bad}; skipped ({guard.total + 1} so far)")
-            self.log.record({"step": step, "skipped": out.bad})  # type: ignore[union-attr]
+            self.log.record({"step": step, "skipped": out.bad.value})  # type: ignore[union-attr]
             last = str(self.last_checkpoint) if self.last_checkpoint else None
             try:
                 guard.bad(step, out.bad, last)
