@@ -119,7 +119,7 @@ def _small(gen: SAMSuperpixels, image: np.ndarray) -> np.ndarray:
 
 
 def build_sam_generator(args: argparse.Namespace) -> tuple[str, Any]:
-    from s2rm_head.sam import SAMConfig, build_sam
+    from s2rm_head.sam.stage import SAMConfig, build_sam
 
     checkpoint = str(args.sam_checkpoint) if args.sam_checkpoint else None
     sam = build_sam(SAMConfig(variant=args.sam_variant, checkpoint=checkpoint))

@@ -93,7 +93,7 @@ def generators(args: argparse.Namespace) -> dict[str, Callable[[np.ndarray], np.
         "slic, no merging": build_superpixel_generator(SuperpixelConfig(merge_threshold=0.0, max_regions=0)),
     }
     if args.sam_checkpoint:
-        from s2rm_head.sam import SAMConfig, build_sam
+        from s2rm_head.sam.stage import SAMConfig, build_sam
 
         sam = build_sam(SAMConfig(variant=args.sam_variant, checkpoint=str(args.sam_checkpoint)))
         gens[f"sam ({args.sam_variant}, {Path(args.sam_checkpoint).name})"] = build_superpixel_generator(

@@ -5,7 +5,7 @@ The package knows nothing about LLMs: a head takes a pixel-feature pyramid and
 ``build_head(HeadConfig(name="s2rm" | "lts" | "cmsa" | "two-stage", ...))``.
 
 Nothing is imported here: each public name below is loaded from its module on first access
-(``from s2rm_head import build_head`` imports :mod:`s2rm_head.registry` then), so reading a config
+(``from s2rm_head import build_head`` imports :mod:`s2rm_head.heads.registry` then), so reading a config
 (:mod:`s2rm_head.config`) or an error class (:mod:`s2rm_head.errors`) does not build the heads' code.
 """
 
@@ -16,27 +16,27 @@ from typing import TYPE_CHECKING
 import lazy_loader
 
 if TYPE_CHECKING:
-    from s2rm_head.baselines import CMSAHead, LTSHead, TwoStageHead
-    from s2rm_head.casg import CASGDecoder, CASGOutput
     from s2rm_head.config import HEAD_NAMES, HeadConfig, PromptConfig, SAMConfig
-    from s2rm_head.head import FoldedInputs, FusionHead, S2RMHead
-    from s2rm_head.prompts import PromptBuilder, SAMPrompts, build_prompt_builder
-    from s2rm_head.registry import build_head
-    from s2rm_head.s2rm import S2RM, BiSliceScan, LanguageDistributor, ParsedSemanticBalance, S2RMOutput
-    from s2rm_head.sam import SAMOutput, SAMStage, build_sam, build_sam_stage
-    from s2rm_head.sam_checkpoint import load_sam_checkpoint, save_sam_checkpoint
+    from s2rm_head.heads.baselines import CMSAHead, LTSHead, TwoStageHead
+    from s2rm_head.heads.casg import CASGDecoder, CASGOutput
+    from s2rm_head.heads.fusion import FoldedInputs, FusionHead, S2RMHead
+    from s2rm_head.heads.registry import build_head
+    from s2rm_head.heads.s2rm import S2RM, BiSliceScan, LanguageDistributor, ParsedSemanticBalance, S2RMOutput
+    from s2rm_head.sam.checkpoint import load_sam_checkpoint, save_sam_checkpoint
+    from s2rm_head.sam.prompts import PromptBuilder, SAMPrompts, build_prompt_builder
+    from s2rm_head.sam.stage import SAMOutput, SAMStage, build_sam, build_sam_stage
     from s2rm_head.types import HeadOutput, LanguageFeatures
 
 _HOMES: dict[str, tuple[str, ...]] = {
-    "baselines": ("CMSAHead", "LTSHead", "TwoStageHead"),
-    "casg": ("CASGDecoder", "CASGOutput"),
     "config": ("HEAD_NAMES", "HeadConfig", "PromptConfig", "SAMConfig"),
-    "head": ("FoldedInputs", "FusionHead", "S2RMHead"),
-    "prompts": ("PromptBuilder", "SAMPrompts", "build_prompt_builder"),
-    "registry": ("build_head",),
-    "s2rm": ("S2RM", "BiSliceScan", "LanguageDistributor", "ParsedSemanticBalance", "S2RMOutput"),
-    "sam": ("SAMOutput", "SAMStage", "build_sam", "build_sam_stage"),
-    "sam_checkpoint": ("load_sam_checkpoint", "save_sam_checkpoint"),
+    "heads.baselines": ("CMSAHead", "LTSHead", "TwoStageHead"),
+    "heads.casg": ("CASGDecoder", "CASGOutput"),
+    "heads.fusion": ("FoldedInputs", "FusionHead", "S2RMHead"),
+    "heads.registry": ("build_head",),
+    "heads.s2rm": ("S2RM", "BiSliceScan", "LanguageDistributor", "ParsedSemanticBalance", "S2RMOutput"),
+    "sam.checkpoint": ("load_sam_checkpoint", "save_sam_checkpoint"),
+    "sam.prompts": ("PromptBuilder", "SAMPrompts", "build_prompt_builder"),
+    "sam.stage": ("SAMOutput", "SAMStage", "build_sam", "build_sam_stage"),
     "types": ("HeadOutput", "LanguageFeatures"),
 }
 

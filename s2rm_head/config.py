@@ -4,7 +4,8 @@ prompts to build (:class:`HeadConfig`, :class:`PixelEncoderConfig`, :class:`Text
 
 Plain dataclasses checked on construction (a one-line :class:`~s2rm_head.errors.ConfigError` naming
 the field), without torch or the parts' code: a model's config is read without importing the parts
-it may not build. Each part's module re-exports its config (``from s2rm_head.head import HeadConfig``).
+it may not build. Each part's module re-exports its config
+(``from s2rm_head.heads.fusion import HeadConfig``).
 
 **Derived widths.** ``HeadConfig.in_channels`` / ``lang_dim`` and ``PromptConfig.grounding_dim`` are
 the widths of what feeds the part (the pixel pyramid, the language queries). They default to None:

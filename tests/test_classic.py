@@ -24,8 +24,8 @@ from mllm_ris.training.artifacts import export_model, find_source, load_trained_
 from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.sampling import build_mixture
 from mllm_ris.training.trainer import Trainer, train_classic
-from s2rm_head.head import HEAD_NAMES
-from s2rm_head.text_encoder import build_text_encoder
+from s2rm_head.encoders.text import build_text_encoder
+from s2rm_head.heads.fusion import HEAD_NAMES
 
 TINY = [
     "model.text.init=random",

@@ -151,7 +151,7 @@ def test_one_error_hierarchy_for_s2rm_head_and_mllm_ris(tmp_path: Path) -> None:
     from mllm_ris.errors import MissingFileError, MllmRisError
     from mllm_ris.modeling.model import build_model
     from s2rm_head.config import HeadConfig
-    from s2rm_head.text_encoder import build_text_encoder
+    from s2rm_head.encoders.text import build_text_encoder
 
     assert ConfigError is s2rm_head.errors.ConfigError and issubclass(ConfigError, ValueError)
     assert issubclass(MissingFileError, ConfigError) and issubclass(MissingFileError, FileNotFoundError)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import BertTokenizer, ResNetConfig, ResNetForImageClassification
 
-from s2rm_head.pixel_encoder import (
+from s2rm_head.encoders.pixel import (
     HFBackboneEncoder,
     PixelEncoderConfig,
     SAMViTEncoder,
     TinyCNNEncoder,
     build_pixel_encoder,
 )
-from s2rm_head.text_encoder import TextEncoder, TextEncoderConfig, build_text_encoder
+from s2rm_head.encoders.text import TextEncoder, TextEncoderConfig, build_text_encoder
 from s2rm_head.types import LanguageFeatures
 
 STRIDES = (4, 8, 16, 32)

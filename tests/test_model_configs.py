@@ -16,7 +16,7 @@ from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import build_collator
 from mllm_ris.modeling.tokens import train_bpe_tokenizer
-from s2rm_head.pixel_encoder import SAMViTEncoder
+from s2rm_head.encoders.pixel import SAMViTEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 LLAVA = CONFIGS / "llava-1.5-7b_sam-vit-h.yaml"
@@ -271,8 +271,8 @@ def test_derived_widths_resolved_equal_values_accepted_unbuilt_parts_null() -> N
 def test_parts_built_alone_need_their_widths() -> None:
     from mllm_ris.modeling.projector import ProjectorConfig, build_projector
     from s2rm_head.config import HeadConfig, PromptConfig
-    from s2rm_head.prompts import PromptBuilder
-    from s2rm_head.registry import build_head
+    from s2rm_head.heads.registry import build_head
+    from s2rm_head.sam.prompts import PromptBuilder
 
     with pytest.raises(ConfigError, match=r"^in_channels: null; set the pixel pyramid's 4 widths"):
         build_head(HeadConfig(lang_dim=8))

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from s2rm_head.prompts import (
+from s2rm_head.sam.prompts import (
     PromptBuilder,
     PromptConfig,
     build_prompt_builder,
@@ -15,7 +15,7 @@ from s2rm_head.prompts import (
     coarse_to_dense,
     coarse_to_points,
 )
-from s2rm_head.sam import SAMConfig, build_sam_stage
+from s2rm_head.sam.stage import SAMConfig, build_sam_stage
 
 KINDS = ("sparse", "box", "points", "dense")
 

@@ -11,8 +11,8 @@ from segment_anything import sam_model_registry
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from mllm_ris.errors import CheckpointError
-from s2rm_head.prompts import PromptConfig, SAMPrompts, build_prompt_builder
-from s2rm_head.sam import (
+from s2rm_head.sam.prompts import PromptConfig, SAMPrompts, build_prompt_builder
+from s2rm_head.sam.stage import (
     SAM_ARCHS,
     SAMConfig,
     SAMStage,

@@ -51,11 +51,11 @@ if TYPE_CHECKING:
     from mllm_ris.modeling.model_config import LossConfig, ModelConfig
     from mllm_ris.modeling.projector import VisualProjector
     from mllm_ris.modeling.vision import VisionTower
-    from s2rm_head.head import FusionHead
-    from s2rm_head.pixel_encoder import PixelEncoder
-    from s2rm_head.prompts import PromptBuilder
-    from s2rm_head.sam import SAMStage
-    from s2rm_head.text_encoder import TextEncoder
+    from s2rm_head.encoders.pixel import PixelEncoder
+    from s2rm_head.encoders.text import TextEncoder
+    from s2rm_head.heads.fusion import FusionHead
+    from s2rm_head.sam.prompts import PromptBuilder
+    from s2rm_head.sam.stage import SAMStage
 
 __all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model"]
 
@@ -183,7 +183,7 @@ class RISModel(nn.Module):
                 f"head={head is not None}; prior has no pixel side, the other modes need both"
             )
         if share_sam_vit:
-            from s2rm_head.pixel_encoder import SAMViTEncoder
+            from s2rm_head.encoders.pixel import SAMViTEncoder
 
             if sam_stage is None or not isinstance(pixel_encoder, SAMViTEncoder):
                 raise ConfigError("pixel: sharing SAM's ViT needs a SAM stage and a sam-vit pixel encoder")
@@ -376,7 +376,7 @@ class RISModel(nn.Module):
         with SAM, SAM's image embeddings ``(B, C, E, E)`` from the same pass (else None)."""
         assert self.pixel_encoder is not None  # the pixel side exists outside output mode prior
         if self.share_sam_vit:
-            from s2rm_head.pixel_encoder import SAMViTEncoder
+            from s2rm_head.encoders.pixel import SAMViTEncoder
 
             assert self.sam_stage is not None and isinstance(self.pixel_encoder, SAMViTEncoder)
             embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)

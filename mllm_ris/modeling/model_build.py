@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from mllm_ris.modeling.mllm import GroundingMLLM
     from mllm_ris.modeling.model_config import ModelConfig
     from mllm_ris.modeling.vision import VisionTower
-    from s2rm_head.pixel_encoder import PixelEncoder
-    from s2rm_head.sam import SAMStage
+    from s2rm_head.encoders.pixel import PixelEncoder
+    from s2rm_head.sam.stage import SAMStage
 
 __all__ = ["BuiltParts", "build_parts"]
 
@@ -100,7 +100,7 @@ def _cleared(cfg: Any, *names: str) -> Any:
 
 def _pixel_encoder(cfg: ModelConfig, stage: SAMStage | None) -> tuple[PixelEncoder, bool]:
     """The pixel encoder, and whether it shares the SAM stage's ViT."""
-    from s2rm_head.pixel_encoder import SAMViTEncoder, build_pixel_encoder
+    from s2rm_head.encoders.pixel import SAMViTEncoder, build_pixel_encoder
 
     pixel = cfg.pixel
     if pixel.name == "sam-vit" and stage is not None and pixel.path in (None, cfg.sam.checkpoint):
@@ -197,7 +197,7 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     notes: list[str] = []
     stage = builder = None
     if cfg.output_mode in ("sam", "auto"):
-        from s2rm_head.sam import build_sam_stage
+        from s2rm_head.sam.stage import build_sam_stage
 
         stage = build_sam_stage(cfg.sam)
         if cfg.sam.checkpoint is not None:
@@ -206,7 +206,7 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     # model has always drawn its random initial weights in: a seed gives the same model as before)
     text = None
     if cfg.mode == "classic":
-        from s2rm_head.text_encoder import build_text_encoder
+        from s2rm_head.encoders.text import build_text_encoder
 
         text = build_text_encoder(cfg.text)
     pixel, share = _pixel_encoder(cfg, stage) if cfg.output_mode != "prior" else (None, False)
@@ -253,7 +253,7 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         resolved["projector"], lang_dim, lang_source = proj_cfg, mllm.seg_dim, "the grounding LLM's seg_dim"
     head = None
     if pixel is not None:  # the pixel side (not in output mode prior)
-        from s2rm_head.registry import build_head
+        from s2rm_head.heads.registry import build_head
 
         head_cfg = _derive(
             "head",
@@ -269,7 +269,7 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     if text is not None and not head_words and not pointer_words:  # e.g. LTS reads only the sentence
         text.token_proj.requires_grad_(False)  # query: the unused word projection stays out of training
     if stage is not None:
-        from s2rm_head.prompts import build_prompt_builder
+        from s2rm_head.sam.prompts import build_prompt_builder
 
         resolved["prompts"] = _derive(
             "prompts", cfg.prompts, grounding_dim=(lang_dim, f"head.lang_dim ({lang_source})")

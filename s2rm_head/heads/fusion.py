@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from s2rm_head._blocks import LayerNorm2d
-from s2rm_head.casg import CASGDecoder
 from s2rm_head.config import HEAD_NAMES, NUM_LEVELS, HeadConfig, require_width
-from s2rm_head.s2rm import S2RM
+from s2rm_head.heads._blocks import LayerNorm2d
+from s2rm_head.heads.casg import CASGDecoder
+from s2rm_head.heads.s2rm import S2RM
 from s2rm_head.types import HeadOutput, LanguageFeatures, pad_query_slot
 
 __all__ = ["HEAD_NAMES", "NUM_LEVELS", "FoldedInputs", "FusionHead", "HeadConfig", "S2RMHead"]

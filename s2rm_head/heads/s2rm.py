@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from s2rm_head._blocks import LayerNorm2d, conv_norm_act
+from s2rm_head.heads._blocks import LayerNorm2d, conv_norm_act
 
 __all__ = ["S2RM", "BiSliceScan", "LanguageDistributor", "ParsedSemanticBalance", "S2RMOutput"]
 

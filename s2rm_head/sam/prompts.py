@@ -53,9 +53,9 @@ __all__ = [
 class SAMPrompts(NamedTuple):
     """Prompts for ``N`` pairs; a field is ``None`` when its prompt type is off.
 
-    A ``NamedTuple``, not a dataclass: :class:`PromptBuilder` returns it and :class:`~s2rm_head.sam.SAMStage`
-    takes it, and DeepSpeed ZeRO-3's module hooks see tensors only in tensors, tuples (named ones
-    too), lists and dicts (see ``s2rm_head.types.HeadOutput``).
+    A ``NamedTuple``, not a dataclass: :class:`PromptBuilder` returns it and
+    :class:`~s2rm_head.sam.stage.SAMStage` takes it, and DeepSpeed ZeRO-3's module hooks see tensors
+    only in tensors, tuples (named ones too), lists and dicts (see ``s2rm_head.types.HeadOutput``).
 
     Attributes:
         num_pairs: ``N``.

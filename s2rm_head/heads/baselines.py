@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2rm_head._blocks import (
+from s2rm_head.config import NUM_LEVELS, HeadConfig
+from s2rm_head.heads._blocks import (
     NUM_COORD_CHANNELS,
     ConcatFusion,
     MaskIoUPredictor,
@@ -30,8 +31,7 @@ from s2rm_head._blocks import (
     coord_features,
     upsample_to,
 )
-from s2rm_head.config import NUM_LEVELS, HeadConfig
-from s2rm_head.head import FoldedInputs, FusionHead
+from s2rm_head.heads.fusion import FoldedInputs, FusionHead
 
 __all__ = ["CMSAHead", "LTSHead", "TwoStageHead"]
 

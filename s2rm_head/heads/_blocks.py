@@ -1,7 +1,7 @@
 """Small building blocks shared by the S²RM head, the CASG decoder and the baseline heads.
 
-Everything here is private to the package (imported by ``s2rm.py``, ``casg.py``, ``head.py`` and
-``baselines.py``); the public API is in ``s2rm_head/__init__.py``.
+Everything here is private to :mod:`s2rm_head.heads` (imported by ``s2rm.py``, ``casg.py``,
+``fusion.py`` and ``baselines.py``); the public API is in ``s2rm_head/__init__.py``.
 
 Normalisation inside fusion blocks is :class:`LayerNorm2d` (per pixel, over channels), never
 GroupNorm/BatchNorm: a per-pixel norm has no spatial reach, so the only long-range paths in a

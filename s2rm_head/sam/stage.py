@@ -24,14 +24,14 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from s2rm_head.config import SAM_ARCHS, SAM_VARIANTS, PixelEncoderConfig, SAMArch, SAMConfig
-from s2rm_head.pixel_encoder import build_sam_vit
-from s2rm_head.prompts import SAMPrompts
-from s2rm_head.sam_checkpoint import (
+from s2rm_head.encoders.pixel import build_sam_vit
+from s2rm_head.sam.checkpoint import (
     SAMLoadReport,
     infer_sam_arch,
     load_sam_checkpoint,
     save_sam_checkpoint,
 )
+from s2rm_head.sam.prompts import SAMPrompts
 
 __all__ = [
     "SAM_ARCHS",

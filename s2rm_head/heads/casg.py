@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2rm_head._blocks import MaskIoUPredictor, conv_norm_act, upsample_to
 from s2rm_head.errors import ConfigError
+from s2rm_head.heads._blocks import MaskIoUPredictor, conv_norm_act, upsample_to
 
 __all__ = ["CASGDecoder", "CASGOutput"]
 
