@@ -90,7 +90,7 @@ def measure_query(
     total = timed(lambda: query(qb, sample), warmup=warmup, repeats=repeats, device=qb.device)
     out = QueryResult(total=total, memory=mem, text=pred.text or "", masks=int(pred.masks.shape[0]))
     model, p = qb.model, qb.predictor
-    batch = p.collate([sample]).to(qb.device)
+    batch = p.processor([sample]).to(qb.device)
     with torch.no_grad():
         vis = model.visual_tokens(batch)
     out.tokens = int(vis.mask.sum())
@@ -106,7 +106,7 @@ def measure_query(
 
     with torch.no_grad():
         gen = generate()
-        out.stages["collate (letterbox, tokens, superpixels)"] = timed(lambda: p.collate([sample]), **kw)
+        out.stages["collate (letterbox, tokens, superpixels)"] = timed(lambda: p.processor([sample]), **kw)
         out.stages["vision tower + projector"] = timed(lambda: model.visual_tokens(batch), **kw)
         out.stages["LLM generate (prefill + decode)"] = timed(generate, **kw)
         from s2rm_head.types import LanguageFeatures

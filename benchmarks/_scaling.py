@@ -61,7 +61,9 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
         for k in counts if kind == "superpixel" else [0]:
             if kind == "superpixel":  # a g x g grid gives exactly g^2 regions
                 grid = max(1, round(math.sqrt(k)))
-                qb.predictor.collate.superpixels = GridSuperpixels(SuperpixelConfig(method="grid", grid=grid))
+                qb.predictor.processor.superpixels = GridSuperpixels(
+                    SuperpixelConfig(method="grid", grid=grid)
+                )
             points.append(_point(qb, sample, args) | {"k": k})
         out["by_count"][kind] = points
         del qb

@@ -64,7 +64,7 @@ def run_query_and_prefill(args: argparse.Namespace) -> dict[str, Any]:
             out["query"][kind] = measure_query(qb, sample, warmup=args.warmup, repeats=args.repeats)
             r = out["query"][kind]
             print(f"query {kind:10s} {r.total.ms()} ms, {r.tokens} visual tokens, answer {r.text!r}")
-        batch = qb.predictor.collate([sample])
+        batch = qb.predictor.processor([sample])
         if kind == "superpixel":
             proj = qb.model.projector
             out["k_image"] = int(proj.num_tokens(batch.superpixels)[0])

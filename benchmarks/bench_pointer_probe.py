@@ -48,7 +48,7 @@ from mllm_ris.data.registry import build_dataset
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.pointer import RegionPointer, paint_regions, pointer_loss
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.modeling.projector import VisualTokens, descriptor_features
 from mllm_ris.processing.memo import digest
 from mllm_ris.processing.regions import COLOR_DIM, SHAPE_SIZE, RegionDescriptorBatch
@@ -78,7 +78,7 @@ def precompute(model: RISModel, data: Path, split: str, n: int, seed: int) -> di
     lists of ``(L_i,)``, the training answer included) of ``n`` single-target expressions of ``model``'s
     processing, and its frozen tower's patch features per image (``tower (I, N, Cv)``, ``image (N,)``
     the row of each expression's image)."""
-    collate = build_collator(model, image_size=128)
+    collate = build_processor(model, image_size=128)
     tokenizer = model.mllm.tokenizer
     dataset = build_dataset("synthref", data, split)
     order = list(range(len(dataset)))

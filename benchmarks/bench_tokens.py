@@ -7,7 +7,7 @@ Usage::
 
 Counts only (no timing), so any machine gives the same numbers. For every image the generator's
 label map is letterboxed into the model canvas (``--image-size``, the tiny model's 128 px) exactly
-as ``MLLMCollator`` does, and the tokens are the regions the superpixel projector then sees. The
+as ``Processor`` does, and the tokens are the regions the superpixel projector then sees. The
 patch projector's tokens are fixed by the vision tower. SAM superpixels are counted only with a real
 checkpoint: a random-weight SAM keeps no mask, so its labels would be SLIC's (say so, count nothing).
 Writes the ``bench_tokens`` section of ``docs/benchmarks.md``, ``benchmarks/results/tokens.json``
@@ -38,9 +38,8 @@ from _perf import (
     write_json,
 )
 
-from mllm_ris.data.collate import RISTransform
-from mllm_ris.data.mllm_collate import letterbox_labels
 from mllm_ris.modeling.superpixels import SuperpixelConfig, build_superpixel_generator
+from mllm_ris.processing.processor import RISTransform, letterbox_labels
 
 # patch tokens per image of the vision towers the configs use
 PATCH_TOWERS = {
@@ -153,7 +152,7 @@ def format_section(args: argparse.Namespace, record: dict[str, Any], info: RunIn
         "## Visual tokens per image",
         "",
         f"Tokens the superpixel projector produces per image: the generator's label map letterboxed into "
-        f"the {args.image_size}-px canvas of the tiny model (as `MLLMCollator` does), regions counted. "
+        f"the {args.image_size}-px canvas of the tiny model (as `Processor` does), regions counted. "
         "Patch projectors emit one token per ViT patch whatever the image: "
         + ", ".join(f"{n} for {t}" for t, n in PATCH_TOWERS.items())
         + ". *object IoU* (SynthRef): per target object, the union of regions lying more than half "

@@ -37,7 +37,7 @@ from _perf import (
     write_json,
 )
 
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.modeling.superpixel_cache import SuperpixelCache
 
 SPEEDUP_TARGET = 3.0
@@ -48,7 +48,7 @@ def measure_kind(kind: str, samples: list[Any], args: argparse.Namespace, cache_
     model = build_tiny(kind, device=args.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    collate = build_collator(model, image_size=args.size, answers=True)
+    collate = build_processor(model, image_size=args.size, answers=True)
     kw = {"warmup": args.warmup, "repeats": args.repeats}
     out: dict[str, Any] = {"trainable_params": sum(p.numel() for p in params)}
     out["collate"] = timed(lambda: collate(samples), **kw)  # superpixels computed: the first epoch

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from _common import ROOT, replace_section, shown
 
 from mllm_ris.data._synth_scene import COLOURS, SHAPES, SIZES
-from mllm_ris.data.masks import decode_segmentation
 from mllm_ris.data.synthetic import SynthRefDataset
 from mllm_ris.modeling.predictor import RISPredictor
+from mllm_ris.processing.masks import decode_segmentation
 from mllm_ris.training.artifacts import load_trained_model
 
 DOC = ROOT / "docs" / "results.md"

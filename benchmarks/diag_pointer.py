@@ -23,7 +23,7 @@ from _common import ROOT
 from mllm_ris.data.registry import build_dataset
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 
 
 def pointer_top1(model: RISModel, data: Path, limit: int, image_size: int = 128) -> dict[str, float]:
@@ -31,7 +31,7 @@ def pointer_top1(model: RISModel, data: Path, limit: int, image_size: int = 128)
     if model.mllm is None or model.mllm.pointer is None:
         raise SystemExit("model: no region pointer (mllm.pointer_dim) to diagnose")
     dataset = build_dataset("synthref", data, "val")
-    collate = build_collator(model, image_size=image_size)
+    collate = build_processor(model, image_size=image_size)
     picks = list(range(0, len(dataset), max(1, len(dataset) // limit)))[:limit]
     hits: Counter[str] = Counter()
     seen: Counter[str] = Counter()

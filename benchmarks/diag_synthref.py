@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from _common import ROOT, replace_section, shown
 
-from mllm_ris.data.masks import decode_segmentation
 from mllm_ris.data.sample import RISSample
 from mllm_ris.data.synthetic import SynthRefDataset
 from mllm_ris.eval.evaluate import EvalReport, build_predictor, evaluate
 from mllm_ris.modeling.predictor import RISPredictor
+from mllm_ris.processing.masks import decode_segmentation
 from mllm_ris.training.artifacts import load_trained_model
 
 DOC = ROOT / "docs" / "results.md"

@@ -21,7 +21,7 @@ from _common import ROOT
 from mllm_ris.config import load_config
 from mllm_ris.data.registry import build_dataset
 from mllm_ris.modeling.model import build_model
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 
 PARTS = ("vision", "projector", "mllm", "pixel_encoder", "head")
 
@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     dataset = build_dataset("synthref", args.data, "train")
-    collate = build_collator(model, image_size=128)
+    collate = build_processor(model, image_size=128)
     samples = [dataset[i] for i in range(args.batch)]
     start = time.perf_counter()
     batch = collate(samples)

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mllm_ris.config import Config, config_to_dict, load_config
-from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris
 from mllm_ris.data.synthetic import SynthRefDataset
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import RISPredictor
+from mllm_ris.processing.processor import RISBatch, RISTransform, collate_ris
 from mllm_ris.training.artifacts import export_model, find_source, load_trained_model, trained_predictor
 from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.sampling import build_mixture

@@ -15,7 +15,7 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
 from mllm_ris.modeling.pointer import paint_regions
-from mllm_ris.modeling.predictor import RISPredictor, build_collator
+from mllm_ris.modeling.predictor import RISPredictor, build_processor
 from mllm_ris.training.artifacts import export_model, load_trained_model
 from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.trainer import Trainer
@@ -32,7 +32,7 @@ def _build(output_mode: str = "prior", *extra: str) -> RISModel:
 def test_classic_pointer_prior_losses_and_gradients(output_mode: str) -> None:
     model = _build(output_mode).train()
     assert model.mllm is None and model.vision is None and model.pointer is not None
-    batch = build_collator(model, image_size=SIZE)(synth_samples())
+    batch = build_processor(model, image_size=SIZE)(synth_samples())
     assert batch.input_ids is None and batch.regions is not None  # no chat: no LLM to read it
     out = model(batch)
     k = int(model.projector.num_tokens(batch.superpixels).max())
@@ -64,7 +64,7 @@ def test_classic_pointer_learns_the_sentence_and_rejects_from_the_pointer() -> N
     texts = ((0, "the red circle"), (1, "the blue square"), (None, "the yellow star"))
     samples = [scene(7, [(*s, i == t) for i, s in enumerate(shapes)], text) for t, text in texts]
     model = _build("prior").train()
-    batch = build_collator(model, image_size=SIZE)(samples)
+    batch = build_processor(model, image_size=SIZE)(samples)
     labels = model.projector.region_labels(batch.superpixels)
     coverage = region_coverage(labels, batch.targets[:, None], int(labels.max()) + 1)[:, 0]  # (3, K)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
@@ -93,9 +93,9 @@ def test_classic_pointer_config_errors() -> None:
         tiny_cfg("classic", "prior", "model.pointer.dim=6")
     with pytest.raises(ConfigError, match=r"output_mode prior needs a region pointer"):
         model = build_model(tiny_cfg("classic", "prior"))
-        model(build_collator(model, image_size=SIZE)(synth_samples()))
+        model(build_processor(model, image_size=SIZE)(synth_samples()))
     model = _build("prior")
-    plain = build_collator(build_model(tiny_cfg("classic", "direct")), image_size=SIZE)(synth_samples())
+    plain = build_processor(build_model(tiny_cfg("classic", "direct")), image_size=SIZE)(synth_samples())
     with pytest.raises(ValueError, match="needs superpixels and region descriptors"):
         model(plain)
 

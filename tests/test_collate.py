@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from mllm_ris.data.collate import RISTransform, collate_ris, unletterbox
 from mllm_ris.data.sample import RISSample
+from mllm_ris.processing.processor import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PAD_COLOR,
+    RISTransform,
+    collate_ris,
+    unletterbox,
+)
 
 
 def _sample(h: int, w: int, *, box: tuple[int, int, int, int] | None, ignore: bool = False) -> RISSample:
@@ -33,7 +40,11 @@ def test_letterbox_places_image_top_left() -> None:
     assert image.shape == (3, 64, 64) and target.shape == (64, 64) and valid.dtype == torch.bool
     assert valid[:32].all() and not valid[32:].any()  # 32x64 -> 32x64 inside a 64x64 canvas
     assert target[:8, :16].eq(1).all() and target.sum() == 8 * 16
-    assert image[:, 40:].abs().max() == 0  # padding is the normalised mean (0)
+    # padding is the ImageNet mean colour: 0 after ImageNet normalisation (what the pixel encoder reads)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(image[:, 40:], torch.tensor(PAD_COLOR).view(3, 1, 1).expand(3, 24, 64))
+    assert ((image[:, 40:] - mean) / std).abs().max() == 0
+    assert image.min() >= 0 and image.max() <= 1  # [0, 1] RGB, not normalised
 
 
 def test_ignore_pixels_are_not_valid() -> None:

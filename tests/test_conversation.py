@@ -9,14 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase
 
-from mllm_ris.data.conversation import (
-    IGNORE_INDEX,
-    QUESTION_TEMPLATES,
-    ChatTemplate,
-    Turn,
-    answer_text,
-    collate_conversations,
-)
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.tokens import (
     TokenCountError,
@@ -25,6 +17,14 @@ from mllm_ris.modeling.tokens import (
     count_tokens,
     load_tokenizer,
     train_bpe_tokenizer,
+)
+from mllm_ris.processing.conversation import (
+    IGNORE_INDEX,
+    QUESTION_TEMPLATES,
+    ChatTemplate,
+    Turn,
+    answer_text,
+    collate_conversations,
 )
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from mllm_ris.data.masks import mask_to_box
 from mllm_ris.data.sample import RefEntry, ReferringDataset, RISSample, Sentence
 from mllm_ris.errors import ConfigError, MllmRisError
 from mllm_ris.eval.evaluate import (
@@ -23,6 +22,7 @@ from mllm_ris.eval.evaluate import (
     evaluate,
 )
 from mllm_ris.eval.metrics import METRIC_KEYS
+from mllm_ris.processing.masks import mask_to_box
 
 H, W = 16, 20
 

@@ -16,7 +16,7 @@ from mllm_ris.data.registry import build_dataset
 from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.errors import CheckpointError
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.training import artifacts as export_module
 from mllm_ris.training.artifacts import export_model, find_source, load_trained_model
 from mllm_ris.training.trainer import Trainer
@@ -39,10 +39,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _outputs(model: RISModel, samples: list) -> tuple[torch.Tensor, ...]:
-    batch = build_collator(model, image_size=64)(samples)
+    batch = build_processor(model, image_size=64)(samples)
     with torch.no_grad():
         out = model(batch)
-    gen = model.generate(build_collator(model, image_size=64, answers=False)(samples), max_new_tokens=8)
+    gen = model.generate(build_processor(model, image_size=64, answers=False)(samples), max_new_tokens=8)
     return out.loss, out.mask_logits, out.sam_logits, out.no_target_prob, gen.masks, gen.text
 
 

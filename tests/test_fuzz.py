@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from test_pipeline_kit import default_model_dir, scene_image
 
-from mllm_ris.data.conversation import Turn
 from mllm_ris.errors import MllmRisError
 from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import RISResult
+from mllm_ris.processing.conversation import Turn
 
 SEED = 1234
 

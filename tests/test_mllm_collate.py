@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mllm_ris.data.collate import RISTransform
-from mllm_ris.data.conversation import IGNORE_INDEX
-from mllm_ris.data.mllm_collate import MLLMCollator, letterbox_labels, letterbox_masks
 from mllm_ris.data.sample import RISSample
 from mllm_ris.modeling.tokens import SEG_TOKEN, add_grounding_tokens, load_tokenizer
+from mllm_ris.processing.conversation import IGNORE_INDEX
+from mllm_ris.processing.processor import Processor, RISTransform, letterbox_labels, letterbox_masks
 
 
 def _sample(h: int, w: int, boxes: list[tuple[int, int, int, int]], text: str = "the red box") -> RISSample:
@@ -59,7 +58,7 @@ def test_letterbox_masks_per_target() -> None:
 
 def test_collator_batches_targets_tokens_and_superpixels(tokenizer) -> None:
     tf = RISTransform(32)
-    collate = MLLMCollator(transform=tf, tokenizer=tokenizer, superpixels=_halves)
+    collate = Processor(transform=tf, tokenizer=tokenizer, superpixels=_halves)
     samples = [
         _sample(32, 48, [(1, 1, 9, 9), (20, 2, 30, 12)], "both boxes"),
         _sample(40, 20, [], "the blue circle"),
@@ -84,7 +83,7 @@ def test_collator_batches_targets_tokens_and_superpixels(tokenizer) -> None:
 
 
 def test_prompt_only_batches_have_no_answer(tokenizer) -> None:
-    collate = MLLMCollator(transform=RISTransform(32), tokenizer=tokenizer, answers=False, keep_samples=True)
+    collate = Processor(transform=RISTransform(32), tokenizer=tokenizer, answers=False, keep_samples=True)
     batch = collate([_sample(32, 32, [(4, 4, 12, 12)])])
     assert (batch.labels == IGNORE_INDEX).all() and batch.superpixels is None and len(batch.samples) == 1
     seg = tokenizer.convert_tokens_to_ids(SEG_TOKEN)

@@ -14,7 +14,7 @@ from mllm_ris.errors import CheckpointError
 from mllm_ris.eval.evaluate import Predictor
 from mllm_ris.modeling.losses import match_targets
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.predictor import RISPredictor, build_collator
+from mllm_ris.modeling.predictor import RISPredictor, build_processor
 from mllm_ris.modeling.tokens import TokenCountError
 
 MODES = [(m, o) for m in ("classic", "mllm") for o in ("direct", "sam", "auto")]
@@ -26,7 +26,7 @@ def _build(mode: str, output_mode: str, *extra: str, seed: int = 0) -> RISModel:
 
 
 def _batch(model: RISModel, answers: bool = True):
-    return build_collator(model, image_size=SIZE, answers=answers, template=TEMPLATE)(synth_samples())
+    return build_processor(model, image_size=SIZE, answers=answers, template=TEMPLATE)(synth_samples())
 
 
 def _frozen_groups(model: RISModel) -> dict[str, list[torch.nn.Parameter]]:
@@ -123,7 +123,7 @@ def test_multi_and_no_target_batch() -> None:
     torch.autograd.backward(out.loss_terms["no_target"])
     assert model.mllm.reject_head.weight.grad.abs().sum() > 0
     # a batch of no-target samples only: no query slot at all, the mask terms are 0 and backward works
-    neg = build_collator(model, image_size=SIZE)([synth_samples()[2]] * 2)
+    neg = build_processor(model, image_size=SIZE)([synth_samples()[2]] * 2)
     out = model(neg)
     assert out.masks.shape == (2, 0, SIZE, SIZE) and out.loss_terms["head_bce"] == 0
     assert out.loss_terms["sam_dice"] == 0 and out.loss_terms["no_target"] > 0
@@ -133,8 +133,8 @@ def test_multi_and_no_target_batch() -> None:
 def test_reject_threshold_turns_a_seg_answer_into_rej() -> None:
     """The reject head's probability above ``reject_threshold`` gives the [REJ] answer and no mask;
     ``null`` leaves the LLM's text alone; the loss weights the no-target class."""
-    from mllm_ris.data.conversation import answer_text
     from mllm_ris.modeling.losses import no_target_loss
+    from mllm_ris.processing.conversation import answer_text
 
     model = _build("mllm", "direct").eval()
     prompts = _batch(model, answers=False)

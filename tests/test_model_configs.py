@@ -14,7 +14,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from mllm_ris.config import load_config
 from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.modeling.tokens import train_bpe_tokenizer
 from s2rm_head.encoders.pixel import SAMViTEncoder
 
@@ -31,7 +31,7 @@ SMALL_LLM = [
 
 def _step(model: RISModel, image_size: int = SIZE) -> None:
     """One training forward + backward on the SynthRef-like samples; the loss is finite."""
-    batch = build_collator(model, image_size=image_size, template=TEMPLATE)(synth_samples())
+    batch = build_processor(model, image_size=image_size, template=TEMPLATE)(synth_samples())
     out = model.train()(batch)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -174,7 +174,7 @@ def test_llava_folder_feeds_llm_tower_and_projector(llava_dir: Path, tmp_path: P
     assert not (tmp_path / "m" / "vision.safetensors").exists()  # frozen, reloaded from the LLaVA folder
     assert not (tmp_path / "m" / "mllm" / "llm").exists()
     loaded = RISModel.from_pretrained(tmp_path / "m")
-    batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(synth_samples())
+    batch = build_processor(model, image_size=SIZE, template=TEMPLATE)(synth_samples())
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).masks, model(batch).masks)
 

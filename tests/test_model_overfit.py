@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_model_kit import SIZE, TEMPLATE, synth_samples, target_iou, tiny_cfg
 
-from mllm_ris.data.conversation import answer_text
 from mllm_ris.eval.evaluate import evaluate
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.predictor import RISPredictor, build_collator
+from mllm_ris.modeling.predictor import RISPredictor, build_processor
+from mllm_ris.processing.conversation import answer_text
 
 MAX_STEPS = 300
 
@@ -36,7 +36,7 @@ def run() -> Run:
     IoU > 0.9 and the LM loss is < 0.1 (checked before each update, so these are the final weights)."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg("mllm", "sam", "model.mllm.lora.enabled=false")).train()
-    batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(synth_samples())
+    batch = build_processor(model, image_size=SIZE, template=TEMPLATE)(synth_samples())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
     start, t0 = [], time.perf_counter()
     for step in range(MAX_STEPS):

@@ -14,7 +14,7 @@ from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
 from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.modeling.projector import descriptor_features
 
 POINTER = "model.mllm.pointer_dim=16"
@@ -26,7 +26,7 @@ def _build(output_mode: str = "direct", *extra: str) -> RISModel:
 
 
 def _batch(model: RISModel, answers: bool = True):
-    return build_collator(model, image_size=SIZE, answers=answers, template=TEMPLATE)(synth_samples())
+    return build_processor(model, image_size=SIZE, answers=answers, template=TEMPLATE)(synth_samples())
 
 
 @pytest.mark.parametrize(("output_mode", "descriptors"), [("direct", True), ("auto", False)])
@@ -82,7 +82,7 @@ def test_pointer_generate_and_no_target_batch() -> None:
     model = _build("direct").eval()
     out = model.generate(_batch(model, answers=False), max_new_tokens=6)
     assert out.region_logits is not None and out.region_logits.shape[:2] == out.masks.shape[:2]
-    neg = build_collator(model, image_size=SIZE)([synth_samples()[2]] * 2)
+    neg = build_processor(model, image_size=SIZE)([synth_samples()[2]] * 2)
     model.train()
     out = model(neg)  # T = 0: no pair, the region terms are 0 and backward works
     assert out.region_logits.shape[1] == 0 and out.loss_terms["region_bce"] == 0
@@ -128,7 +128,7 @@ def test_pointer_learns_two_queries_of_one_image() -> None:
             "mllm", "direct", POINTER, "model.projector.descriptors=true", "model.mllm.lora.enabled=false"
         )
     ).train()
-    batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(samples)
+    batch = build_processor(model, image_size=SIZE, template=TEMPLATE)(samples)
     labels = model.projector.region_labels(batch.superpixels)
     coverage = region_coverage(labels, batch.target_masks, labels.max() + 1)[:, 0]  # (2, K)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
@@ -173,10 +173,10 @@ def test_pointer_warmup_step_and_prior_output_mode() -> None:
 
 def test_collator_memoises_descriptors_per_canvas(monkeypatch: pytest.MonkeyPatch) -> None:
     """A canvas seen again reuses its descriptors (same values, no recomputation); the memo is bounded."""
-    import mllm_ris.data.mllm_collate as mc
+    import mllm_ris.processing.processor as mc
 
     model = _build("direct", "model.projector.descriptors=true")
-    collate = build_collator(model, image_size=SIZE, template=TEMPLATE)
+    collate = build_processor(model, image_size=SIZE, template=TEMPLATE)
     first = collate(synth_samples())
     calls: list[int] = []
     original = mc.region_descriptors
@@ -374,7 +374,7 @@ def test_reject_from_pointer_learns_present_from_absent_on_one_image() -> None:
     model = build_model(
         tiny_cfg("mllm", "prior", POINTER, *REJECT_POINTER, "model.mllm.lora.enabled=false")
     ).train()
-    batch = build_collator(model, image_size=SIZE, template=TEMPLATE)(samples)
+    batch = build_processor(model, image_size=SIZE, template=TEMPLATE)(samples)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
     for _ in range(150):
         out = model(batch, segment=False)
@@ -388,7 +388,7 @@ def test_reject_from_pointer_learns_present_from_absent_on_one_image() -> None:
     # present sentence with one query, the presence query, whose best region lies in the target, and
     # rejects the absent one
     model.eval()
-    prompts = build_collator(model, image_size=SIZE, answers=False, template=TEMPLATE)(samples)
+    prompts = build_processor(model, image_size=SIZE, answers=False, template=TEMPLATE)(samples)
     with torch.no_grad():
         gen = model.generate(prompts, max_new_tokens=0)
         presence = model.mllm.generate(

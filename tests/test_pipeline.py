@@ -25,13 +25,13 @@ from test_pipeline_kit import (
     write_png,
 )
 
-from mllm_ris.data.conversation import Turn
-from mllm_ris.data.masks import mask_to_box
 from mllm_ris.errors import CheckpointError, ConfigError, MllmRisError, NotAvailableError
 from mllm_ris.inference import default_model as dm
 from mllm_ris.inference.inputs import InputError
 from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import Prediction, RISResult
+from mllm_ris.processing.conversation import Turn
+from mllm_ris.processing.masks import mask_to_box
 
 rigged = pytest.mark.skipif(using_bundled(), reason="answer-specific: runs on the rigged tiny model only")
 
@@ -252,3 +252,35 @@ def test_make_sample_scenes_is_deterministic(tmp_path: Path) -> None:
     b = dm.make_sample_scenes(tmp_path / "b", count=2, seed=3, size=64)
     assert [s.queries for s in a] == [s.queries for s in b]
     assert all(x.path.read_bytes() == y.path.read_bytes() for x, y in zip(a, b, strict=True))
+
+
+def test_pipeline_keeps_the_callers_config_and_caches_superpixels_when_asked(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The pipeline leaves ``model.cfg`` alone; its superpixel cache is the processor's, off by default."""
+    from mllm_ris.inference.loading import recorded_image_size
+    from mllm_ris.modeling.model import RISModel
+
+    model, size = RISModel.from_pretrained(model_dir), recorded_image_size(model_dir)
+    cfg = model.cfg
+    plain = RISPipeline(model, image_size=size)
+    cached = RISPipeline(model, image_size=size, superpixel_cache=str(tmp_path / "spx"))
+    assert model.cfg is cfg
+    image = scene_image()
+    assert len(plain(image, "the red circle")) == len(cached(image, "the red circle"))
+    if cached._predictor.processor.superpixels is not None:  # a superpixel projector
+        assert list((tmp_path / "spx").rglob("*.npy"))
+
+
+def test_checked_inputs_are_not_checked_again(pipe: RISPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``predict(..., checked=True)`` (segment.py's way in) runs neither load_image nor check_query."""
+    import mllm_ris.inference.pipeline as pipeline_module
+
+    image = scene_image()
+    want = pipe(image, "the red circle")
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline_module, "load_image", lambda *a, **k: calls.append("image"))
+    monkeypatch.setattr(pipeline_module, "check_query", lambda *a, **k: calls.append("query"))
+    got = pipe.predict([image], ["the red circle"], checked=True)[0]
+    assert calls == [] and got.answer_text == want.answer_text
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(got, want, strict=True))

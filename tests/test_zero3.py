@@ -29,12 +29,12 @@ import torch
 from _launch_kit import ROOT, TINY_CLASSIC_YAML, launch_cmd, launch_env
 
 from mllm_ris.config import Config, load_config
-from mllm_ris.data.collate import RISTransform, collate_ris
 from mllm_ris.data.synthetic import SynthRefDataset, make_synthref
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.lora import LoraSettings, apply_lora, random_causal_lm, zero3_external_parameters
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.predictor import build_collator
+from mllm_ris.modeling.predictor import build_processor
+from mllm_ris.processing.processor import RISTransform, collate_ris
 from mllm_ris.training.checkpoint import consolidated_state_dict
 from mllm_ris.training.sampling import MixtureSampler, build_mixture
 from mllm_ris.training.trainer import Trainer
@@ -219,7 +219,7 @@ def test_every_mllm_module_returns_what_zero3_hooks_see(data_root: Path, variant
     assert [n for n, p in model.named_parameters() if p.dim() == 0] == []
     dataset, _ = build_mixture(cfg.data.train)
     samples = [s for s in (dataset[i] for i in range(8)) if s.masks.shape[0] > 0][:2]
-    batch = build_collator(model, image_size=64)(samples)
+    batch = build_processor(model, image_size=64)(samples)
     called, hidden = _module_outputs(model, lambda: model(batch))
     assert {"vision", "projector", "mllm", "pixel_encoder", "head", "prompt_builder", "sam_stage"} <= called
     assert hidden == [], "module outputs whose tensors ZeRO-3's hooks cannot see"

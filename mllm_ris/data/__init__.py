@@ -2,7 +2,7 @@
 
 Nothing is imported here: the public names below come from their modules on first access
 (``from mllm_ris.data import build_dataset`` imports :mod:`mllm_ris.data.registry` then), so using one
-module of the package (e.g. :mod:`mllm_ris.data.collate`) does not import the dataset loaders.
+module of the package (e.g. :mod:`mllm_ris.data.sample`) does not import the dataset loaders.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mllm_ris.data.masks import decode_segmentation
 from mllm_ris.data.sample import RefEntry, ReferringDataset, RefId, Sentence
 from mllm_ris.errors import DatasetError
+from mllm_ris.processing.masks import decode_segmentation
 
 # EXIF orientations that rotate by 90 degrees (read_image applies them, so H and W swap).
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mllm_ris.data._synth_expr import generate_expressions
 from mllm_ris.data._synth_scene import sample_scene
-from mllm_ris.data.masks import encode_rle, mask_to_box
+from mllm_ris.processing.masks import encode_rle, mask_to_box
 
 __all__ = ["MARGIN_FRACTION", "ImageRecord", "image_file_name", "margin_px", "render_image"]
 

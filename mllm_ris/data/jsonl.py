@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mllm_ris.data._loading import ImageSizeCache, require, select_split
-from mllm_ris.data.masks import decode_segmentation
 from mllm_ris.data.sample import RefEntry, ReferringDataset, Sentence
 from mllm_ris.errors import DatasetError
+from mllm_ris.processing.masks import decode_segmentation
 
 __all__ = ["JsonlDataset"]
 

@@ -201,7 +201,7 @@ def scene_references(folder: str | Path | None = None) -> list[SceneReference]:
         NotAvailableError: ``scenes.json`` has no seed / index, or a render differs from its PNG.
     """
     from mllm_ris.data._synth_render import render_image
-    from mllm_ris.data.masks import decode_segmentation
+    from mllm_ris.processing.masks import decode_segmentation
 
     root = Path(folder) if folder is not None else _SCENES_DIR
     meta = json.loads((root / _SCENES_FILE).read_text(encoding="utf-8"))

@@ -1,10 +1,13 @@
 """RISPipeline: image + query (or chat history) → masks, scores, COCO RLEs, boxes and the answer text.
 
 ``RISPipeline.from_pretrained(None)`` loads the bundled default model (or ``$MLLM_RIS_DEFAULT_MODEL``);
-any folder written by ``RISModel.save_pretrained`` works. Inference goes through
-:class:`~mllm_ris.modeling.predictor.RISPredictor` (letterbox, superpixels, ``RISModel.generate``,
-``unletterbox``); the pipeline adds input validation (:mod:`mllm_ris.inference.inputs`), chat
-histories, large-image handling and the result types. Nothing here touches the network.
+any folder written by ``RISModel.save_pretrained`` works. The pipeline validates the inputs
+(:mod:`mllm_ris.inference.inputs`; once: ``predict(..., checked=True)`` takes inputs a caller already
+checked), turns queries and chat histories into conversations, shrinks large images, hands them to the
+model's :class:`~mllm_ris.processing.processor.Processor` (letterbox, superpixels, region descriptors,
+chat encoding: the input path of training and evaluation too), runs the batch with
+:class:`~mllm_ris.modeling.predictor.RISPredictor` (``RISModel.generate``, ``unletterbox``) and builds
+the result types. Nothing here touches the network.
 
 Plain queries are asked as the model was trained: ``"Please segment {query}."``; chat-history
 questions are used as written.
@@ -12,11 +15,9 @@ questions are used as written.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
@@ -24,9 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mllm_ris.data.conversation import QUESTION_TEMPLATES, ChatTemplate, Turn, collate_conversations
-from mllm_ris.data.masks import encode_rle, mask_to_box
-from mllm_ris.data.sample import RISSample
 from mllm_ris.errors import CheckpointError, ConfigError, MllmRisError
 from mllm_ris.inference.inputs import MAX_IMAGE_PIXELS, InputError, check_query, load_image, to_turns
 from mllm_ris.inference.loading import (
@@ -40,57 +38,15 @@ from mllm_ris.inference.loading import (
 from mllm_ris.inference.results import Prediction, RISResult
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.predictor import ModelPrediction, RISPredictor
+from mllm_ris.processing.conversation import QUESTION_TEMPLATES, ChatTemplate, Turn
+from mllm_ris.processing.masks import encode_rle, mask_to_box
+from mllm_ris.processing.processor import MLLMBatch, RISBatch
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "WORK_SIDE", "Prediction", "RISPipeline", "RISResult"]
 
 WORK_SIDE = 1024
 """Images with a longer side are downscaled to it before the model (masks come back at full size)."""
 _TEMPLATE = ChatTemplate(questions=QUESTION_TEMPLATES[:1], seed=None)  # "Please segment {expr}."
-
-
-@dataclass
-class _ChatSample(RISSample):
-    """A sample whose conversation is given turn by turn (the last turn open)."""
-
-    turns: list[Turn] = field(default_factory=list)
-
-
-class _ChatCollate:
-    """The predictor's collate with the samples' own conversations and the LLM's context length checked."""
-
-    def __init__(self, base: Any, model: RISModel, max_new_tokens: int) -> None:
-        self.base, self.model, self.max_new_tokens = base, model, max_new_tokens
-
-    def __call__(self, samples: Sequence[RISSample]) -> Any:
-        batch = self.base(samples)
-        mllm = self.model.mllm
-        if mllm is not None:
-            tok = mllm.tokenizer
-            encoded = [_TEMPLATE.encode(s.turns, tok) for s in samples if isinstance(s, _ChatSample)]
-            if len(encoded) == len(samples):
-                batch.input_ids, batch.attention_mask, batch.labels = collate_conversations(
-                    encoded, pad_id=int(tok.pad_token_id)
-                )
-            self._check_context(batch)
-        return batch
-
-    def _check_context(self, batch: Any) -> None:
-        """Prompt tokens - 1 (``<image>``) + visual tokens + new tokens must fit the LLM's positions."""
-        assert self.model.mllm is not None
-        limit = getattr(self.model.mllm.llm.config, "max_position_embeddings", None)
-        if limit is None:
-            return
-        if batch.superpixels is not None:
-            visual = int(batch.superpixels.amax()) + 1  # labels 0..K-1, -1 on the padding
-        else:
-            visual = self.model.vision.num_patches if self.model.vision is not None else 0
-        lengths = batch.attention_mask.sum(1)  # (B,)
-        need = int(lengths.max()) - 1 + visual + self.max_new_tokens
-        if need > limit:
-            raise InputError(
-                f"query too long for the model: {int(lengths.max())} prompt tokens + {visual} visual tokens "
-                f"+ {self.max_new_tokens} answer tokens > the LLM's {limit} positions"
-            )
 
 
 class RISPipeline:
@@ -131,9 +87,6 @@ class RISPipeline:
             )
         self.device = check_device(device)
         self.dtype = dtype
-        # a training run's superpixel cache folder means nothing here: off unless asked for
-        sp = dataclasses.replace(model.cfg.superpixels, cache_dir=superpixel_cache)
-        model.cfg = dataclasses.replace(model.cfg, superpixels=sp)
         self.model = place(model, self.device, dtype)
         self.image_size = image_size
         self.max_pixels = max_pixels
@@ -145,8 +98,10 @@ class RISPipeline:
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             template=_TEMPLATE,
+            # a training run's superpixel cache folder means nothing here: off unless asked for
+            superpixel_cache=superpixel_cache,
         )
-        self._predictor.collate = _ChatCollate(self._predictor.collate, self.model, max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         self._lock = threading.Lock()  # the app may call from several threads
         tok = model.mllm.tokenizer if model.mllm is not None else None
         specials = [str(t) for t in (tok.all_special_tokens if tok is not None else []) if len(str(t)) > 1]
@@ -245,20 +200,28 @@ class RISPipeline:
         )
         return results if image_batch or query_batch else results[0]
 
-    def predict(self, images: Sequence[Any], queries: Sequence[Any]) -> list[RISResult]:
-        """Pairs ``(images[i], queries[i])`` → one result each; validated up front, run in batches."""
+    def predict(
+        self, images: Sequence[Any], queries: Sequence[Any], *, checked: bool = False
+    ) -> list[RISResult]:
+        """Pairs ``(images[i], queries[i])`` → one result each; validated up front, run in batches.
+
+        Args:
+            checked: the images are arrays from :func:`~mllm_ris.inference.inputs.load_image` and the
+                string queries results of :func:`~mllm_ris.inference.inputs.check_query` (e.g.
+                ``mllm-ris segment`` checks them before loading the model): not checked again.
+        """
         if len(images) != len(queries):
             raise InputError(f"{len(images)} images but {len(queries)} queries")
-        turns = [self.conversation(q) for q in queries]
+        turns = [self.conversation(q, checked=checked) for q in queries]
         # classic mode reads the bare expression; mllm mode the conversation
         texts = [
-            self.expression(q) if isinstance(q, str) else t[-1].question
+            self.expression(q, checked=checked) if isinstance(q, str) else t[-1].question
             for q, t in zip(queries, turns, strict=True)
         ]
         loaded: dict[int, np.ndarray] = {}  # the same object given for several queries is read once
         for im in images:
             if id(im) not in loaded:
-                loaded[id(im)] = load_image(im, max_pixels=self.max_pixels)
+                loaded[id(im)] = im if checked else load_image(im, max_pixels=self.max_pixels)
         arrays = [loaded[id(im)] for im in images]
         results: list[RISResult] = []
         step = self.batch_size
@@ -269,7 +232,7 @@ class RISPipeline:
             )
         return results
 
-    def conversation(self, query: Any) -> list[Turn]:
+    def conversation(self, query: Any, *, checked: bool = False) -> list[Turn]:
         """A query or chat history → validated turns, the model's special tokens removed from the user
         text; a plain query becomes ``"Please segment {query}."``.
 
@@ -277,7 +240,7 @@ class RISPipeline:
             InputError: see :func:`~mllm_ris.inference.inputs.check_query` / ``to_turns``.
         """
         if isinstance(query, str):
-            return [Turn(_TEMPLATE.question(self.expression(query), index=0))]
+            return [Turn(_TEMPLATE.question(self.expression(query, checked=checked), index=0))]
         turns = []
         for i, t in enumerate(to_turns(query)):
             question = self._clean(t.question, self._strip_questions)
@@ -287,9 +250,10 @@ class RISPipeline:
             turns.append(Turn(question, answer))
         return turns
 
-    def expression(self, query: Any) -> str:
-        """A plain query, checked and without the model's special tokens (``<image>``, ``[SEG]`` …)."""
-        expr = self._clean(check_query(query), self._strip_questions)
+    def expression(self, query: Any, *, checked: bool = False) -> str:
+        """A plain query, checked (unless ``checked``) and without the model's special tokens
+        (``<image>``, ``[SEG]`` …)."""
+        expr = self._clean(query if checked else check_query(query), self._strip_questions)
         if not expr:
             raise InputError("query: holds only the model's special tokens (<image>, [SEG], ...)")
         return expr
@@ -301,31 +265,33 @@ class RISPipeline:
         return " ".join(text.split())
 
     def _run(self, images: list[np.ndarray], turns: list[list[Turn]], texts: list[str]) -> list[RISResult]:
-        samples, scales = [], []
-        for image, conv, text in zip(images, turns, texts, strict=True):
-            work = _shrink(image, WORK_SIDE)
-            scales.append(work.shape[:2] != image.shape[:2])
-            h, w = work.shape[:2]
-            samples.append(
-                _ChatSample(
-                    image=work,
-                    masks=np.zeros((0, h, w), dtype=bool),
-                    text=text,
-                    dataset="input",
-                    split="",
-                    image_id=0,
-                    ref_id=0,
-                    sent_id=0,
-                    exist=False,
-                    turns=conv,
-                )
-            )
+        works = [_shrink(image, WORK_SIDE) for image in images]
         with self._lock, torch.inference_mode():
-            preds = self._predictor.predict(samples)
+            batch = self._predictor.processor.prepare(works, texts, turns=turns)
+            self._check_context(batch)
+            preds = self._predictor.run(batch)
         return [
-            self._result(p, image, conv, scaled)
-            for p, image, conv, scaled in zip(preds, images, turns, scales, strict=True)
+            self._result(p, image, conv, work.shape[:2] != image.shape[:2])
+            for p, image, work, conv in zip(preds, images, works, turns, strict=True)
         ]
+
+    def _check_context(self, batch: RISBatch) -> None:
+        """Prompt tokens - 1 (``<image>``) + visual tokens + new tokens must fit the LLM's positions."""
+        mllm = self.model.mllm
+        limit = getattr(mllm.llm.config, "max_position_embeddings", None) if mllm is not None else None
+        if limit is None or not isinstance(batch, MLLMBatch) or batch.attention_mask is None:
+            return
+        if batch.superpixels is not None:
+            visual = int(batch.superpixels.amax()) + 1  # labels 0..K-1, -1 on the padding
+        else:
+            visual = self.model.vision.num_patches if self.model.vision is not None else 0
+        lengths = batch.attention_mask.sum(1)  # (B,)
+        need = int(lengths.max()) - 1 + visual + self.max_new_tokens
+        if need > limit:
+            raise InputError(
+                f"query too long for the model: {int(lengths.max())} prompt tokens + {visual} visual tokens "
+                f"+ {self.max_new_tokens} answer tokens > the LLM's {limit} positions"
+            )
 
     def _result(self, pred: ModelPrediction, image: np.ndarray, conv: list[Turn], scaled: bool) -> RISResult:
         hw = (int(image.shape[0]), int(image.shape[1]))

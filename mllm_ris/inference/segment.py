@@ -47,8 +47,9 @@ def segment_image(
     stdout: TextIO | None = None,
 ) -> tuple[RISResult, OutputFiles]:
     """Segment ``image`` from ``query`` and write ``<stem>_mask.png``, ``<stem>_overlay.png``,
-    ``<stem>.json`` into ``out_dir``. The image and query are checked before the model is built
-    (``pipeline`` may be a factory), so bad input fails fast and writes nothing.
+    ``<stem>.json`` into ``out_dir``. The image and query are checked here, once, before the model is
+    built (``pipeline`` may be a factory), so bad input fails fast and writes nothing; the pipeline
+    takes them as checked.
 
     Raises:
         InputError: a bad image / query / output folder; CheckpointError / NotAvailableError from loading.
@@ -58,7 +59,7 @@ def segment_image(
     text = check_query(query)
     out = ensure_out_dir(out_dir)
     pipe = pipeline() if callable(pipeline) and not isinstance(pipeline, RISPipeline) else pipeline
-    result = pipe(array, text)
+    result = pipe.predict([array], [text], checked=True)[0]
     files = write_result_files(out, path.stem, array, result, _record_extra(path, text, pipe))
     if stdout is not None:
         print(summary_line(result), file=stdout)
@@ -141,6 +142,8 @@ def segment_batch(
 ) -> BatchReport:
     """Segment every line of ``batch_file`` (module docstring) into ``out_dir``, ``pipeline.batch_size``
     images per forward pass; errors are collected per line (and printed to ``stderr`` as they happen).
+    Images and queries are checked here (:func:`read_batch_file`, ``load_image``), not again by the
+    pipeline.
     """
     items, errors = read_batch_file(batch_file)
     report = BatchReport(errors=list(errors))
@@ -183,12 +186,12 @@ def _run_chunk(
     stdout: TextIO | None,
 ) -> None:
     try:
-        results = pipe.predict([a for _, a in ready], [i.query for i, _ in ready])
+        results = pipe.predict([a for _, a in ready], [i.query for i, _ in ready], checked=True)
     except InputError:  # e.g. one prompt too long for the LLM: retry one by one to isolate it
         results = []
         for item, array in ready:
             try:
-                results.append(pipe(array, item.query))
+                results.append(pipe.predict([array], [item.query], checked=True)[0])
             except MllmRisError as exc:
                 _fail(report, err, f"{batch_file}: line {item.line}: {exc}")
                 results.append(None)

@@ -12,6 +12,10 @@ where the queries come from (``S`` = canvas side of the batch, ``T`` = queries p
     both     images ──PixelEncoder──► pyramid ──head(queries)──► mask_logits (B, T, S/4, S/4), iou (B, T)
              [sam | auto] prompts(queries, head logits) ──SAM──► sam_logits (B, T, S, S), sam iou (B, T)
 
+The batch's ``images`` are the letterbox as [0, 1] RGB (:mod:`mllm_ris.processing.processor`); each part
+that reads them normalises them its own way: the pixel encoder with ImageNet's mean / std (right before
+it is called), the vision tower and SAM with theirs (their ``preprocess``).
+
 Classic mode reads one expression per image (``T = 1``, a plain :class:`RISBatch` without the pointer):
 a multi-target expression is trained on the union of its targets, a no-target one on an empty mask
 (BCE only, no Dice), and an empty predicted mask means "no target".
@@ -35,14 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_ris.data.collate import IMAGENET_MEAN, IMAGENET_STD, RISBatch
-from mllm_ris.data.conversation import REJ_TOKEN, SEG_TOKEN, answer_text
-from mllm_ris.data.mllm_collate import MLLMBatch
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
 from mllm_ris.modeling.projector import VisualTokens
+from mllm_ris.processing.conversation import REJ_TOKEN, SEG_TOKEN, answer_text
+from mllm_ris.processing.processor import IMAGENET_MEAN, IMAGENET_STD, MLLMBatch, RISBatch
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
 # the parts a model may not have (and the losses, for training) are imported where they are used
@@ -200,8 +203,6 @@ class RISModel(nn.Module):
         self.prompt_builder = prompt_builder
         self.share_sam_vit = share_sam_vit
         self.load_notes: list[str] = []  # what build_model loaded from pretrained files (one line each)
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def mode(self) -> str:
@@ -211,16 +212,15 @@ class RISModel(nn.Module):
     # ------------------------------------------------------------------------------ language side
 
     def tower_features(self, images: torch.Tensor) -> torch.Tensor | None:
-        """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → the vision tower's patch features
+        """Images ``(B, 3, S, S)`` (the letterbox, [0, 1] RGB) → the vision tower's patch features
         ``(B, N, Cv)`` in the projector's dtype; None without a tower (``projector.tower`` false)."""
         if self.vision is None or self.projector is None:
             return None
-        x01 = images * self._std + self._mean  # back to [0, 1] RGB (padding = the mean colour)
-        feats = self.vision(self.vision.preprocess(x01))  # (B, N, Cv): resized, the tower's mean / std
+        feats = self.vision(self.vision.preprocess(images))  # (B, N, Cv): resized, the tower's mean / std
         return feats.to(next(self.projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
 
     def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
-        """Images ``(B, 3, S, S)`` (ImageNet-normalised letterbox) → ``VisualTokens (B, K, D_llm)``
+        """Images ``(B, 3, S, S)`` (the letterbox, [0, 1] RGB) → ``VisualTokens (B, K, D_llm)``
         (classic mode's pointer: ``(B, K, pointer.dim)`` from the descriptors alone)."""
         assert self.projector is not None
         feats = self.tower_features(batch.images)  # None with projector.tower false (descriptors alone)
@@ -251,7 +251,7 @@ class RISModel(nn.Module):
         if not isinstance(batch, MLLMBatch) or batch.superpixels is None or batch.regions is None:
             raise ValueError(
                 "batch: the classic region pointer needs superpixels and region descriptors "
-                "(build_collator(model) makes them)"
+                "(build_processor(model) makes them)"
             )
         vis = self.visual_tokens(batch)  # embeds (B, K, D), mask (B, K)
         lang = q.lang
@@ -261,7 +261,7 @@ class RISModel(nn.Module):
 
     def _mllm_queries(self, batch: RISBatch, *, generate: bool, max_new_tokens: int) -> _Queries:
         if not isinstance(batch, MLLMBatch) or batch.input_ids is None or batch.attention_mask is None:
-            raise ValueError("batch: mllm mode needs an MLLMBatch with input_ids (use MLLMCollator)")
+            raise ValueError("batch: mllm mode needs an MLLMBatch with input_ids (use Processor)")
         assert self.mllm is not None
         vis = self.visual_tokens(batch)
         if generate:
@@ -280,7 +280,7 @@ class RISModel(nn.Module):
             labels = batch.labels
             if labels is None or not (labels != -100).any(dim=1).all():
                 raise ValueError(
-                    "batch: forward() trains on answered chats (MLLMCollator(answers=True)); "
+                    "batch: forward() trains on answered chats (Processor(answers=True)); "
                     "use generate() for prompts"
                 )
             counts = batch.target_counts if batch.target_valid is not None else None
@@ -382,10 +382,11 @@ class RISModel(nn.Module):
             embed = self.sam_stage.encode_images(self._sam_pixels(images))  # (B, C, E, E)
             return self.pixel_encoder.pyramid(embed), embed  # the pyramid over the shared ViT output
         s = images.shape[-1]
+        x = _imagenet_normalise(images)  # the pixel encoders read ImageNet-normalised pixels
         side = getattr(self.pixel_encoder, "img_size", None)  # a SAM ViT reads one fixed size
         if side is not None and side != s:  # (B, 3, S, S) -> (B, 3, side, side); SAM's stats = ImageNet's
-            images = F.interpolate(images, (side, side), mode="bilinear", align_corners=False)
-        return self.pixel_encoder(images), None
+            x = F.interpolate(x, (side, side), mode="bilinear", align_corners=False)
+        return self.pixel_encoder(x), None
 
     def _segment(
         self, images: torch.Tensor, lang: LanguageFeatures, prior: torch.Tensor | None = None
@@ -430,14 +431,10 @@ class RISModel(nn.Module):
         return seg
 
     def _sam_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalised ``(B, 3, S, S)`` → SAM's input ``(B, 3, S_sam, S_sam)``.
-
-        SAM's pixel mean / std are ImageNet's x 255, so the batch is already SAM-normalised; going
-        back to 0..255 and through ``SAMStage.preprocess`` only resizes the square canvas.
-        """
+        """The letterbox ``(B, 3, S, S)`` ([0, 1] RGB) → SAM's input ``(B, 3, S_sam, S_sam)``: on SAM's
+        0..255 scale through ``SAMStage.preprocess`` (resize, SAM's mean / std)."""
         assert self.sam_stage is not None
-        x255 = (images * self._std + self._mean) * 255.0  # (B, 3, S, S) RGB on 0..255
-        return self.sam_stage.preprocess(x255).pixels
+        return self.sam_stage.preprocess(images * 255.0).pixels
 
     def _choose(self, seg: _Segmentation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``masks (B, T, S, S)``, ``scores (B, T)`` and ``from_sam (B, T)`` of the output mode."""
@@ -477,7 +474,7 @@ class RISModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: RISBatch, *, max_new_tokens: int = 32) -> RISOutput:
-        """Inference: mllm mode decodes the prompts (``MLLMCollator(answers=False)``) and segments one
+        """Inference: mllm mode decodes the prompts (``Processor(answers=False)``) and segments one
         query per generated ``[SEG]``; classic mode is :meth:`forward` without losses."""
         if self.mode == "classic":
             q = self._classic_queries(batch)
@@ -616,7 +613,6 @@ class RISModel(nn.Module):
                     child.to(device)
                 else:  # a bitsandbytes base stays where its loader put it; the heads follow `device`
                     child.heads_to(device)
-            model._mean, model._std = model._mean.to(device), model._std.to(device)
         return model.eval()
 
 
@@ -636,6 +632,14 @@ def build_model(
     model = RISModel(**parts.kwargs)
     model.load_notes = parts.notes
     return model
+
+
+def _imagenet_normalise(images: torch.Tensor) -> torch.Tensor:
+    """``images (B, 3, H, W)`` [0, 1] RGB → ``(images - mean) / std`` with ImageNet's statistics (the
+    letterbox padding, :data:`~mllm_ris.processing.processor.PAD_COLOR`, becomes 0)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(images.dtype)
 
 
 _BEST_REGION_LOGIT = 0.01  # the logit a query's best region is raised to when none is above 0 (prior mode)

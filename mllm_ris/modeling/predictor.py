@@ -1,9 +1,10 @@
-"""Inference with a :class:`~mllm_ris.modeling.model.RISModel` on :class:`RISSample` objects.
+"""Inference with a :class:`~mllm_ris.modeling.model.RISModel`: from its batch (or dataset samples) to masks.
 
-:func:`build_collator` gives the batch function a model needs (classic: :func:`collate_ris`; mllm:
-:class:`MLLMCollator` with the model's tokenizer and superpixel generator). :class:`RISPredictor`
-implements the :class:`~mllm_ris.eval.evaluate.Predictor` protocol for both modes, so
-``evaluate(dataset, RISPredictor(model, image_size=S))`` works:
+:func:`build_processor` gives the :class:`~mllm_ris.processing.processor.Processor` a model needs (its
+tokenizer, superpixel generator and descriptors): training's ``collate_fn``, evaluation's and the
+pipeline's input path. :class:`RISPredictor` implements the :class:`~mllm_ris.eval.evaluate.Predictor`
+protocol for both modes, so ``evaluate(dataset, RISPredictor(model, image_size=S))`` works, and runs
+any batch its processor made (:meth:`RISPredictor.run`, the pipeline's way in):
 
 * mllm: the prompts are decoded (``RISModel.generate``); each generated ``[SEG]`` gives one mask; an
   answer with ``[REJ]`` or without ``[SEG]`` gives none, ``(0, H, W)``;
@@ -14,44 +15,54 @@ Masks are the output mode's logits mapped back to the original image (``unletter
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from mllm_ris.data.collate import RISBatch, RISTransform, collate_ris, unletterbox
-from mllm_ris.data.conversation import QUESTION_TEMPLATES, ChatTemplate
-from mllm_ris.data.mllm_collate import MLLMCollator
-from mllm_ris.data.sample import RISSample
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.superpixels import build_superpixel_generator
+from mllm_ris.processing.conversation import QUESTION_TEMPLATES, ChatTemplate
+from mllm_ris.processing.processor import Processor, RISBatch, RISTransform, Sample, unletterbox
 
-__all__ = ["ModelPrediction", "RISPredictor", "build_collator"]
+__all__ = ["FROM_CONFIG", "ModelPrediction", "RISPredictor", "build_processor"]
+
+FROM_CONFIG: Any = object()
+"""``superpixel_cache`` default of :func:`build_processor`: the model config's ``superpixels.cache_dir``."""
 
 
-def build_collator(
+def build_processor(
     model: RISModel,
     *,
     image_size: int,
     answers: bool = True,
     keep_samples: bool = False,
     template: ChatTemplate | None = None,
-) -> Callable[[Sequence[RISSample]], RISBatch]:
-    """The ``collate_fn`` for ``model``: letterbox to ``image_size``; in mllm mode also the chat
+    superpixel_cache: str | Path | None = FROM_CONFIG,
+) -> Processor:
+    """The :class:`Processor` of ``model``: letterbox to ``image_size``; in mllm mode also the chat
     (answered for training, open for inference) and, for the superpixel projector (mllm, or classic
     with its region pointer), label maps from ``model.cfg.superpixels`` (``method: sam`` uses the
-    model's SAM; ``cache_dir`` caches them) and region descriptors."""
+    model's SAM) and region descriptors. ``superpixel_cache``: a folder caching the label maps, None for
+    none; default the config's ``cache_dir``."""
     transform = RISTransform(image_size)
     if model.mode == "classic" and model.pointer is None:
-        return functools.partial(collate_ris, transform=transform, keep_samples=keep_samples)
+        return Processor(transform=transform, keep_samples=keep_samples)  # a plain RISBatch
     assert model.projector is not None
     superpixels = None
     if model.projector.cfg.kind == "superpixel":
         sam = model.sam_stage.sam if model.sam_stage is not None else None
-        superpixels = build_superpixel_generator(model.cfg.superpixels, sam=sam)
-    return MLLMCollator(
+        cfg = model.cfg.superpixels
+        if superpixel_cache is not FROM_CONFIG:
+            cfg = dataclasses.replace(
+                cfg, cache_dir=None if superpixel_cache is None else str(superpixel_cache)
+            )
+        superpixels = build_superpixel_generator(cfg, sam=sam)
+    return Processor(
         transform=transform,
         tokenizer=model.mllm.tokenizer if model.mllm is not None else None,  # classic: no chat
         template=template,
@@ -89,6 +100,10 @@ class RISPredictor:
         batch_size: samples per forward pass in :meth:`predict_batch`.
         max_new_tokens: answer length limit of the grounding LLM.
         template: question phrasing; default the first of ``QUESTION_TEMPLATES`` ("Please segment {expr}.").
+        superpixel_cache: see :func:`build_processor`.
+
+    Attributes:
+        processor: the prompts' :class:`Processor` (open turns).
     """
 
     name = "ris-model"
@@ -102,27 +117,38 @@ class RISPredictor:
         batch_size: int = 8,
         max_new_tokens: int = 32,
         template: ChatTemplate | None = None,
+        superpixel_cache: str | Path | None = FROM_CONFIG,
     ) -> None:
         self.model = model
-        self.transform = RISTransform(image_size)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         template = template or ChatTemplate(questions=QUESTION_TEMPLATES[:1], seed=None)
-        self.collate = build_collator(model, image_size=image_size, answers=False, template=template)
+        self.processor = build_processor(
+            model, image_size=image_size, answers=False, template=template, superpixel_cache=superpixel_cache
+        )
 
-    def __call__(self, sample: RISSample) -> np.ndarray:
+    @property
+    def transform(self) -> RISTransform:
+        """The letterbox of :attr:`processor`."""
+        return self.processor.transform
+
+    def __call__(self, sample: Sample) -> np.ndarray:
         return self.predict_batch([sample])[0]
 
-    def predict_batch(self, samples: list[RISSample]) -> list[np.ndarray]:
+    def predict_batch(self, samples: list[Sample]) -> list[np.ndarray]:
         """One pass over ``samples``: a ``(N, H, W)`` bool array per sample."""
         return [p.masks for p in self.predict(samples)]
 
-    @torch.no_grad()
-    def predict(self, samples: Sequence[RISSample]) -> list[ModelPrediction]:
+    def predict(self, samples: Sequence[Sample]) -> list[ModelPrediction]:
         """Masks, scores, no-target probability and answer text of each sample."""
+        return self.run(self.processor(list(samples)))
+
+    @torch.no_grad()
+    def run(self, batch: RISBatch) -> list[ModelPrediction]:
+        """Masks, scores, no-target probability and answer text of each item of a :attr:`processor` batch."""
         self.model.eval()
-        batch = self.collate(list(samples)).to(self.device)
+        batch = batch.to(self.device)
         out = self.model.generate(batch, max_new_tokens=self.max_new_tokens)
         results = []
         for b, hw in enumerate(batch.hw):

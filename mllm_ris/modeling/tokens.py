@@ -1,6 +1,6 @@
 """Grounding tokens (``<image>``, ``[SEG]``, ``[REJ]``) and offline tokenizers.
 
-The three token strings belong to the chat format (:mod:`mllm_ris.data.conversation`, which defines
+The three token strings belong to the chat format (:mod:`mllm_ris.processing.conversation`, which defines
 them) and are re-exported here with the tokenizer helpers.
 
 * :func:`add_grounding_tokens` adds the three tokens to any HF tokenizer and resizes the model's
@@ -23,8 +23,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from mllm_ris.data.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, template_corpus
 from mllm_ris.errors import ConfigError, MllmRisError
+from mllm_ris.processing.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, template_corpus
 
 __all__ = [
     "GROUNDING_TOKENS",

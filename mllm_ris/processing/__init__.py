@@ -1,5 +1,8 @@
-"""Input preparation that is not learned: superpixel label maps in token order (``labels``) and
-per-region descriptors, region targets and the superpixel ceiling (``regions``).
+"""Input preparation that is not learned, the one input path of training, evaluation and inference: the
+:class:`~mllm_ris.processing.processor.Processor` (letterbox, superpixel labels, descriptors, chat
+encoding, batching: ``processor``), the chat format (``conversation``), mask encodings (``masks``),
+superpixel label maps in token order (``labels``) and per-region descriptors, region targets and the
+superpixel ceiling (``regions``).
 
 The public names are those of :mod:`mllm_ris.processing.regions` (import the label helpers from
 :mod:`mllm_ris.processing.labels`). Nothing is imported here: a name is loaded from ``regions`` on

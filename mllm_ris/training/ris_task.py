@@ -7,7 +7,7 @@ region pointer ``model.pointer.dim``).
 
 * model: ``build_model(cfg.model)``, or ``RISModel.from_pretrained(model.checkpoint, trainable=True)``
   (then the folder's own model config is used);
-* batches: :func:`~mllm_ris.modeling.predictor.build_collator` (mllm: answered chats, one ``[SEG]``
+* batches: :func:`~mllm_ris.modeling.predictor.build_processor` (mllm: answered chats, one ``[SEG]``
   per target or ``[REJ]``; the superpixel projector: label maps and region descriptors computed in the
   collator; pointer-less classic: letterboxed images, the union target and the expression). Superpixel
   label maps go through a disk cache, ``model.superpixels.cache_dir`` or
@@ -47,15 +47,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from mllm_ris.config import Config, config_to_dict
-from mllm_ris.data.collate import RISBatch
-from mllm_ris.data.conversation import ChatTemplate
-from mllm_ris.data.mllm_collate import MLLMCollator
 from mllm_ris.data.sample import ReferringDataset, RISSample
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
-from mllm_ris.modeling.predictor import RISPredictor, build_collator
+from mllm_ris.modeling.predictor import RISPredictor, build_processor
 from mllm_ris.modeling.superpixel_cache import SuperpixelCache
+from mllm_ris.processing.conversation import ChatTemplate
+from mllm_ris.processing.processor import Processor, RISBatch
 from mllm_ris.training.sampling import build_mixture, open_dataset
 
 __all__ = [
@@ -118,8 +117,8 @@ def write_model_folder(model: RISModel, out_dir: str | Path, config: Mapping[str
 
 
 def _cached(collate: Callable, cache_dir: Path) -> Callable:
-    """Give an :class:`MLLMCollator`'s uncached superpixel generator a disk cache in ``cache_dir``."""
-    spx = collate.superpixels if isinstance(collate, MLLMCollator) else None
+    """Give a :class:`Processor`'s uncached superpixel generator a disk cache in ``cache_dir``."""
+    spx = collate.superpixels if isinstance(collate, Processor) else None
     if spx is not None and not isinstance(spx, SuperpixelCache):
         collate.superpixels = SuperpixelCache(cache_dir, spx)  # type: ignore[arg-type,union-attr]
     return collate
@@ -175,7 +174,7 @@ class RISTask:
                 )
         else:
             model = build_model(self.cfg.model)
-        collate = build_collator(model, image_size=self.cfg.data.image_size)
+        collate = build_processor(model, image_size=self.cfg.data.image_size)
         cache = self.superpixel_cache_dir
         self._collate = _cached(collate, cache) if cache is not None else collate
         return model
@@ -190,7 +189,7 @@ class RISTask:
 
     def collate(self, samples: list[RISSample]) -> RISBatch:
         """Letterbox and targets of ``samples`` (+ the answered chat, per-target masks and (cached)
-        superpixels, as the model needs them: :func:`~mllm_ris.modeling.predictor.build_collator`).
+        superpixels, as the model needs them: :func:`~mllm_ris.modeling.predictor.build_processor`).
 
         The question phrasings are drawn with a seed hashed from ``train.seed`` and the samples
         (:func:`batch_seed`): a pure function of the batch, so a resumed run, DataLoader workers and
@@ -198,7 +197,7 @@ class RISTask:
         """
         if self._collate is None:
             raise RuntimeError("RISTask.collate: call build_model first (the collator needs its tokenizer)")
-        if isinstance(self._collate, MLLMCollator):
+        if isinstance(self._collate, Processor):
             self._collate.template = ChatTemplate(seed=batch_seed(samples, self.cfg.train.seed))
         return self._collate(samples)
 
@@ -227,7 +226,7 @@ class RISTask:
         )
         cache = self.superpixel_cache_dir
         if cache is not None:
-            _cached(predictor.collate, cache)
+            _cached(predictor.processor, cache)
         return predictor
 
     def save_model(self, model: nn.Module, out_dir: Path, config: dict) -> Path:

@@ -9,7 +9,7 @@ prompt width (256 official), ``S`` = SAM's ``img_size``, ``M = 4 * (S // 16)`` i
     dense   coarse logits -> (N, 1, M, M)             bilinear resize; SAM's ``mask_input``
 
 **Geometry.** The coarse map covers the head's whole input canvas, a letterbox of the image padded
-bottom / right (see ``mllm_ris/data/collate.py``); SAM's canvas is the same letterbox at side ``S``.
+bottom / right (see ``mllm_ris/processing/processor.py``); SAM's canvas is the same letterbox at side ``S``.
 So one head cell is ``s = S / max(h, w)`` SAM pixels on both axes. Points and box corners are given in
 SAM's pixel-index convention (the prompt encoder adds 0.5 to reach pixel centres): a cell ``(r, c)``
 has its centre at ``((c + 0.5) s - 0.5, (r + 0.5) s - 0.5)``, and a box spans the first to the last
