@@ -66,7 +66,8 @@ class _ChatCollate:
         mllm = self.model.mllm
         if mllm is not None:
             tok = mllm.tokenizer
-            encoded = [_TEMPLATE.encode(s.turns, tok) for s in samples if isinstance(s, _ChatSample)]
+            template = self.base.template  # the model's layout (mllm.image_position)
+            encoded = [template.encode(s.turns, tok) for s in samples if isinstance(s, _ChatSample)]
             if len(encoded) == len(samples):
                 batch.input_ids, batch.attention_mask, batch.labels = collate_conversations(
                     encoded, pad_id=int(tok.pad_token_id)

@@ -51,6 +51,11 @@ def build_collator(
     if model.projector.cfg.kind == "superpixel":
         sam = model.sam_stage.sam if model.sam_stage is not None else None
         superpixels = build_superpixel_generator(model.cfg.superpixels, sam=sam)
+    if model.mllm is not None:  # the model's layout of the first turn, whatever the phrasings
+        template = template or ChatTemplate()
+        template = ChatTemplate(
+            questions=template.questions, seed=None, image_position=model.mllm.cfg.image_position
+        )
     return MLLMCollator(
         transform=transform,
         tokenizer=model.mllm.tokenizer if model.mllm is not None else None,  # classic: no chat
