@@ -69,6 +69,22 @@ def test_single_turn_text_and_labels(bpe: PreTrainedTokenizerBase) -> None:
     assert enc.input_ids.count(bpe.convert_tokens_to_ids("<image>")) == 1
 
 
+def test_image_after_the_question(bpe: PreTrainedTokenizerBase) -> None:
+    """``image_position="after_question"``: the first turn's ``<image>`` follows its question (the
+    visual tokens can read the sentence in a causal LLM); later turns and the labels are unchanged."""
+    template = ChatTemplate(seed=None, image_position="after_question")
+    turns = [Turn(template.question("the red circle", index=0), answer_text(1)), Turn("And the cat?")]
+    enc = template.encode(turns, bpe)
+    assert enc.text == (
+        "USER: Please segment the red circle.\n<image> ASSISTANT: Sure, it is [SEG].</s>"
+        "USER: And the cat? ASSISTANT:"
+    )
+    assert enc.input_ids.count(bpe.convert_tokens_to_ids("<image>")) == 1
+    assert bpe.decode(_labelled(enc.input_ids, enc.labels)) == " Sure, it is [SEG].</s>"
+    with pytest.raises(ValueError, match="image_position"):
+        ChatTemplate(image_position="last")  # type: ignore[arg-type]
+
+
 def test_prompt_has_no_labels_and_ends_with_assistant(bpe: PreTrainedTokenizerBase) -> None:
     template = ChatTemplate()
     enc = template.encode([Turn("Please segment the cat.")], bpe)

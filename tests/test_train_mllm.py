@@ -172,6 +172,36 @@ def test_prior_checkpoint_with_an_unused_pixel_side(tmp_path: Path, synthref: Pa
     assert Trainer(again, progress=False).fit().steps == 1
 
 
+def test_warm_start_in_another_prompt_layout(tmp_path: Path, synthref: Path) -> None:
+    """``model.checkpoint`` fixes the architecture and weights; the run's ``mllm.image_position`` (a
+    layout, no weight) applies to the continued model, its batches and the folder it writes."""
+    from mllm_ris.processing.conversation import IMAGE_TOKEN
+
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="prior", batch=2)
+    pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true")
+    Trainer(_cfg(files, tmp_path / "first", "train.max_steps=1", *pointer), progress=False).fit()
+    assert RISModel.from_pretrained(tmp_path / "first").mllm.cfg.image_position == "first"
+    cont = _cfg(
+        files,
+        tmp_path / "after",
+        "train.max_steps=1",
+        f"model.checkpoint={tmp_path / 'first'}",
+        "model.mllm.image_position=after_question",
+        *pointer,
+    )
+    task = RISTask(cont)
+    model = task.build_model()
+    assert model.mllm is not None and model.mllm.cfg.image_position == "after_question"
+    sample = task.train_data()[0][0]
+    batch = task.collate([sample])
+    text = model.mllm.tokenizer.decode(batch.input_ids[0], skip_special_tokens=False)
+    question, rest = text.split(IMAGE_TOKEN)
+    assert "segment" in question.lower() or "where" in question.lower() or "what" in question.lower()
+    assert rest.lstrip().startswith("ASSISTANT:")
+    Trainer(cont, progress=False).fit()
+    assert RISModel.from_pretrained(tmp_path / "after").mllm.cfg.image_position == "after_question"
+
+
 def test_train_command_with_two_config_files(
     tmp_path: Path, synthref: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

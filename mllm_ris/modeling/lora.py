@@ -160,6 +160,14 @@ class MLLMConfig:
             "tokens (llm), or the visual tokens themselves, before the LLM (tokens)"
         },
     )
+    image_position: Literal["first", "after_question"] = field(
+        default="first",
+        metadata={
+            "help": "where the visual tokens go in the first turn: first (before the question, LLaVA's "
+            "layout; in a causal LLM their states cannot depend on the sentence) or after_question (the "
+            "region states read the sentence, so the pointer scores sentence-aware regions)"
+        },
+    )
     reject_from: Literal["head", "pointer"] = field(
         default="head",
         metadata={

@@ -31,6 +31,7 @@ predicted IoU), ``prior`` (the painted region prior alone; the pixel side is not
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from s2rm_head.sam.prompts import PromptBuilder
     from s2rm_head.sam.stage import SAMStage
 
-__all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model"]
+__all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model", "warm_start"]
 
 PRIOR_CLAMP = 20.0  # region-prior logits are clamped to +-this before the head's residual is added
 
@@ -614,6 +615,21 @@ class RISModel(nn.Module):
                 else:  # a bitsandbytes base stays where its loader put it; the heads follow `device`
                     child.heads_to(device)
         return model.eval()
+
+
+def warm_start(model_cfg: ModelConfig) -> RISModel:
+    """The ``model_cfg.checkpoint`` folder's model, trainable, to go on training under ``model_cfg``.
+
+    The folder fixes the architecture and the weights; the run's config fixes the prompt layout
+    (``mllm.image_position``), which holds no weight, so a run can continue a model in another layout.
+    """
+    assert model_cfg.checkpoint is not None
+    model = RISModel.from_pretrained(model_cfg.checkpoint, trainable=True)
+    if model.mllm is not None and model_cfg.mode == "mllm":
+        position = model_cfg.mllm.image_position
+        model.mllm.cfg = dataclasses.replace(model.mllm.cfg, image_position=position)
+        model.cfg = dataclasses.replace(model.cfg, mllm=model.mllm.cfg)
+    return model
 
 
 def build_model(

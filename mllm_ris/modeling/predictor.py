@@ -62,6 +62,11 @@ def build_processor(
                 cfg, cache_dir=None if superpixel_cache is None else str(superpixel_cache)
             )
         superpixels = build_superpixel_generator(cfg, sam=sam)
+    if model.mllm is not None:  # the model's layout of the first turn, whatever the phrasings
+        template = template or ChatTemplate()
+        template = ChatTemplate(
+            questions=template.questions, seed=None, image_position=model.mllm.cfg.image_position
+        )
     return Processor(
         transform=transform,
         tokenizer=model.mllm.tokenizer if model.mllm is not None else None,  # classic: no chat

@@ -4,6 +4,10 @@ One conversation about one image (Vicuna v1 / LLaVA style, no system prompt)::
 
     USER: <image>\\nPlease segment the red circle. ASSISTANT: Sure, it is [SEG].</s>USER: … ASSISTANT: …</s>
 
+With ``image_position="after_question"`` the first turn reads ``USER: Please segment the red
+circle.\\n<image> ASSISTANT: …``: in a causal LLM the visual tokens then come after the sentence and
+their states can depend on it (``mllm.image_position``).
+
 Answers: one ``[SEG]`` per target (``"Sure, they are [SEG] and [SEG]."``) and ``[REJ]`` when
 nothing matches (``"Sorry, there is no such object [REJ]."``). :meth:`ChatTemplate.encode`
 tokenizes the prompt pieces and the answers separately (``add_special_tokens=False``), puts bos
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,6 +51,8 @@ QUESTION_TEMPLATES: tuple[str, ...] = (
     "Where is {expr}? Please output segmentation mask.",
 )
 _USER, _ASSISTANT = "USER:", "ASSISTANT:"
+ImagePosition = Literal["first", "after_question"]
+IMAGE_POSITIONS: tuple[str, ...] = ("first", "after_question")
 
 
 def answer_text(num_targets: int) -> str:
@@ -89,12 +96,23 @@ class ChatTemplate:
     Args:
         questions: templates with one ``{expr}`` slot.
         seed: seed of the phrasing choice (same seed → same sequence of phrasings).
+        image_position: where ``<image>`` goes in the first turn: ``first`` (before the question,
+            LLaVA's layout) or ``after_question``.
     """
 
-    def __init__(self, *, questions: Sequence[str] = QUESTION_TEMPLATES, seed: int | None = 0) -> None:
+    def __init__(
+        self,
+        *,
+        questions: Sequence[str] = QUESTION_TEMPLATES,
+        seed: int | None = 0,
+        image_position: ImagePosition = "first",
+    ) -> None:
         if not questions or any("{expr}" not in q for q in questions):
             raise ValueError(f"questions: every template needs an {{expr}} slot, got {list(questions)}")
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position: must be one of {IMAGE_POSITIONS}, got {image_position!r}")
         self.questions = tuple(questions)
+        self.image_position: ImagePosition = image_position
         self.rng = np.random.default_rng(seed)
 
     def question(self, expression: str, *, index: int | None = None) -> str:
@@ -112,8 +130,7 @@ class ChatTemplate:
             for expr, n in zip(expressions, target_counts, strict=True)
         ]
 
-    @staticmethod
-    def _pieces(turns: Sequence[Turn], eos: str) -> list[tuple[str, bool]]:
+    def _pieces(self, turns: Sequence[Turn], eos: str) -> list[tuple[str, bool]]:
         """``(text, is_answer)`` pieces in order; the eos closing an answer is its own answer piece."""
         if not turns:
             raise ValueError("a conversation needs at least one turn")
@@ -121,8 +138,11 @@ class ChatTemplate:
         for i, turn in enumerate(turns):
             if turn.answer is None and i != len(turns) - 1:
                 raise ValueError(f"turn {i} has no answer; only the last turn may be left open")
-            head = f"{_USER} {IMAGE_TOKEN}\n" if i == 0 else f"{_USER} "
-            pieces.append((f"{head}{turn.question} {_ASSISTANT}", False))
+            if i == 0 and self.image_position == "after_question":
+                pieces.append((f"{_USER} {turn.question}\n{IMAGE_TOKEN} {_ASSISTANT}", False))
+            else:
+                head = f"{_USER} {IMAGE_TOKEN}\n" if i == 0 else f"{_USER} "
+                pieces.append((f"{head}{turn.question} {_ASSISTANT}", False))
             if turn.answer is not None:
                 pieces.append((f" {turn.answer}", True))
                 pieces.append((eos, True))

@@ -35,7 +35,7 @@ import torch
 
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError, NotAvailableError
-from mllm_ris.modeling.model import RISModel, build_model
+from mllm_ris.modeling.model import RISModel, build_model, warm_start
 from mllm_ris.modeling.model_io import CONFIG_NAME, is_pixel_side, read_config_tree
 from mllm_ris.modeling.predictor import RISPredictor
 from mllm_ris.training.checkpoint import (
@@ -132,10 +132,7 @@ def _from_checkpoint(folder: Path, *, full_precision: bool) -> RISModel:
     cfg = load_config(folder / CONFIG_NAME)
     cfg = _full_precision(cfg) if full_precision else cfg
     state = consolidated_state_dict(folder)
-    if cfg.model.checkpoint is not None:
-        model = RISModel.from_pretrained(cfg.model.checkpoint, trainable=True)
-    else:
-        model = build_model(cfg.model)
+    model = warm_start(cfg.model) if cfg.model.checkpoint is not None else build_model(cfg.model)
     external = external_state_keys(model)
     expected = set(model.state_dict())
     if cfg.model.output_mode == "prior":  # written before prior mode stopped building the pixel side

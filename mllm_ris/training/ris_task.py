@@ -49,7 +49,7 @@ from torch.utils.data import ConcatDataset
 from mllm_ris.config import Config, config_to_dict
 from mllm_ris.data.sample import ReferringDataset, RISSample
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.model import RISModel, build_model
+from mllm_ris.modeling.model import RISModel, build_model, warm_start
 from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
 from mllm_ris.modeling.superpixel_cache import SuperpixelCache
@@ -166,7 +166,7 @@ class RISTask:
         """``build_model(cfg.model)``, or the ``model.checkpoint`` folder (its trainable parts trainable)."""
         checkpoint = self.cfg.model.checkpoint
         if checkpoint is not None:
-            model = RISModel.from_pretrained(checkpoint, trainable=True)
+            model = warm_start(self.cfg.model)
             if model.mode != self.cfg.model.mode:
                 raise ConfigError(
                     f"model.checkpoint: {checkpoint} holds a {model.mode}-mode model, "
@@ -198,7 +198,10 @@ class RISTask:
         if self._collate is None:
             raise RuntimeError("RISTask.collate: call build_model first (the collator needs its tokenizer)")
         if isinstance(self._collate, Processor):
-            self._collate.template = ChatTemplate(seed=batch_seed(samples, self.cfg.train.seed))
+            self._collate.template = ChatTemplate(
+                seed=batch_seed(samples, self.cfg.train.seed),
+                image_position=self._collate.template.image_position,
+            )
         return self._collate(samples)
 
     def loss(self, model: nn.Module, batch: RISBatch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
