@@ -83,6 +83,10 @@ def test_image_after_the_question(bpe: PreTrainedTokenizerBase) -> None:
     assert bpe.decode(_labelled(enc.input_ids, enc.labels)) == " Sure, it is [SEG].</s>"
     with pytest.raises(ValueError, match="image_position"):
         ChatTemplate(image_position="last")  # type: ignore[arg-type]
+    seeded, other = ChatTemplate(seed=3), ChatTemplate(seed=3)
+    moved = other.laid_out("after_question")  # the same phrasing stream, another layout
+    assert [seeded.question("x") for _ in range(6)] == [moved.question("x") for _ in range(6)]
+    assert other.image_position == "first" and moved.image_position == "after_question"
 
 
 def test_prompt_has_no_labels_and_ends_with_assistant(bpe: PreTrainedTokenizerBase) -> None:

@@ -63,10 +63,7 @@ def build_processor(
             )
         superpixels = build_superpixel_generator(cfg, sam=sam)
     if model.mllm is not None:  # the model's layout of the first turn, whatever the phrasings
-        template = template or ChatTemplate()
-        template = ChatTemplate(
-            questions=template.questions, seed=None, image_position=model.mllm.cfg.image_position
-        )
+        template = (template or ChatTemplate()).laid_out(model.mllm.cfg.image_position)
     return Processor(
         transform=transform,
         tokenizer=model.mllm.tokenizer if model.mllm is not None else None,  # classic: no chat

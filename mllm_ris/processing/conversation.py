@@ -17,6 +17,7 @@ and their eos; everything else is -100. Any HF tokenizer works (fast or slow).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -114,6 +115,15 @@ class ChatTemplate:
         self.questions = tuple(questions)
         self.image_position: ImagePosition = image_position
         self.rng = np.random.default_rng(seed)
+
+    def laid_out(self, image_position: ImagePosition) -> ChatTemplate:
+        """This template (the same phrasings and the same seeded phrasing stream) with ``<image>`` at
+        ``image_position``."""
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position: must be one of {IMAGE_POSITIONS}, got {image_position!r}")
+        other = copy.copy(self)  # shares self.rng: a copy draws the phrasings self would have drawn
+        other.image_position = image_position
+        return other
 
     def question(self, expression: str, *, index: int | None = None) -> str:
         """A question about ``expression``: template ``index`` or a seeded random one."""
