@@ -329,9 +329,8 @@ class RISModel(nn.Module):
                 raise ConfigError("output_mode prior needs a region pointer (mllm.pointer_dim, pointer.dim)")
             if q.region_logits.shape[-1]:
                 iou = torch.sigmoid(q.region_logits.float()).amax(-1).to(q.prior.dtype)
-                mask_logits = self.queries.prior_masks(
-                    q
-                )  # mllm: the best region at least; classic: the prior
+                # mllm: each query's best region at least; classic: the prior (no region above 0 = none)
+                mask_logits = self.queries.prior_masks(q)
             else:  # no region in the batch
                 iou = q.prior.new_zeros(q.prior.shape[:2])
                 mask_logits = q.prior
