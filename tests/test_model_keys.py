@@ -1,7 +1,8 @@
 """The state-dict keys of a tiny model of each kind stay as recorded: saved model folders, the bundled
 model, training checkpoints and external tools read keys such as ``mllm.``, ``projector.``,
 ``text_encoder.``, ``pointer.``, ``vision.``, ``head.``, ``pixel_encoder.``, ``sam_stage.``; the parts
-are registered on :class:`RISModel` under those names, in this order, whatever composes them."""
+are registered on :class:`RISModel` under those names, in this order, whatever composes them (the query
+source, which also checks its parts)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 from test_model_kit import tiny_cfg
 
-from mllm_ris.modeling.model import build_model
+from mllm_ris.errors import ConfigError
+from mllm_ris.modeling.model import RISModel, build_model
+from mllm_ris.modeling.model_build import LLMQueries, TextQueries, build_parts
 
 CP = ("model.pointer.dim=16", "model.projector.descriptors=true", "model.projector.tower=false")
 NO_TOWER = ("model.projector.tower=false", "model.projector.descriptors=true")
@@ -48,3 +51,18 @@ def test_state_dict_keys_stay_as_recorded(kind: str) -> None:
     assert all(key.split(".", 1)[0] in parts for key in keys)
     assert len(keys) == count
     assert hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == digest
+
+
+def test_the_query_source_checks_its_parts_and_the_model_its_mode() -> None:
+    classic = build_parts(tiny_cfg(*KINDS["classic_pointer"])).kwargs
+    text = classic["queries"]
+    assert isinstance(text, TextQueries) and set(text.parts()) == {TEXT, PROJ, "pointer"}
+    with pytest.raises(ConfigError, match="a projector exactly with its region pointer"):
+        TextQueries(text.text_encoder, text.projector)
+    mllm = build_parts(tiny_cfg(*KINDS["mllm"])).kwargs
+    llm = mllm["queries"]
+    assert isinstance(llm, LLMQueries) and set(llm.parts()) == {"vision", PROJ, "mllm"}
+    with pytest.raises(ConfigError, match=r"vision tower exactly when projector\.tower is on"):
+        LLMQueries(None, llm.projector, llm.mllm)
+    with pytest.raises(ConfigError, match="mode: 'classic' with a mllm-mode query source"):
+        RISModel(**{**classic, "queries": llm})
