@@ -111,7 +111,7 @@ def measure_query(
         out.stages["LLM generate (prefill + decode)"] = timed(generate, **kw)
         from s2rm_head.types import LanguageFeatures
 
-        seg = gen.seg_embeds  # as RISModel._mllm_queries passes them
+        seg = gen.seg_embeds  # as LLMQueries.decode passes them
         lang = LanguageFeatures(tokens=seg, mask=gen.seg_valid, queries=seg, query_mask=gen.seg_valid)
         out.stages["pixel encoder + head"] = timed(lambda: model._segment(batch.images, lang), **kw)
     return out

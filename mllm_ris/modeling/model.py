@@ -1,16 +1,18 @@
 """RISModel: every part of mllm-ris wired from one :class:`~mllm_ris.config.ModelConfig`.
 
-Two modes share the pixel side (pixel encoder → fusion head → optional SAM stage) and differ in
-where the queries come from (``S`` = canvas side of the batch, ``T`` = queries per image)::
+A model is a **query source** and a **segmenter** (``S`` = canvas side of the batch, ``T`` = queries
+per image). The query source (:class:`~mllm_ris.modeling.model_build.QuerySource`, chosen once by
+``model.mode`` when the model is built) makes the queries: ``TextQueries`` (classic: text encoder,
+optional region pointer over descriptor tokens) or ``LLMQueries`` (mllm: vision tower, projector,
+grounding LLM with its pointer); :meth:`RISModel.forward` and :meth:`RISModel.generate` call it and
+never test the mode. The segmenter is the pixel side (none in output mode ``prior``)::
 
-    classic  texts ──TextEncoder──► words (B, L, D) + one query (B, 1, D)
-             (pointer.dim) region descriptors ──projector──► regions (B, K, Dp)
-             query, words, regions ──RegionPointer──► region logits (B, 1, K) ──painted──► prior (B, 1, S, S)
-    mllm     images ──VisionTower──► (B, N, Cv) ──projector(+ superpixels)──► VisualTokens (B, K, D_llm)
-             chat ──GroundingMLLM──► [SEG] embeddings (B, T, Dg), reject logit (B,), LM loss
-             (pointer) region logits (B, T, K) ──painted through the superpixels──► prior (B, T, S, S)
-    both     images ──PixelEncoder──► pyramid ──head(queries)──► mask_logits (B, T, S/4, S/4), iou (B, T)
+    queries  (B, T, D), words, [region logits (B, T, K) ──painted through the superpixels──► prior]
+    segment  images ──PixelEncoder──► pyramid ──head(queries)──► mask_logits (B, T, S/4, S/4), iou (B, T)
              [sam | auto] prompts(queries, head logits) ──SAM──► sam_logits (B, T, S, S), sam iou (B, T)
+
+The query source's parts are registered on the model under their own names (``text_encoder``,
+``vision``, ``projector``, ``mllm``, ``pointer``), so the state-dict keys are those of the parts.
 
 The batch's ``images`` are the letterbox as [0, 1] RGB (:mod:`mllm_ris.processing.processor`); each part
 that reads them normalises them its own way: the pixel encoder with ImageNet's mean / std (right before
@@ -18,7 +20,7 @@ it is called), the vision tower and SAM with theirs (their ``preprocess``).
 
 Classic mode reads one expression per image (``T = 1``, a plain :class:`RISBatch` without the pointer):
 a multi-target expression is trained on the union of its targets, a no-target one on an empty mask
-(BCE only, no Dice), and an empty predicted mask means "no target".
+(BCE only, no Dice), and an empty predicted mask means "no target" (``TextQueries``).
 
 With the region pointer (``mllm.pointer_dim`` / ``pointer.dim``) the head refines the prior: its logits
 are a residual added to the prior (clamped to ``±PRIOR_CLAMP``), so SAM's prompts and every mask loss
@@ -41,11 +43,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.model_build import build_parts
+from mllm_ris.modeling.model_build import (
+    PRIOR_CLAMP,
+    QUERY_PARTS,
+    Queries,
+    QuerySource,
+    build_parts,
+    tower_features,
+)
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
-from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
 from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.processing.conversation import REJ_TOKEN, SEG_TOKEN, answer_text
+from mllm_ris.processing.conversation import REJ_TOKEN, SEG_TOKEN
 from mllm_ris.processing.processor import IMAGENET_MEAN, IMAGENET_STD, MLLMBatch, RISBatch
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
@@ -53,6 +61,7 @@ from s2rm_head.types import LanguageFeatures, pad_query_slot
 if TYPE_CHECKING:
     from mllm_ris.modeling.mllm import GroundingMLLM
     from mllm_ris.modeling.model_config import LossConfig, ModelConfig
+    from mllm_ris.modeling.pointer import RegionPointer
     from mllm_ris.modeling.projector import VisualProjector
     from mllm_ris.modeling.vision import VisionTower
     from s2rm_head.encoders.pixel import PixelEncoder
@@ -62,8 +71,6 @@ if TYPE_CHECKING:
     from s2rm_head.sam.stage import SAMStage
 
 __all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model", "warm_start"]
-
-PRIOR_CLAMP = 20.0  # region-prior logits are clamped to +-this before the head's residual is added
 
 
 @dataclass
@@ -111,21 +118,6 @@ class RISOutput:
 
 
 @dataclass
-class _Queries:
-    """Language side of one batch: head input, SAM's sparse-prompt queries and mllm extras."""
-
-    lang: LanguageFeatures
-    reject_logit: torch.Tensor | None = None  # (B,) mllm only
-    lm_loss: torch.Tensor | None = None
-    text: list[str] | None = None
-    region_logits: torch.Tensor | None = None  # (B, T, K) pointer scores
-    region_mask: torch.Tensor | None = None  # (B, K) real regions
-    region_labels: torch.Tensor | None = None  # (B, S, S) region id per pixel, -1 = none
-    prior: torch.Tensor | None = None  # (B, T, S, S) clamped painted scores
-    presence_logits: torch.Tensor | None = None  # (B, 1, K) mllm.reject_from pointer: the reject query
-
-
-@dataclass
 class _Segmentation:
     """Pixel side of one batch (shapes as in :class:`RISOutput`)."""
 
@@ -137,48 +129,49 @@ class _Segmentation:
 
 
 class RISModel(nn.Module):
-    """Referring segmentation model; parts are injected (see :func:`build_model`), keyword-only.
+    """Referring segmentation model: a query source and a segmenter, injected (see :func:`build_model`).
 
     Args:
         cfg: the resolved model config (derived widths filled in); saved with the weights.
+        queries: where the queries come from (:mod:`mllm_ris.modeling.queries`): ``TextQueries``
+            (classic) or ``LLMQueries`` (mllm), of ``cfg.mode``. Its parts are registered here under
+            their own names (``text_encoder``, ``vision``, ``projector``, ``mllm``, ``pointer``; None
+            where it has none), which are their state-dict keys.
         pixel_encoder, head: the pixel side; both None exactly in output mode ``prior`` (the mask is
             the painted region prior: nothing reads pixels).
         loss: the loss weights (``cfg.loss``, a :class:`~mllm_ris.modeling.model_config.LossConfig`).
-        text_encoder: classic mode's language side.
-        vision, projector, mllm: mllm mode's language side.
-        pointer: classic mode's region pointer (``pointer.dim``; with a descriptor-only ``projector``).
         sam_stage, prompt_builder: the SAM refinement (output modes ``sam`` / ``auto``).
         share_sam_vit: the pixel encoder is a SAM-ViT pyramid over ``sam_stage``'s own image encoder
             (one ViT pass feeds both).
     """
 
+    # the query source's parts, registered under these names (None where the source has none)
+    text_encoder: TextEncoder | None
+    vision: VisionTower | None
+    projector: VisualProjector | None
+    mllm: GroundingMLLM | None
+    pointer: RegionPointer | None
+
     def __init__(
         self,
         *,
         cfg: ModelConfig,
+        queries: QuerySource,
         pixel_encoder: PixelEncoder | None,
         head: FusionHead | None,
         loss: LossConfig,
-        text_encoder: TextEncoder | None = None,
-        vision: VisionTower | None = None,
-        projector: VisualProjector | None = None,
-        mllm: GroundingMLLM | None = None,
-        pointer: RegionPointer | None = None,
         sam_stage: SAMStage | None = None,
         prompt_builder: PromptBuilder | None = None,
         share_sam_vit: bool = False,
     ) -> None:
         super().__init__()
-        if cfg.mode == "classic" and (text_encoder is None or vision is not None or mllm is not None):
-            raise ConfigError("mode: classic needs a text encoder and no vision tower / mllm")
-        if cfg.mode == "classic" and (projector is None) != (pointer is None):
-            raise ConfigError("mode: classic takes a projector exactly with its region pointer (pointer.dim)")
-        if cfg.mode == "mllm" and (text_encoder is not None or projector is None or mllm is None):
-            raise ConfigError("mode: mllm needs a projector and mllm and no text encoder")
-        if cfg.mode == "mllm" and pointer is not None:
-            raise ConfigError("mode: mllm's region pointer lives in the grounding LLM (mllm.pointer_dim)")
-        if cfg.mode == "mllm" and (vision is None) == cfg.projector.tower:
-            raise ConfigError("mode: mllm needs a vision tower exactly when projector.tower is on")
+        if queries.mode != cfg.mode:
+            raise ConfigError(f"mode: {cfg.mode!r} with a {queries.mode}-mode query source")
+        parts = queries.parts()
+        if set(parts) - set(QUERY_PARTS):
+            raise ConfigError(
+                f"queries: parts {sorted(set(parts) - set(QUERY_PARTS))} have no place on the model"
+            )
         if (cfg.output_mode in ("sam", "auto")) != (sam_stage is not None and prompt_builder is not None):
             raise ConfigError(f"output_mode: {cfg.output_mode!r} with sam_stage={sam_stage is not None}")
         if (cfg.output_mode == "prior") != (pixel_encoder is None and head is None):
@@ -193,11 +186,9 @@ class RISModel(nn.Module):
                 raise ConfigError("pixel: sharing SAM's ViT needs a SAM stage and a sam-vit pixel encoder")
         self.cfg = cfg
         self.loss_cfg = loss
-        self.text_encoder = text_encoder
-        self.vision = vision
-        self.projector = projector
-        self.mllm = mllm
-        self.pointer = pointer
+        self.queries = queries  # a plain object (not a module): its parts are registered below
+        for name in QUERY_PARTS:  # this order: the state-dict keys' (tests/test_model_keys.py)
+            setattr(self, name, parts.get(name))
         self.pixel_encoder = pixel_encoder
         self.head = head
         self.sam_stage = sam_stage
@@ -215,160 +206,12 @@ class RISModel(nn.Module):
     def tower_features(self, images: torch.Tensor) -> torch.Tensor | None:
         """Images ``(B, 3, S, S)`` (the letterbox, [0, 1] RGB) → the vision tower's patch features
         ``(B, N, Cv)`` in the projector's dtype; None without a tower (``projector.tower`` false)."""
-        if self.vision is None or self.projector is None:
-            return None
-        feats = self.vision(self.vision.preprocess(images))  # (B, N, Cv): resized, the tower's mean / std
-        return feats.to(next(self.projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
+        return tower_features(self.vision, self.projector, images)
 
     def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
-        """Images ``(B, 3, S, S)`` (the letterbox, [0, 1] RGB) → ``VisualTokens (B, K, D_llm)``
-        (classic mode's pointer: ``(B, K, pointer.dim)`` from the descriptors alone)."""
-        assert self.projector is not None
-        feats = self.tower_features(batch.images)  # None with projector.tower false (descriptors alone)
-        if self.projector.cfg.kind == "superpixel" and batch.superpixels is None:
-            raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
-        if self.projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors)
-            vis = self.projector(feats, batch.superpixels, batch.regions)  # embeds (B, K, D_llm), mask (B, K)
-        else:
-            vis = self.projector(feats, batch.superpixels)
-        if self.mllm is None:  # classic: the pointer reads the tokens in the projector's dtype
-            return vis
-        # parameters(), not .weight: on peft's token-row wrapper .weight builds the merged matrix
-        dtype = next(self.mllm.llm.get_input_embeddings().parameters()).dtype
-        return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
-
-    def _classic_queries(self, batch: RISBatch) -> _Queries:
-        """The text encoder's words ``(B, L, D)`` and sentence query ``(B, 1, D)``; with the region
-        pointer also its scores ``(B, 1, K)`` of the batch's region tokens and their painted prior."""
-        assert self.text_encoder is not None
-        if batch.images.shape[0] != len(batch.texts):
-            raise ValueError(
-                f"images: {batch.images.shape[0]}, texts: {len(batch.texts)}; need one expression per image"
-            )
-        q = _Queries(lang=self.text_encoder.encode(batch.texts, device=batch.images.device))
-        if self.pointer is None:
-            return q
-        assert self.projector is not None
-        if not isinstance(batch, MLLMBatch) or batch.superpixels is None or batch.regions is None:
-            raise ValueError(
-                "batch: the classic region pointer needs superpixels and region descriptors "
-                "(build_processor(model) makes them)"
-            )
-        vis = self.visual_tokens(batch)  # embeds (B, K, D), mask (B, K)
-        lang = q.lang
-        logits = self.pointer(lang.queries, vis.embeds, vis.mask, words=lang.tokens, word_mask=lang.mask)
-        self._add_prior(q, batch, logits, vis.mask)  # (B, 1, K) -> prior (B, 1, S, S)
-        return q
-
-    def _mllm_queries(self, batch: RISBatch, *, generate: bool, max_new_tokens: int) -> _Queries:
-        if not isinstance(batch, MLLMBatch) or batch.input_ids is None or batch.attention_mask is None:
-            raise ValueError("batch: mllm mode needs an MLLMBatch with input_ids (use Processor)")
-        assert self.mllm is not None
-        vis = self.visual_tokens(batch)
-        if generate:
-            gen = self.mllm.generate(
-                batch.input_ids, batch.attention_mask, vis, max_new_tokens=max_new_tokens
-            )
-            seg, seg_valid, reject, text, lm = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text, None
-            words, word_mask, region_logits = gen.word_states, gen.word_mask, gen.region_logits
-            presence = gen.presence_logits
-            if presence is not None and gen.presence_embed is not None:
-                seg, seg_valid, region_logits, text = self._answer_present(
-                    reject, presence, gen.presence_embed, seg, seg_valid, region_logits, text
-                )
-            seg_valid, text = self._apply_reject_threshold(reject, seg_valid, text)
-        else:
-            labels = batch.labels
-            if labels is None or not (labels != -100).any(dim=1).all():
-                raise ValueError(
-                    "batch: forward() trains on answered chats (Processor(answers=True)); "
-                    "use generate() for prompts"
-                )
-            counts = batch.target_counts if batch.target_valid is not None else None
-            out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
-            seg, seg_valid, reject, text, lm = out.seg_embeds, out.seg_valid, out.reject_logit, None, out.loss
-            words, word_mask, region_logits = out.word_states, out.word_mask, out.region_logits
-            presence = out.presence_logits
-        # each (image, [SEG]) pair is one query; the head's "words" are the sample's [SEG] embeddings,
-        # after the prompt's text-token states when mllm.word_states is on
-        tokens, mask = seg, seg_valid
-        if words is not None and word_mask is not None:
-            tokens, mask = torch.cat([words, seg], dim=1), torch.cat([word_mask, seg_valid], dim=1)
-        lang = LanguageFeatures(tokens=tokens, mask=mask, queries=seg, query_mask=seg_valid)
-        q = _Queries(lang=lang, reject_logit=reject, lm_loss=lm, text=text, presence_logits=presence)
-        if region_logits is not None:
-            self._add_prior(q, batch, region_logits, vis.mask)
-        return q
-
-    def _add_prior(
-        self, q: _Queries, batch: MLLMBatch, region_logits: torch.Tensor, region_mask: torch.Tensor
-    ) -> None:
-        """Paint ``region_logits (B, T, K)`` through the batch's superpixels (in token order) into the
-        region prior ``(B, T, S, S)`` the head refines."""
-        assert self.projector is not None and batch.superpixels is not None
-        labels = self.projector.region_labels(batch.superpixels)  # (B, S, S) token order, -1 = none
-        if labels.shape[-2:] != batch.images.shape[-2:]:
-            raise ValueError(
-                f"superpixels: {tuple(labels.shape[-2:])} label maps, but the canvas is "
-                f"{tuple(batch.images.shape[-2:])}: the prior is painted on the canvas"
-            )
-        q.region_logits, q.region_mask, q.region_labels = region_logits, region_mask, labels
-        q.prior = paint_regions(region_logits, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
-
-    def _answer_present(
-        self,
-        reject_logit: torch.Tensor,
-        presence: torch.Tensor,
-        presence_embed: torch.Tensor,
-        seg: torch.Tensor,
-        seg_valid: torch.Tensor,
-        region_logits: torch.Tensor | None,
-        text: list[str],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
-        """``mllm.reject_from: pointer``: the pointer decides both ways. A row whose answer has no
-        ``[SEG]`` although its presence query finds a region (``sigmoid(reject_logit) <= reject_threshold``)
-        answers :func:`answer_text` (1) with one query: the prompt state's embedding ``presence_embed
-        (B, Dg)`` and region logits ``presence (B, 1, K)`` (the union of what the sentence names). The
-        other way, an answer with ``[SEG]`` whose presence query finds nothing, is
-        :meth:`_apply_reject_threshold`'s.
-        ``seg (B, T, Dg)``, ``seg_valid (B, T)`` and ``region_logits (B, T, K)`` grow to ``T = 1`` when
-        needed. With ``reject_threshold`` null the answer's text decides alone."""
-        threshold = self.cfg.reject_threshold
-        if threshold is None:
-            return seg, seg_valid, region_logits, text
-        rescue = ~seg_valid.any(1) & (torch.sigmoid(reject_logit.float()) <= threshold)  # (B,)
-        if not rescue.any():
-            return seg, seg_valid, region_logits, text
-        if seg.shape[1] == 0:  # no row has a [SEG]: one query slot
-            seg = seg.new_zeros(seg.shape[0], 1, seg.shape[2])
-            seg_valid = seg_valid.new_zeros(seg_valid.shape[0], 1)
-            if region_logits is not None:
-                region_logits = presence.new_full(presence.shape, MASKED_LOGIT)
-        seg, seg_valid = seg.clone(), seg_valid.clone()
-        seg[rescue, 0] = presence_embed[rescue].to(seg.dtype)
-        seg_valid[rescue, 0] = True
-        if region_logits is not None:
-            region_logits = region_logits.clone()
-            region_logits[rescue, 0] = presence[rescue, 0].to(region_logits.dtype)
-        text = [answer_text(1) if r else t for r, t in zip(rescue.tolist(), text, strict=True)]
-        return seg, seg_valid, region_logits, text
-
-    def _apply_reject_threshold(
-        self, reject_logit: torch.Tensor, seg_valid: torch.Tensor, text: list[str]
-    ) -> tuple[torch.Tensor, list[str]]:
-        """Rows whose no-target probability ``sigmoid(reject_logit) (B,)`` exceeds
-        ``cfg.reject_threshold`` answer :func:`answer_text` (0) and keep no ``[SEG]``: ``seg_valid (B, T)``
-        all False there. The reject head is a binary classifier on the same state that starts the
-        answer; it is trained with a class weight (``loss.no_target_pos_weight``), which the LM's
-        next-token loss over the whole vocabulary has no counterpart of."""
-        threshold = self.cfg.reject_threshold
-        if threshold is None:
-            return seg_valid, text
-        rejected = torch.sigmoid(reject_logit.float()) > threshold  # (B,)
-        if not rejected.any():
-            return seg_valid, text
-        text = [answer_text(0) if r else t for r, t in zip(rejected.tolist(), text, strict=True)]
-        return seg_valid & ~rejected[:, None], text
+        """The batch's ``VisualTokens (B, K, D)`` its query source reads: mllm ``(B, K, D_llm)`` in the
+        LLM's dtype; classic mode's pointer ``(B, K, pointer.dim)`` from the descriptors alone."""
+        return self.queries.visual_tokens(batch)
 
     # ---------------------------------------------------------------------------------- pixel side
 
@@ -463,27 +306,22 @@ class RISModel(nn.Module):
             TokenCountError: a sample's ``[SEG]`` count differs from its number of target masks.
             ConfigError: ``segment=False`` without a region pointer.
         """
-        if self.mode == "classic":
-            q = self._classic_queries(batch)
-        else:
-            q = self._mllm_queries(batch, generate=False, max_new_tokens=0)
+        q = self.queries.teacher_forced(batch)
         if not segment and q.prior is None:
             raise ConfigError(
                 "segment=False (pointer warm-up) needs the region pointer (mllm.pointer_dim / pointer.dim)"
             )
-        return self._finish(batch, q, with_loss=True, segment=segment and self.cfg.output_mode != "prior")
+        return self._finish(batch, q, with_loss=True, segment=segment and self.head is not None)
 
     @torch.no_grad()
     def generate(self, batch: RISBatch, *, max_new_tokens: int = 32) -> RISOutput:
         """Inference: mllm mode decodes the prompts (``Processor(answers=False)``) and segments one
         query per generated ``[SEG]``; classic mode is :meth:`forward` without losses."""
-        if self.mode == "classic":
-            q = self._classic_queries(batch)
-        else:
-            q = self._mllm_queries(batch, generate=True, max_new_tokens=max_new_tokens)
-        return self._finish(batch, q, with_loss=False, segment=self.cfg.output_mode != "prior")
+        threshold = self.cfg.reject_threshold
+        q = self.queries.decode(batch, max_new_tokens=max_new_tokens, reject_threshold=threshold)
+        return self._finish(batch, q, with_loss=False, segment=self.head is not None)
 
-    def _finish(self, batch: RISBatch, q: _Queries, *, with_loss: bool, segment: bool = True) -> RISOutput:
+    def _finish(self, batch: RISBatch, q: Queries, *, with_loss: bool, segment: bool = True) -> RISOutput:
         if segment:
             seg = self._segment(batch.images, q.lang, q.prior)
         else:  # the prior is the mask; its score: the most confident region's probability (B, T)
@@ -491,20 +329,15 @@ class RISModel(nn.Module):
                 raise ConfigError("output_mode prior needs a region pointer (mllm.pointer_dim, pointer.dim)")
             if q.region_logits.shape[-1]:
                 iou = torch.sigmoid(q.region_logits.float()).amax(-1).to(q.prior.dtype)
-                # mllm: the answer decided that there is a target; classic: no region above 0 = none
-                answered = q.reject_logit is not None
-                mask_logits = _best_region_painted(q.region_logits, q.region_labels) if answered else q.prior
+                # mllm: each query's best region at least; classic: the prior (no region above 0 = none)
+                mask_logits = self.queries.prior_masks(q)
             else:  # no region in the batch
                 iou = q.prior.new_zeros(q.prior.shape[:2])
                 mask_logits = q.prior
             mask_logits = mask_logits.to(q.prior.dtype)
             seg = _Segmentation(mask_logits=mask_logits, iou_pred=iou, head_up=mask_logits)
         masks, scores, from_sam = self._choose(seg)
-        if q.reject_logit is not None:
-            no_target_prob = torch.sigmoid(q.reject_logit.float())
-        else:  # classic: empty mask <=> every valid logit < 0 <=> this probability > 0.5
-            best = masks[:, 0].masked_fill(~batch.valid, float("-inf")).flatten(1).amax(1)  # (B,)
-            no_target_prob = 1.0 - torch.sigmoid(best.float())
+        no_target_prob = self.queries.no_target_prob(q, masks, batch.valid)  # (B,)
         out = RISOutput(
             loss=None,
             loss_terms={},
@@ -526,29 +359,17 @@ class RISModel(nn.Module):
         return out
 
     def _add_losses(
-        self, out: RISOutput, batch: RISBatch, q: _Queries, seg: _Segmentation, *, masks: bool = True
+        self, out: RISOutput, batch: RISBatch, q: Queries, seg: _Segmentation, *, masks: bool = True
     ) -> None:
         """Fill ``loss``, ``loss_terms`` and ``matched_targets`` (terms: :mod:`mllm_ris.modeling.losses`)."""
-        from mllm_ris.modeling.losses import match_targets, no_target_loss, pair_mask_losses, region_losses
+        from mllm_ris.modeling.losses import pair_mask_losses, region_losses
 
         cfg, extra = self.cfg.loss, self.loss_cfg
-        terms: dict[str, torch.Tensor] = {}
-        if self.mode == "classic":  # one query per expression, trained on the union (empty for no-target)
-            targets = batch.targets[:, None]  # (B, S, S) -> (B, 1, S, S)
-            pair_valid = torch.ones_like(batch.has_target)[:, None]  # (B, 1)
-            has_target = batch.has_target[:, None]  # (B, 1)
-        else:
-            assert isinstance(batch, MLLMBatch) and batch.target_masks is not None
-            assert q.lm_loss is not None and q.reject_logit is not None and batch.target_valid is not None
-            targets, pair_valid = batch.target_masks, batch.target_valid  # (B, T, S, S), (B, T)
-            has_target = pair_valid
-            if extra.match_targets and masks:
-                order = match_targets(seg.mask_logits, targets, pair_valid, batch.valid)  # (B, T)
-                targets = targets.gather(1, order[..., None, None].expand_as(targets))
-            terms["lm"] = extra.lm * q.lm_loss
-            terms["no_target"] = no_target_loss(
-                q.reject_logit, batch.has_target, extra.no_target, extra.no_target_pos_weight
-            )
+        # the source's slots and targets (classic: one per expression, on the union; mllm: one per
+        # target mask, matched) and its own terms (mllm: lm, no_target)
+        pairs = self.queries.pair_targets(batch, q, seg.mask_logits if masks else None, extra)
+        targets, pair_valid, has_target = pairs.targets, pairs.pair_valid, pairs.has_target
+        terms = dict(pairs.terms)
         if q.region_logits is not None:  # classic: a no-target expression's regions are all negatives
             assert q.region_mask is not None and q.region_labels is not None
             terms.update(
@@ -608,7 +429,7 @@ class RISModel(nn.Module):
         if not trainable:
             model.requires_grad_(False)
         if device is not None:
-            quantized = cfg.mode == "mllm" and cfg.mllm.quantization != "none"
+            quantized = model.mllm is not None and cfg.mllm.quantization != "none"
             for name, child in model.named_children():
                 if name != "mllm" or not quantized:
                     child.to(device)
@@ -656,17 +477,3 @@ def _imagenet_normalise(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return ((images - mean) / std).to(images.dtype)
-
-
-_BEST_REGION_LOGIT = 0.01  # the logit a query's best region is raised to when none is above 0 (prior mode)
-
-
-def _best_region_painted(region_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The prior-mode mask logits ``(B, T, S, S)``: the region logits ``(B, T, K)`` painted through
-    ``labels (B, S, S)``, each query's logits shifted up (when needed) so its best region is at least
-    ``_BEST_REGION_LOGIT``: a ``[SEG]`` always points at one region at least (whether there is a target
-    at all is the reject head's and the answer's decision, not the pointer's confidence)."""
-    logits = region_logits.float()
-    best = logits.amax(-1, keepdim=True)  # (B, T, 1)
-    shifted = logits + (_BEST_REGION_LOGIT - best).clamp_min(0.0)  # masked regions stay ~ -1e4
-    return paint_regions(shifted, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # (B, T, S, S)

@@ -35,29 +35,65 @@ derived for them; ``head``'s and ``prompts``' derived widths are null).
 With ``mllm.llava_path`` the LLaVA folder is read once: its LLM and tokenizer go to the grounding
 LLM, its vision tower is used unless ``vision.name_or_path`` is set, and its projector weights are
 loaded onto ``projector.mlp`` (``strict=False``; what loaded is recorded in ``notes``).
+
+**Query sources.** A :class:`~mllm_ris.modeling.model.RISModel` is a query source and a segmenter
+(pixel encoder + head, optional SAM stage; none in output mode prior). The query source is chosen here,
+once, by ``model.mode``::
+
+    TextQueries (classic)  texts ──TextEncoder──► words (B, L, D) + one query (B, 1, D)
+        (pointer.dim)      region descriptors ──projector──► regions (B, K, Dp)
+                           query, words, regions ──RegionPointer──► region logits (B, 1, K)
+    LLMQueries (mllm)      images ──VisionTower (projector.tower)──► (B, N, Cv) ──projector──► VisualTokens
+                           chat ──GroundingMLLM──► [SEG] embeddings (B, T, Dg), reject logit (B,), LM loss
+        (mllm.pointer_dim) region logits (B, T, K)
+
+Region logits are painted through the superpixels into the prior ``(B, T, S, S)`` the head refines.
+Each source answers what the model asks of it (:class:`QuerySource`): the queries of a training batch
+(``teacher_forced``) or of an inference batch (``decode``), the targets its queries are trained on
+(and its language-side loss terms), the prior-mode masks and the "no target" probability. A source is
+a plain object, not a module: its parts stay registered on the model under their own names
+(``parts()``: ``text_encoder``, ``vision``, ``projector``, ``mllm``, ``pointer``), so the state-dict
+keys are those of the parts alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.pointer import RegionPointer
-from mllm_ris.modeling.projector import VisualProjector, build_projector
+from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
+from mllm_ris.modeling.projector import VisualProjector, VisualTokens, build_projector
+from mllm_ris.processing.conversation import answer_text
+from mllm_ris.processing.processor import MLLMBatch, RISBatch
+from s2rm_head.types import LanguageFeatures
 
 # the parts a config may not use are imported where they are built
 if TYPE_CHECKING:
+    from torch import nn
+
     from mllm_ris.modeling.mllm import GroundingMLLM
-    from mllm_ris.modeling.model_config import ModelConfig
+    from mllm_ris.modeling.model_config import LossConfig, ModelConfig
     from mllm_ris.modeling.vision import VisionTower
     from s2rm_head.encoders.pixel import PixelEncoder
+    from s2rm_head.encoders.text import TextEncoder
     from s2rm_head.sam.stage import SAMStage
 
-__all__ = ["BuiltParts", "build_parts"]
+__all__ = [
+    "PRIOR_CLAMP",
+    "QUERY_PARTS",
+    "BuiltParts",
+    "LLMQueries",
+    "PairTargets",
+    "Queries",
+    "QuerySource",
+    "TextQueries",
+    "build_parts",
+    "tower_features",
+]
 
 
 @dataclass
@@ -192,6 +228,45 @@ def _classic_pointer(cfg: ModelConfig, text_dim: int) -> RegionPointer:
     )
 
 
+def _text_queries(cfg: ModelConfig, text: TextEncoder) -> tuple[TextQueries, Any]:
+    """Classic mode's query source around the built ``text`` encoder (with ``pointer.dim``: the
+    descriptor-only projector and the region pointer) and the resolved projector config."""
+    if cfg.pointer.dim is None:  # no projector
+        return TextQueries(text), _cleared(cfg.projector, "vision_dim", "llm_dim", "grid")
+    _check_classic_pointer(cfg)
+    proj_cfg = _derive("projector", cfg.projector, llm_dim=(cfg.pointer.dim, "pointer.dim"))
+    proj_cfg = _cleared(proj_cfg, "vision_dim", "grid")  # no tower
+    return TextQueries(text, build_projector(proj_cfg), _classic_pointer(cfg, text.dim)), proj_cfg
+
+
+def _llm_queries(cfg: ModelConfig, mllm: GroundingMLLM | None, notes: list[str]) -> tuple[LLMQueries, Any]:
+    """Mllm mode's query source (vision tower when ``projector.tower``, projector, grounding LLM) and
+    the resolved projector config."""
+    if cfg.pointer.dim is not None:
+        raise ConfigError("pointer.dim: the classic-mode pointer; in mllm mode set mllm.pointer_dim instead")
+    if cfg.mllm.pointer_dim is not None and cfg.projector.kind != "superpixel":
+        raise ConfigError(
+            "mllm.pointer_dim: the region pointer needs projector.kind superpixel, "
+            f"got {cfg.projector.kind!r}"
+        )
+    vision, mllm, projector_state = _mllm_side(cfg, mllm, notes)
+    proj_cfg = _derive("projector", cfg.projector, llm_dim=(mllm.hidden_size, "the LLM's hidden size"))
+    if vision is not None:
+        where = "the vision tower's"
+        proj_cfg = _derive(
+            "projector",
+            proj_cfg,
+            vision_dim=(vision.dim, f"{where} width"),
+            grid=(vision.grid, f"{where} grid"),
+        )
+    else:
+        proj_cfg = _cleared(proj_cfg, "vision_dim", "grid")
+    projector = build_projector(proj_cfg)
+    if projector_state:
+        notes.append(_load_projector_mlp(projector, projector_state, str(cfg.mllm.llava_path)))
+    return LLMQueries(vision, projector, mllm), proj_cfg
+
+
 def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> BuiltParts:
     """Build every part ``cfg`` asks for (rules in the module doc); ``mllm`` replaces ``cfg.mllm``'s."""
     notes: list[str] = []
@@ -212,45 +287,14 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
     pixel, share = _pixel_encoder(cfg, stage) if cfg.output_mode != "prior" else (None, False)
     if share:
         notes.append("pixel: sam-vit pyramid over SAM's image encoder (shared)")
-    kwargs: dict[str, Any] = {}
     resolved: dict[str, Any] = {}
-    lang_source = "the text encoder's width"
+    queries: QuerySource
     if text is not None:
-        kwargs["text_encoder"], lang_dim = text, text.dim
-        if cfg.pointer.dim is not None:
-            _check_classic_pointer(cfg)
-            proj_cfg = _derive("projector", cfg.projector, llm_dim=(cfg.pointer.dim, "pointer.dim"))
-            resolved["projector"] = proj_cfg = _cleared(proj_cfg, "vision_dim", "grid")  # no tower
-            kwargs.update(projector=build_projector(proj_cfg), pointer=_classic_pointer(cfg, text.dim))
-        else:  # no projector
-            resolved["projector"] = _cleared(cfg.projector, "vision_dim", "llm_dim", "grid")
+        queries, resolved["projector"] = _text_queries(cfg, text)
+        lang_dim, lang_source = text.dim, "the text encoder's width"
     else:
-        if cfg.pointer.dim is not None:
-            raise ConfigError(
-                "pointer.dim: the classic-mode pointer; in mllm mode set mllm.pointer_dim instead"
-            )
-        if cfg.mllm.pointer_dim is not None and cfg.projector.kind != "superpixel":
-            raise ConfigError(
-                "mllm.pointer_dim: the region pointer needs projector.kind superpixel, "
-                f"got {cfg.projector.kind!r}"
-            )
-        vision, mllm, projector_state = _mllm_side(cfg, mllm, notes)
-        proj_cfg = _derive("projector", cfg.projector, llm_dim=(mllm.hidden_size, "the LLM's hidden size"))
-        if vision is not None:
-            where = "the vision tower's"
-            proj_cfg = _derive(
-                "projector",
-                proj_cfg,
-                vision_dim=(vision.dim, f"{where} width"),
-                grid=(vision.grid, f"{where} grid"),
-            )
-        else:
-            proj_cfg = _cleared(proj_cfg, "vision_dim", "grid")
-        projector = build_projector(proj_cfg)
-        if projector_state:
-            notes.append(_load_projector_mlp(projector, projector_state, str(cfg.mllm.llava_path)))
-        kwargs.update(vision=vision, projector=projector, mllm=mllm)
-        resolved["projector"], lang_dim, lang_source = proj_cfg, mllm.seg_dim, "the grounding LLM's seg_dim"
+        llm_queries, resolved["projector"] = _llm_queries(cfg, mllm, notes)
+        queries, lang_dim, lang_source = llm_queries, llm_queries.mllm.seg_dim, "the grounding LLM's seg_dim"
     head = None
     if pixel is not None:  # the pixel side (not in output mode prior)
         from s2rm_head.heads.registry import build_head
@@ -277,8 +321,9 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         builder = build_prompt_builder(resolved["prompts"], stage.sam)
     else:
         resolved["prompts"] = _cleared(cfg.prompts, "grounding_dim")
-    kwargs.update(
+    kwargs: dict[str, Any] = dict(
         cfg=_replace(cfg, head=head_cfg, **resolved),
+        queries=queries,
         pixel_encoder=pixel,
         head=head,
         loss=cfg.loss,
@@ -287,3 +332,380 @@ def build_parts(cfg: ModelConfig, *, mllm: GroundingMLLM | None = None) -> Built
         share_sam_vit=share,
     )
     return BuiltParts(kwargs=kwargs, notes=notes)
+
+
+# ----------------------------------------------------------------------------- query sources
+
+PRIOR_CLAMP = 20.0  # region-prior logits are clamped to +-this before the head's residual is added
+QUERY_PARTS = ("text_encoder", "vision", "projector", "mllm", "pointer")  # names on RISModel, in order
+_BEST_REGION_LOGIT = 0.01  # the logit a query's best region is raised to when none is above 0 (prior mode)
+
+
+@dataclass
+class Queries:
+    """Language side of one batch: head input, SAM's sparse-prompt queries and the source's extras."""
+
+    lang: LanguageFeatures
+    reject_logit: torch.Tensor | None = None  # (B,) mllm only
+    lm_loss: torch.Tensor | None = None
+    text: list[str] | None = None
+    region_logits: torch.Tensor | None = None  # (B, T, K) pointer scores
+    region_mask: torch.Tensor | None = None  # (B, K) real regions
+    region_labels: torch.Tensor | None = None  # (B, S, S) region id per pixel, -1 = none
+    prior: torch.Tensor | None = None  # (B, T, S, S) clamped painted scores
+    presence_logits: torch.Tensor | None = None  # (B, 1, K) mllm.reject_from pointer: the reject query
+
+
+@dataclass
+class PairTargets:
+    """What a batch's query slots are trained on: ``targets (B, T, S, S)`` in query order,
+    ``pair_valid (B, T)`` (the slots with a loss), ``has_target (B, T)`` and the source's own
+    language-side loss ``terms`` (weighted; mllm: ``lm``, ``no_target``)."""
+
+    targets: torch.Tensor
+    pair_valid: torch.Tensor
+    has_target: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class QuerySource(Protocol):
+    """What :class:`~mllm_ris.modeling.model.RISModel` asks of the part that makes its queries."""
+
+    mode: str  # the ``model.mode`` it implements: classic / mllm
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The modules it holds by their names on the model (a subset of :data:`QUERY_PARTS`)."""
+        ...
+
+    def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
+        """The batch's region / patch tokens ``(B, K, D)`` (those its pointer or LLM reads)."""
+        ...
+
+    def teacher_forced(self, batch: RISBatch) -> Queries:
+        """The queries of a training batch (mllm: answered chats, with the LM loss)."""
+        ...
+
+    def decode(self, batch: RISBatch, *, max_new_tokens: int, reject_threshold: float | None) -> Queries:
+        """The queries of an inference batch (mllm: the answers are generated)."""
+        ...
+
+    def pair_targets(
+        self, batch: RISBatch, q: Queries, mask_logits: torch.Tensor | None, loss: LossConfig
+    ) -> PairTargets:
+        """The targets of ``q``'s query slots; ``mask_logits (B, T, h, w)`` (None without the pixel
+        side) may reorder them (``loss.match_targets``)."""
+        ...
+
+    def prior_masks(self, q: Queries) -> torch.Tensor:
+        """Output mode ``prior``: the mask logits ``(B, T, S, S)`` from ``q``'s (non-empty) region logits."""
+        ...
+
+    def no_target_prob(self, q: Queries, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` probability that nothing matches, from ``q`` or the final ``masks (B, T, S, S)``."""
+        ...
+
+
+def tower_features(
+    vision: VisionTower | None, projector: VisualProjector | None, images: torch.Tensor
+) -> torch.Tensor | None:
+    """Images ``(B, 3, S, S)`` (the letterbox, [0, 1] RGB) → the vision tower's patch features
+    ``(B, N, Cv)`` in the projector's dtype; None without a tower (``projector.tower`` false)."""
+    if vision is None or projector is None:
+        return None
+    feats = vision(vision.preprocess(images))  # (B, N, Cv): resized, the tower's mean / std
+    return feats.to(next(projector.parameters()).dtype)  # a bf16 tower feeds a fp32 projector
+
+
+def _project(projector: VisualProjector, feats: torch.Tensor | None, batch: MLLMBatch) -> VisualTokens:
+    """Tower features ``(B, N, Cv)`` (None: descriptors alone) → ``VisualTokens (B, K, D)``."""
+    if projector.cfg.kind == "superpixel" and batch.superpixels is None:
+        raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
+    if projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors)
+        return projector(feats, batch.superpixels, batch.regions)  # embeds (B, K, D), mask (B, K)
+    return projector(feats, batch.superpixels)
+
+
+def _add_prior(
+    q: Queries,
+    projector: VisualProjector,
+    batch: MLLMBatch,
+    region_logits: torch.Tensor,
+    region_mask: torch.Tensor,
+) -> None:
+    """Paint ``region_logits (B, T, K)`` through the batch's superpixels (in token order) into the
+    region prior ``(B, T, S, S)`` the head refines."""
+    assert batch.superpixels is not None
+    labels = projector.region_labels(batch.superpixels)  # (B, S, S) token order, -1 = none
+    if labels.shape[-2:] != batch.images.shape[-2:]:
+        raise ValueError(
+            f"superpixels: {tuple(labels.shape[-2:])} label maps, but the canvas is "
+            f"{tuple(batch.images.shape[-2:])}: the prior is painted on the canvas"
+        )
+    q.region_logits, q.region_mask, q.region_labels = region_logits, region_mask, labels
+    q.prior = paint_regions(region_logits, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
+
+
+class TextQueries:
+    """Classic mode: one expression per image (``T = 1``) through the text encoder; with the region
+    pointer (``pointer.dim``, a descriptor-only ``projector``) also its scores of the batch's regions.
+
+    A multi-target expression is trained on the union of its targets, a no-target one on an empty mask,
+    and an empty predicted mask means "no target"."""
+
+    mode = "classic"
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        projector: VisualProjector | None = None,
+        pointer: RegionPointer | None = None,
+    ) -> None:
+        if text_encoder is None:
+            raise ConfigError("mode: classic needs a text encoder and no vision tower / mllm")
+        if (projector is None) != (pointer is None):
+            raise ConfigError("mode: classic takes a projector exactly with its region pointer (pointer.dim)")
+        self.text_encoder, self.projector, self.pointer = text_encoder, projector, pointer
+
+    def parts(self) -> dict[str, nn.Module]:
+        found = {"text_encoder": self.text_encoder, "projector": self.projector, "pointer": self.pointer}
+        return {name: part for name, part in found.items() if part is not None}
+
+    def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
+        """The pointer's region tokens ``(B, K, pointer.dim)`` from the descriptors alone (no tower), in
+        the projector's dtype."""
+        assert self.projector is not None
+        return _project(self.projector, None, batch)
+
+    def teacher_forced(self, batch: RISBatch) -> Queries:
+        """The text encoder's words ``(B, L, D)`` and sentence query ``(B, 1, D)``; with the region
+        pointer also its scores ``(B, 1, K)`` of the batch's region tokens and their painted prior."""
+        if batch.images.shape[0] != len(batch.texts):
+            raise ValueError(
+                f"images: {batch.images.shape[0]}, texts: {len(batch.texts)}; need one expression per image"
+            )
+        q = Queries(lang=self.text_encoder.encode(batch.texts, device=batch.images.device))
+        if self.pointer is None:
+            return q
+        assert self.projector is not None
+        if not isinstance(batch, MLLMBatch) or batch.superpixels is None or batch.regions is None:
+            raise ValueError(
+                "batch: the classic region pointer needs superpixels and region descriptors "
+                "(build_processor(model) makes them)"
+            )
+        vis = self.visual_tokens(batch)  # embeds (B, K, D), mask (B, K)
+        lang = q.lang
+        logits = self.pointer(lang.queries, vis.embeds, vis.mask, words=lang.tokens, word_mask=lang.mask)
+        _add_prior(q, self.projector, batch, logits, vis.mask)  # (B, 1, K) -> prior (B, 1, S, S)
+        return q
+
+    def decode(self, batch: RISBatch, *, max_new_tokens: int, reject_threshold: float | None) -> Queries:
+        """The same queries as for training (nothing is generated; both options are the LLM's)."""
+        return self.teacher_forced(batch)
+
+    def pair_targets(
+        self, batch: RISBatch, q: Queries, mask_logits: torch.Tensor | None, loss: LossConfig
+    ) -> PairTargets:
+        """One query per expression, trained on the union (empty for no-target); no terms of its own
+        (a no-target expression's regions are all negatives of the pointer's losses)."""
+        return PairTargets(
+            targets=batch.targets[:, None],  # (B, S, S) -> (B, 1, S, S)
+            pair_valid=torch.ones_like(batch.has_target)[:, None],  # (B, 1)
+            has_target=batch.has_target[:, None],  # (B, 1)
+            terms={},
+        )
+
+    def prior_masks(self, q: Queries) -> torch.Tensor:
+        """The prior itself: no region above 0 means no target."""
+        assert q.prior is not None
+        return q.prior
+
+    def no_target_prob(self, q: Queries, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``1 - sigmoid(max valid logit of masks)``: > 0.5 exactly when the mask is empty."""
+        best = masks[:, 0].masked_fill(~valid, float("-inf")).flatten(1).amax(1)  # (B,)
+        return 1.0 - torch.sigmoid(best.float())
+
+
+class LLMQueries:
+    """Mllm mode: the visual tokens (vision tower when ``projector.tower``, projector) spliced into the
+    chat; the grounding LLM gives one query per ``[SEG]``, its reject logit and (``mllm.pointer_dim``)
+    its region pointer's scores."""
+
+    mode = "mllm"
+
+    def __init__(self, vision: VisionTower | None, projector: VisualProjector, mllm: GroundingMLLM) -> None:
+        if projector is None or mllm is None:
+            raise ConfigError("mode: mllm needs a projector and mllm and no text encoder")
+        if (vision is None) == projector.cfg.tower:
+            raise ConfigError("mode: mllm needs a vision tower exactly when projector.tower is on")
+        self.vision, self.projector, self.mllm = vision, projector, mllm
+
+    def parts(self) -> dict[str, nn.Module]:
+        found = {"vision": self.vision, "projector": self.projector, "mllm": self.mllm}
+        return {name: part for name, part in found.items() if part is not None}
+
+    def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
+        """Images ``(B, 3, S, S)`` (the letterbox, [0, 1] RGB) → ``VisualTokens (B, K, D_llm)`` in the
+        LLM's embedding dtype."""
+        feats = tower_features(self.vision, self.projector, batch.images)  # None: descriptors alone
+        vis = _project(self.projector, feats, batch)
+        # parameters(), not .weight: on peft's token-row wrapper .weight builds the merged matrix
+        dtype = next(self.mllm.llm.get_input_embeddings().parameters()).dtype
+        return VisualTokens(embeds=vis.embeds.to(dtype), mask=vis.mask)
+
+    @staticmethod
+    def _checked(batch: RISBatch) -> MLLMBatch:
+        if not isinstance(batch, MLLMBatch) or batch.input_ids is None or batch.attention_mask is None:
+            raise ValueError("batch: mllm mode needs an MLLMBatch with input_ids (use Processor)")
+        return batch
+
+    def teacher_forced(self, batch: RISBatch) -> Queries:
+        """The ``[SEG]`` states of the answered chats (``Processor(answers=True)``), with the LM loss."""
+        batch = self._checked(batch)
+        vis = self.visual_tokens(batch)
+        labels = batch.labels
+        if labels is None or not (labels != -100).any(dim=1).all():
+            raise ValueError(
+                "batch: forward() trains on answered chats (Processor(answers=True)); "
+                "use generate() for prompts"
+            )
+        counts = batch.target_counts if batch.target_valid is not None else None
+        out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
+        q = self._queries(out.seg_embeds, out.seg_valid, out.word_states, out.word_mask)
+        q.reject_logit, q.lm_loss, q.presence_logits = out.reject_logit, out.loss, out.presence_logits
+        if out.region_logits is not None:
+            _add_prior(q, self.projector, batch, out.region_logits, vis.mask)
+        return q
+
+    def decode(self, batch: RISBatch, *, max_new_tokens: int, reject_threshold: float | None) -> Queries:
+        """Generate the answers of the prompts (``Processor(answers=False)``): one query per ``[SEG]``;
+        ``reject_threshold`` (``model.reject_threshold``) lets the reject head overrule the text."""
+        batch = self._checked(batch)
+        vis = self.visual_tokens(batch)
+        gen = self.mllm.generate(batch.input_ids, batch.attention_mask, vis, max_new_tokens=max_new_tokens)
+        seg, seg_valid, reject, text = gen.seg_embeds, gen.seg_valid, gen.reject_logit, gen.text
+        region_logits = gen.region_logits
+        if gen.presence_logits is not None and gen.presence_embed is not None:
+            seg, seg_valid, region_logits, text = _answer_present(
+                reject_threshold,
+                reject,
+                gen.presence_logits,
+                gen.presence_embed,
+                seg,
+                seg_valid,
+                region_logits,
+                text,
+            )
+        seg_valid, text = _apply_reject_threshold(reject_threshold, reject, seg_valid, text)
+        q = self._queries(seg, seg_valid, gen.word_states, gen.word_mask)
+        q.reject_logit, q.text, q.presence_logits = reject, text, gen.presence_logits
+        if region_logits is not None:
+            _add_prior(q, self.projector, batch, region_logits, vis.mask)
+        return q
+
+    @staticmethod
+    def _queries(
+        seg: torch.Tensor, seg_valid: torch.Tensor, words: torch.Tensor | None, word_mask: torch.Tensor | None
+    ) -> Queries:
+        """Each (image, ``[SEG]``) pair is one query; the head's "words" are the sample's ``[SEG]``
+        embeddings, after the prompt's text-token states when ``mllm.word_states`` is on."""
+        tokens, mask = seg, seg_valid
+        if words is not None and word_mask is not None:
+            tokens, mask = torch.cat([words, seg], dim=1), torch.cat([word_mask, seg_valid], dim=1)
+        return Queries(lang=LanguageFeatures(tokens=tokens, mask=mask, queries=seg, query_mask=seg_valid))
+
+    def pair_targets(
+        self, batch: RISBatch, q: Queries, mask_logits: torch.Tensor | None, loss: LossConfig
+    ) -> PairTargets:
+        """One slot per target mask (matched to the queries by ``mask_logits`` when
+        ``loss.match_targets``); terms ``lm`` and ``no_target``."""
+        from mllm_ris.modeling.losses import match_targets, no_target_loss
+
+        assert isinstance(batch, MLLMBatch) and batch.target_masks is not None
+        assert q.lm_loss is not None and q.reject_logit is not None and batch.target_valid is not None
+        targets, pair_valid = batch.target_masks, batch.target_valid  # (B, T, S, S), (B, T)
+        if loss.match_targets and mask_logits is not None:
+            order = match_targets(mask_logits, targets, pair_valid, batch.valid)  # (B, T)
+            targets = targets.gather(1, order[..., None, None].expand_as(targets))
+        terms = {
+            "lm": loss.lm * q.lm_loss,
+            "no_target": no_target_loss(
+                q.reject_logit, batch.has_target, loss.no_target, loss.no_target_pos_weight
+            ),
+        }
+        return PairTargets(targets=targets, pair_valid=pair_valid, has_target=pair_valid, terms=terms)
+
+    def prior_masks(self, q: Queries) -> torch.Tensor:
+        """Each query's best region at least painted: the answer decided that there is a target."""
+        assert q.region_logits is not None and q.region_labels is not None
+        return _best_region_painted(q.region_logits, q.region_labels)
+
+    def no_target_prob(self, q: Queries, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The sigmoid of the reject logit."""
+        assert q.reject_logit is not None
+        return torch.sigmoid(q.reject_logit.float())
+
+
+def _answer_present(
+    threshold: float | None,
+    reject_logit: torch.Tensor,
+    presence: torch.Tensor,
+    presence_embed: torch.Tensor,
+    seg: torch.Tensor,
+    seg_valid: torch.Tensor,
+    region_logits: torch.Tensor | None,
+    text: list[str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+    """``mllm.reject_from: pointer``: the pointer decides both ways. A row whose answer has no
+    ``[SEG]`` although its presence query finds a region (``sigmoid(reject_logit) <= threshold``)
+    answers :func:`answer_text` (1) with one query: the prompt state's embedding ``presence_embed
+    (B, Dg)`` and region logits ``presence (B, 1, K)`` (the union of what the sentence names). The
+    other way, an answer with ``[SEG]`` whose presence query finds nothing, is
+    :func:`_apply_reject_threshold`'s.
+    ``seg (B, T, Dg)``, ``seg_valid (B, T)`` and ``region_logits (B, T, K)`` grow to ``T = 1`` when
+    needed. With ``threshold`` (``model.reject_threshold``) null the answer's text decides alone."""
+    if threshold is None:
+        return seg, seg_valid, region_logits, text
+    rescue = ~seg_valid.any(1) & (torch.sigmoid(reject_logit.float()) <= threshold)  # (B,)
+    if not rescue.any():
+        return seg, seg_valid, region_logits, text
+    if seg.shape[1] == 0:  # no row has a [SEG]: one query slot
+        seg = seg.new_zeros(seg.shape[0], 1, seg.shape[2])
+        seg_valid = seg_valid.new_zeros(seg_valid.shape[0], 1)
+        if region_logits is not None:
+            region_logits = presence.new_full(presence.shape, MASKED_LOGIT)
+    seg, seg_valid = seg.clone(), seg_valid.clone()
+    seg[rescue, 0] = presence_embed[rescue].to(seg.dtype)
+    seg_valid[rescue, 0] = True
+    if region_logits is not None:
+        region_logits = region_logits.clone()
+        region_logits[rescue, 0] = presence[rescue, 0].to(region_logits.dtype)
+    text = [answer_text(1) if r else t for r, t in zip(rescue.tolist(), text, strict=True)]
+    return seg, seg_valid, region_logits, text
+
+
+def _apply_reject_threshold(
+    threshold: float | None, reject_logit: torch.Tensor, seg_valid: torch.Tensor, text: list[str]
+) -> tuple[torch.Tensor, list[str]]:
+    """Rows whose no-target probability ``sigmoid(reject_logit) (B,)`` exceeds ``threshold``
+    (``model.reject_threshold``) answer :func:`answer_text` (0) and keep no ``[SEG]``: ``seg_valid
+    (B, T)`` all False there. The reject head is a binary classifier on the same state that starts the
+    answer; it is trained with a class weight (``loss.no_target_pos_weight``), which the LM's
+    next-token loss over the whole vocabulary has no counterpart of."""
+    if threshold is None:
+        return seg_valid, text
+    rejected = torch.sigmoid(reject_logit.float()) > threshold  # (B,)
+    if not rejected.any():
+        return seg_valid, text
+    text = [answer_text(0) if r else t for r, t in zip(rejected.tolist(), text, strict=True)]
+    return seg_valid & ~rejected[:, None], text
+
+
+def _best_region_painted(region_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The prior-mode mask logits ``(B, T, S, S)``: the region logits ``(B, T, K)`` painted through
+    ``labels (B, S, S)``, each query's logits shifted up (when needed) so its best region is at least
+    ``_BEST_REGION_LOGIT``: a ``[SEG]`` always points at one region at least (whether there is a target
+    at all is the reject head's and the answer's decision, not the pointer's confidence)."""
+    logits = region_logits.float()
+    best = logits.amax(-1, keepdim=True)  # (B, T, 1)
+    shifted = logits + (_BEST_REGION_LOGIT - best).clamp_min(0.0)  # masked regions stay ~ -1e4
+    return paint_regions(shifted, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # (B, T, S, S)
