@@ -50,8 +50,7 @@ from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.pointer import RegionPointer, paint_regions, pointer_loss
 from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.modeling.projector import VisualTokens, descriptor_features
-from mllm_ris.processing.memo import digest
-from mllm_ris.processing.regions import COLOR_DIM, SHAPE_SIZE, RegionDescriptorBatch
+from mllm_ris.processing.regions import COLOR_DIM, SHAPE_SIZE, RegionDescriptorBatch, digest
 
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_WORDS = 24

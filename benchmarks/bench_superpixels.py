@@ -113,7 +113,7 @@ def _count(masks: list[np.ndarray], into: list[int]) -> list[np.ndarray]:
 def _small(gen: SAMSuperpixels, image: np.ndarray) -> np.ndarray:
     """The RGB image the generator segments (downscaled to ``max_side``)."""
     from mllm_ris.modeling.superpixels import _downscale
-    from mllm_ris.processing.labels import as_rgb
+    from mllm_ris.processing.regions import as_rgb
 
     return _downscale(as_rgb(image), gen.cfg.max_side)
 

@@ -28,8 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.processing.labels import keep_largest, relabel, token_order_labels
-from mllm_ris.processing.regions import COLOR_DIM, GEOMETRY_DIM, SHAPE_SIZE, RegionDescriptorBatch
+from mllm_ris.processing.regions import (
+    COLOR_DIM,
+    GEOMETRY_DIM,
+    SHAPE_SIZE,
+    RegionDescriptorBatch,
+    keep_largest,
+    relabel,
+    token_order_labels,
+)
 
 __all__ = [
     "GEOMETRY_FEATURES",

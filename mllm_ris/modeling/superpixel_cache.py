@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mllm_ris.processing.labels import as_rgb
+from mllm_ris.processing.regions import as_rgb
 
 if TYPE_CHECKING:
     from mllm_ris.modeling.superpixels import SuperpixelGenerator

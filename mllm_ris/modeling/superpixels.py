@@ -33,7 +33,7 @@ from skimage.color import rgb2lab
 from skimage.segmentation import slic
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.processing.labels import SuperpixelInputError, as_rgb
+from mllm_ris.processing.regions import SuperpixelInputError, as_rgb
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam

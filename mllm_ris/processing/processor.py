@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from mllm_ris.processing.conversation import ChatTemplate, Turn, collate_conversations
-from mllm_ris.processing.labels import token_order_labels
-from mllm_ris.processing.memo import LruMemo, digest
 from mllm_ris.processing.regions import (
+    LruMemo,
     RegionDescriptorBatch,
     RegionDescriptors,
     batch_region_descriptors,
+    digest,
     region_descriptors,
+    token_order_labels,
 )
 
 __all__ = [

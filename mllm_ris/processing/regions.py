@@ -1,4 +1,16 @@
-"""Region descriptors and targets: what the model knows about each superpixel, and which ones a mask picks.
+"""Superpixel regions: their label maps, descriptors and targets: what the model knows about each superpixel,
+and which ones a mask picks.
+
+Label maps (the input and numbering every region consumer shares):
+
+* the generators' input check: any image array → ``(H, W, 3) uint8`` RGB, or a one-line error
+  (:func:`as_rgb`; shared by the generators, :mod:`mllm_ris.modeling.superpixels`, and their disk
+  cache, :mod:`mllm_ris.modeling.superpixel_cache`, which keys files on the normalised image);
+* label maps in token order (:func:`token_order_labels`, :func:`relabel`, :func:`keep_largest`): the one
+  numbering that region tokens, region descriptors and the painted region prior share (region ``k`` of an
+  image = its ``k``-th visual token).
+
+Descriptors and targets:
 
 Inputs are a letterboxed canvas ``(H, W, 3) uint8`` (``H == W == S`` in the pipeline, but any size works) and
 its superpixel label map ``(H, W)`` int with ids ``0..K-1``; ``-1`` marks letterbox padding, which belongs to
@@ -28,14 +40,21 @@ regions can produce (the *superpixel ceiling*), measured by :func:`superpixel_ce
 Cost of :func:`region_descriptors` (2-core dev machine shared with other jobs, load 3-6; numpy 2.4,
 scikit-image 0.26; random image, Voronoi label maps; best / mean of 20 runs): 128×128 with 20 regions
 4.2 / 4.7-7.8 ms; 512×512 with 60 regions 87 / 108 ms, of which ``rgb2lab`` is ~55 ms, the bincounts and
-index gathers most of the rest; the loop over regions for the 16×16 crops is a few ms. Cache per image.
+index gathers most of the rest; the loop over regions for the 16×16 crops is a few ms. Cache per image: the
+processor keeps them in an :class:`LruMemo` keyed by :func:`digest` of the canvas and labels (a bounded
+least-recently-used memo keyed by array bytes, which a frozen vision tower uses for its features too;
+``functools.lru_cache`` needs hashable arguments and bounds by entry count only, here the bound may be a
+cost, e.g. bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -49,16 +68,23 @@ __all__ = [
     "GEOMETRY_DIM",
     "GEOMETRY_FIELDS",
     "SHAPE_SIZE",
+    "LruMemo",
     "RegionDescriptorBatch",
     "RegionDescriptors",
     "RegionInputError",
+    "SuperpixelInputError",
+    "as_rgb",
     "batch_region_descriptors",
+    "digest",
+    "keep_largest",
     "oracle_mask",
     "region_coverage",
     "region_descriptors",
     "region_targets",
+    "relabel",
     "superpixel_ceiling_counts",
     "superpixel_ceiling_iou",
+    "token_order_labels",
 ]
 
 SHAPE_SIZE = 16
@@ -72,6 +98,91 @@ _COV_SCALE = 12.0
 
 class RegionInputError(MllmRisError, ValueError):
     """A canvas, label map or target mask has the wrong dtype or shape, or they do not fit each other."""
+
+
+# ----------------------------------------------------------------------------- label maps
+
+
+class SuperpixelInputError(MllmRisError, ValueError):
+    """The image given to a superpixel generator has the wrong type, dtype, shape or is empty."""
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Validate and normalise an image to ``(H, W, 3) uint8``.
+
+    Accepted: ``(H, W, 3)`` RGB, ``(H, W)`` / ``(H, W, 1)`` grey (replicated), ``(H, W, 4)`` RGBA
+    (alpha ignored). Only ``uint8``: float images are refused because their range (0-1 or 0-255)
+    is ambiguous.
+    """
+    if not isinstance(image, np.ndarray):
+        raise SuperpixelInputError(f"image: expected a numpy array, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if image.dtype != np.uint8:
+        raise SuperpixelInputError(f"image: expected dtype uint8 (0-255), got {image.dtype}")
+    image = image[:, :, None] if image.ndim == 2 else image
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise SuperpixelInputError(f"image: expected shape (H, W, 3), (H, W, 4) or (H, W), got {shape}")
+    if image.size == 0:
+        raise SuperpixelInputError(f"image: empty image of shape {shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)  # (H, W, 1) -> (H, W, 3)
+    return np.ascontiguousarray(image[:, :, :3])  # RGBA -> RGB
+
+
+def token_order_labels(superpixels: torch.Tensor, *, max_tokens: int | None = None) -> torch.Tensor:
+    """``(B, H', W')`` label maps (any integer ids, negative = no region) → ``(B, H', W')`` long ids
+    ``0..K_b-1`` in increasing id order, ``-1`` = no region; with ``max_tokens`` only each image's
+    largest ``max_tokens`` regions keep an id (:func:`keep_largest`)."""
+    dense, total = relabel(superpixels.long())
+    if max_tokens is not None:
+        dense = keep_largest(dense, total, max_tokens)
+    return dense
+
+
+def relabel(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels (B, H', W')`` any integer ids (negative = no region) → consecutive ids per image in
+    increasing id order ``(B, H', W')`` (-1 kept) and the region count per image ``(B,)``.
+
+    Counting ids (``bincount``) replaces a per-image sort; sparse huge ids are first compacted with
+    one ``torch.unique`` over the batch.
+    """
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1)
+    valid = flat >= 0
+    if not bool(valid.any()):
+        return torch.full_like(labels, -1), torch.zeros(b, dtype=torch.long, device=labels.device)
+    m = int(flat.max()) + 1
+    if m > flat.numel():  # sparse ids: compact them (keeps their order) before counting
+        compact = torch.unique(flat[valid], return_inverse=True)[1]
+        flat = torch.full_like(flat, -1).masked_scatter(valid, compact)
+        m = int(compact.max()) + 1
+    rows = torch.arange(b, device=labels.device)[:, None]
+    index = rows * m + flat.clamp_min(0)  # (B, P) id in a per-image block of m
+    present = torch.bincount(index[valid], minlength=b * m).view(b, m) > 0  # (B, m)
+    rank = present.cumsum(1) - 1  # (B, m) consecutive id of each present label
+    dense = torch.where(valid, rank.gather(1, flat.clamp_min(0)), -1)
+    return dense.view_as(labels), present.sum(1)
+
+
+def keep_largest(dense: torch.Tensor, total: torch.Tensor, cap: int) -> torch.Tensor:
+    """Keep each image's ``cap`` regions with the most pixels (ties: smaller id), renumbered in id order;
+    the others become -1. ``dense (B, H', W')`` consecutive ids, ``total (B,)`` regions per image."""
+    b = dense.shape[0]
+    k0 = int(total.max()) if b else 0
+    if k0 <= cap:
+        return dense
+    flat = dense.reshape(b, -1)
+    valid = flat >= 0
+    rows = torch.arange(b, device=dense.device)[:, None]
+    area = torch.bincount((rows * k0 + flat.clamp_min(0))[valid], minlength=b * k0).view(b, k0)
+    order = torch.sort(-area, dim=1, stable=True).indices  # largest first; ties: smaller id; absent ids last
+    chosen = torch.arange(k0, device=dense.device)[None, :] < total.clamp(max=cap)[:, None]  # (B, k0)
+    selected = torch.zeros_like(chosen).scatter(1, order, chosen)  # (B, k0) by region id
+    remap = torch.where(selected, selected.cumsum(1) - 1, -1)  # kept regions renumbered in id order
+    return torch.where(valid, remap.gather(1, flat.clamp_min(0)), -1).view_as(dense)
+
+
+# ----------------------------------------------------------------------------- descriptors
 
 
 class RegionDescriptors(NamedTuple):
@@ -365,3 +476,57 @@ def superpixel_ceiling_iou(
     """IoU ``(T,)`` float64 of the oracle mask with each true mask (empty target and empty oracle: 1)."""
     inter, union = superpixel_ceiling_counts(labels, target_masks, threshold, num_regions=num_regions)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+# ----------------------------------------------------------------------------- the descriptor memo
+
+V = TypeVar("V")
+
+
+def digest(*arrays: np.ndarray) -> bytes:
+    """A 16-byte BLAKE2b digest of the arrays' raw bytes, in order (shape and dtype are the caller's)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
+class LruMemo(Generic[V]):
+    """Values by key, least recently used dropped first once the summed ``cost`` exceeds ``capacity``
+    (the newest value is always kept, even if it alone exceeds it).
+
+    Args:
+        capacity: the bound on the summed cost.
+        cost: the cost of one value (default 1: ``capacity`` counts entries).
+    """
+
+    def __init__(self, capacity: float, cost: Callable[[V], float] = lambda value: 1) -> None:
+        self.capacity = capacity
+        self.cost = cost
+        self.used = 0.0
+        self._items: OrderedDict[bytes, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes) -> V | None:
+        """The value under ``key`` (now the most recently used), or None."""
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: V) -> None:
+        """Store ``value`` under ``key`` (a no-op if present), then drop the oldest values over capacity."""
+        if key in self._items:
+            return
+        self._items[key] = value
+        self.used += self.cost(value)
+        while self.used > self.capacity and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.used -= self.cost(old)
+
+    def clear(self) -> None:
+        """Drop every value."""
+        self._items.clear()
+        self.used = 0.0
