@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mllm_ris.data.sample import RISSample
-from mllm_ris.modeling.tokens import SEG_TOKEN, add_grounding_tokens, load_tokenizer
+from mllm_ris.modeling.llm import SEG_TOKEN, add_grounding_tokens, load_tokenizer
 from mllm_ris.processing.conversation import IGNORE_INDEX
 from mllm_ris.processing.processor import Processor, RISTransform, letterbox_labels, letterbox_masks
 

@@ -12,10 +12,10 @@ from test_model_kit import SIZE, TEMPLATE, synth_samples, tiny_cfg
 
 from mllm_ris.errors import CheckpointError
 from mllm_ris.eval.evaluate import Predictor
+from mllm_ris.modeling.llm import TokenCountError
 from mllm_ris.modeling.losses import match_targets
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
-from mllm_ris.modeling.tokens import TokenCountError
 
 MODES = [(m, o) for m in ("classic", "mllm") for o in ("direct", "sam", "auto")]
 

@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 from mllm_ris.cli import main
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.lora import random_causal_lm
+from mllm_ris.modeling.llm import ensure_special_tokens, load_tokenizer, random_causal_lm
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.tokens import ensure_special_tokens, load_tokenizer
 from mllm_ris.training.checkpoint import consolidated_state_dict
 from mllm_ris.training.ris_task import RISTask, tie_all_parameters
 from mllm_ris.training.sampling import MixtureSampler, build_mixture

@@ -31,21 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.lora import (
-    MLLMConfig,
-    apply_lora,
-    base_state_dict,
-    enable_gradient_checkpointing,
-    load_causal_lm,
-    merge_lora,
-    peft_deprecations_silenced,
-    prepare_for_training,
-    random_causal_lm,
-)
-from mllm_ris.modeling.model_io import check_state_fits
-from mllm_ris.modeling.pointer import RegionPointer
-from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.modeling.tokens import (
+from mllm_ris.modeling.llm import (
     IMAGE_TOKEN,
     GroundingTokenIds,
     TokenCountError,
@@ -53,10 +39,16 @@ from mllm_ris.modeling.tokens import (
     check_token_counts,
     count_tokens,
     ensure_special_tokens,
+    load_causal_lm,
     load_tokenizer,
+    random_causal_lm,
 )
+from mllm_ris.modeling.model_config import MLLMConfig
+from mllm_ris.modeling.model_io import check_state_fits
+from mllm_ris.modeling.pointer import RegionPointer
+from mllm_ris.modeling.projector import VisualTokens
 
-if TYPE_CHECKING:  # peft is imported where it is used (its import costs seconds)
+if TYPE_CHECKING:  # peft and LoRA (lora.py) are imported where they are used (peft's import costs seconds)
     from peft import PeftModel
 
 __all__ = ["GroundingGeneration", "GroundingMLLM", "GroundingOutput", "MLLMConfig", "build_grounding_mllm"]
@@ -590,6 +582,8 @@ class GroundingMLLM(nn.Module):
 
     def merge_lora(self) -> None:
         """Fold the LoRA adapters and token rows into the LLM weights (export; no-op without LoRA)."""
+        from mllm_ris.modeling.lora import merge_lora
+
         self.llm = merge_lora(self.llm)
 
     def _heads(self) -> dict[str, nn.Module]:
@@ -624,6 +618,8 @@ class GroundingMLLM(nn.Module):
             {k: v.detach().contiguous() for k, v in self._heads_state().items()}, str(folder / _HEADS_FILE)
         )
         from peft import PeftModel
+
+        from mllm_ris.modeling.lora import base_state_dict
 
         if isinstance(self.llm, PeftModel):
             self.llm.save_pretrained(str(folder / "adapter"))
@@ -672,6 +668,8 @@ class GroundingMLLM(nn.Module):
         )
         token_ids = add_grounding_tokens(tokenizer, llm)
         if (folder / "adapter").is_dir():
+            from mllm_ris.modeling.lora import peft_deprecations_silenced, prepare_for_training
+
             if trainable:
                 llm = prepare_for_training(llm, gradient_checkpointing=cfg.gradient_checkpointing)
             from peft import PeftModel
@@ -690,6 +688,8 @@ class GroundingMLLM(nn.Module):
         if not trainable:
             model.requires_grad_(False)
         elif cfg.gradient_checkpointing and not (folder / "adapter").is_dir():
+            from mllm_ris.modeling.lora import enable_gradient_checkpointing
+
             enable_gradient_checkpointing(model.llm)
         return model.eval()
 
@@ -703,12 +703,12 @@ def load_base_llm(
     device: str | torch.device | None = None,
     keep_layers: int | None = None,
 ) -> PreTrainedModel:
-    """The causal LM in ``path`` (see :func:`~mllm_ris.modeling.lora.load_causal_lm`) or, when
+    """The causal LM in ``path`` (see :func:`~mllm_ris.modeling.llm.load_causal_lm`) or, when
     ``llava_path`` is set, a LLaVA checkpoint's (:mod:`~mllm_ris.modeling.llava` is imported only then);
     ``keep_layers`` keeps its first N decoder layers."""
     if llava_path is not None:
         from mllm_ris.modeling.llava import load_llava_checkpoint
-        from mllm_ris.modeling.pretrained_llm import truncate_layers
+        from mllm_ris.modeling.llm import truncate_layers
 
         if quantization != "none":
             raise ConfigError("quantization: not supported with llava_path; save the language model first")
@@ -742,7 +742,7 @@ def build_grounding_mllm(
         parts = load_llava_checkpoint(cfg.llava_path, dtype=cfg.dtype)
         llm, tokenizer = parts.llm, tokenizer or parts.tokenizer
         if cfg.keep_layers is not None:
-            from mllm_ris.modeling.pretrained_llm import truncate_layers
+            from mllm_ris.modeling.llm import truncate_layers
 
             llm = truncate_layers(llm, cfg.keep_layers)
     elif llm is None and cfg.name_or_path is not None:
@@ -771,9 +771,13 @@ def build_grounding_mllm(
         )
     token_ids = add_grounding_tokens(tokenizer, llm)
     if cfg.lora.enabled:
+        from mllm_ris.modeling.lora import apply_lora
+
         llm = apply_lora(
             llm, cfg.lora, token_ids=token_ids.as_list(), gradient_checkpointing=cfg.gradient_checkpointing
         )
     elif cfg.gradient_checkpointing:
+        from mllm_ris.modeling.lora import enable_gradient_checkpointing
+
         enable_gradient_checkpointing(llm)
     return GroundingMLLM(llm=llm, tokenizer=tokenizer, token_ids=token_ids, seg_dim=cfg.seg_dim, config=cfg)

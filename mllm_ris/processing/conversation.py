@@ -155,9 +155,7 @@ class ChatTemplate:
     def encode(self, turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> EncodedConversation:
         """Tokenize ``turns``; labels keep only answers (+ their eos). An open last turn is a prompt."""
         if tokenizer.eos_token_id is None:
-            raise ValueError(
-                "tokenizer has no eos token; call mllm_ris.modeling.tokens.ensure_special_tokens"
-            )
+            raise ValueError("tokenizer has no eos token; call mllm_ris.modeling.llm.ensure_special_tokens")
         ids: list[int] = []
         labels: list[int] = []
         if tokenizer.bos_token_id is not None:

@@ -330,9 +330,7 @@ class Processor:
         descriptors: bool = False,
     ) -> None:
         if tokenizer is not None and tokenizer.pad_token_id is None:
-            raise ValueError(
-                "tokenizer has no pad token; call mllm_ris.modeling.tokens.ensure_special_tokens"
-            )
+            raise ValueError("tokenizer has no pad token; call mllm_ris.modeling.llm.ensure_special_tokens")
         self.transform = transform
         self.tokenizer = tokenizer
         self.template = template or ChatTemplate()
