@@ -232,7 +232,7 @@ def test_each_config_is_saved_once_and_old_folders_load(tmp_path: Path) -> None:
     import json
 
     from mllm_ris.errors import ConfigError
-    from mllm_ris.inference.default_model import ASSETS_DIR
+    from mllm_ris.inference.scenes import ASSETS_DIR
     from mllm_ris.modeling.mllm import GroundingMLLM
 
     model = _build("mllm", "auto", seed=4).eval()

@@ -258,8 +258,8 @@ def test_prior_mode_builds_no_pixel_side_and_old_folders_still_load(tmp_path: Pa
     model, the extra files ignored."""
     from safetensors.torch import save_file
 
-    from mllm_ris.inference.default_model import default_model_path
-    from mllm_ris.inference.loading import check_model_folder
+    from mllm_ris.inference.pipeline import default_model_path
+    from mllm_ris.modeling.model_io import check_model_folder
 
     model = _build("prior").eval()
     assert model.pixel_encoder is None and model.head is None and model.sam_stage is None

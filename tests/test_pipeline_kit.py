@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from test_model_kit import tiny_cfg
 
-from mllm_ris.inference.default_model import default_model_installed, default_model_path
+from mllm_ris.inference.pipeline import default_model_installed, default_model_path
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.processing.conversation import answer_text
 

@@ -9,6 +9,11 @@ chat encoding: the input path of training and evaluation too), runs the batch wi
 :class:`~mllm_ris.modeling.predictor.RISPredictor` (``RISModel.generate``, ``unletterbox``) and builds
 the result types. Nothing here touches the network.
 
+Loading, here too: which model folder (:func:`default_model_path`: ``$MLLM_RIS_DEFAULT_MODEL`` or the
+bundled ``mllm_ris/assets/default_model/``, docs/default_model.md), the device and dtype checks
+(:func:`check_device`, :func:`as_dtype`) and the model's placement (:func:`place`); the folder checks
+are the model folder format's (:mod:`mllm_ris.modeling.model_io`).
+
 Plain queries are asked as the model was trained: ``"Please segment {query}."``; chat-history
 questions are used as written.
 """
@@ -25,28 +30,107 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mllm_ris.errors import CheckpointError, ConfigError, MllmRisError
+from mllm_ris.errors import CheckpointError, ConfigError, MllmRisError, NotAvailableError
 from mllm_ris.inference.inputs import MAX_IMAGE_PIXELS, InputError, check_query, load_image, to_turns
-from mllm_ris.inference.loading import (
-    DEFAULT_IMAGE_SIZE,
-    as_dtype,
-    check_device,
-    check_model_folder,
-    place,
-    recorded_image_size,
-)
 from mllm_ris.inference.results import Prediction, RISResult
 from mllm_ris.modeling.model import RISModel
+from mllm_ris.modeling.model_io import DEFAULT_IMAGE_SIZE, check_model_folder, recorded_image_size
 from mllm_ris.modeling.predictor import ModelPrediction, RISPredictor
 from mllm_ris.processing.conversation import QUESTION_TEMPLATES, ChatTemplate, Turn
 from mllm_ris.processing.masks import encode_rle, mask_to_box
 from mllm_ris.processing.processor import MLLMBatch, RISBatch
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "WORK_SIDE", "Prediction", "RISPipeline", "RISResult"]
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_MODEL_ENV",
+    "WORK_SIDE",
+    "Prediction",
+    "RISPipeline",
+    "RISResult",
+    "as_dtype",
+    "check_device",
+    "default_model_installed",
+    "default_model_path",
+    "place",
+]
 
 WORK_SIDE = 1024
 """Images with a longer side are downscaled to it before the model (masks come back at full size)."""
 _TEMPLATE = ChatTemplate(questions=QUESTION_TEMPLATES[:1], seed=None)  # "Please segment {expr}."
+DEFAULT_MODEL_ENV = "MLLM_RIS_DEFAULT_MODEL"
+_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+_HOW_TO_BUILD = (
+    "build it as docs/default_model.md says (mllm-ris make-synthref, mllm-ris train, then "
+    "mllm-ris export RUN --out mllm_ris/assets/default_model), or pass a model folder"
+)
+
+
+# ------------------------------------------------------------------ which model folder, loaded how
+
+
+def _bundled_or_env() -> tuple[Path, bool]:
+    """The default model folder and whether it came from ``$MLLM_RIS_DEFAULT_MODEL``."""
+    env = os.environ.get(DEFAULT_MODEL_ENV, "").strip()
+    return (Path(env), True) if env else (_MODEL_DIR, False)
+
+
+def default_model_installed() -> bool:
+    """Whether :func:`default_model_path` would succeed (a ``config.json`` is in the folder)."""
+    folder, _ = _bundled_or_env()
+    return (folder / "config.json").is_file()
+
+
+def default_model_path() -> Path:
+    """The default model folder: ``$MLLM_RIS_DEFAULT_MODEL`` if set, else the bundled one.
+
+    Raises:
+        NotAvailableError: the folder holds no ``config.json`` (one line saying how to build it).
+    """
+    folder, from_env = _bundled_or_env()
+    if (folder / "config.json").is_file():
+        return folder
+    if from_env:
+        raise NotAvailableError(f"{DEFAULT_MODEL_ENV}={folder}: no config.json there (not a model folder)")
+    raise NotAvailableError(
+        f"the bundled default model is not installed (no {folder}/config.json); {_HOW_TO_BUILD}"
+    )
+
+
+def place(model: RISModel, device: torch.device, dtype: torch.dtype) -> RISModel:
+    """Move ``model`` to ``device``; the LLM and vision tower take ``dtype`` (the heads, projector and
+    pixel encoder stay float32: the model casts between them, docs/model.md)."""
+    model = model.to(device)
+    if dtype != torch.float32:
+        if model.mllm is not None and model.cfg.mllm.quantization == "none":
+            model.mllm.llm.to(dtype)
+        if model.vision is not None:
+            model.vision.to(dtype)
+    return model.eval()
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` / ``bfloat16`` / ``float16`` or their names → the dtype; else ``ConfigError``."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float16") else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    return dtype
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A usable ``torch.device``; an unknown or unavailable one → ``ConfigError``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} requested, but no CUDA device is available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {device} requested, but MPS is not available")
+    return dev
+
+
+# ------------------------------------------------------------------ the pipeline
 
 
 class RISPipeline:
@@ -142,8 +226,6 @@ class RISPipeline:
             not torch.cuda.is_available()
         ):  # deepspeed (imported by peft / accelerate) warns on stderr otherwise
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from mllm_ris.inference.default_model import default_model_path
-
         folder = default_model_path() if path is None else Path(path)
         check_model_folder(folder)
         device = check_device(device)
