@@ -182,7 +182,7 @@ def make_batch(model: Any, args: argparse.Namespace, hidden: int) -> dict[str, A
     """``batch`` chats: BOS, random prompt tokens with one ``<image>``, the answer ``Sure, it is [SEG].``
     + eos as labels; ``visual`` random embeddings (requires grad) for the ``<image>``."""
     from mllm_ris.modeling.projector import VisualTokens
-    from mllm_ris.processing.conversation import answer_text
+    from mllm_ris.processing.processor import answer_text
 
     tok, ids = model.tokenizer, model.token_ids
     answer = [*tok(answer_text(1), add_special_tokens=False).input_ids, tok.eos_token_id]

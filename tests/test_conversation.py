@@ -1,6 +1,6 @@
-"""Chat template (answers for 0 / 1 / many targets, single / multi-turn, answer-only labels) and the
-tokenizer side of modeling/llm.py (offline BPE and WordPiece tokenizers, grounding tokens with
-mean-initialised rows, count checks)."""
+"""The chat format of processing/processor.py (answers for 0 / 1 / many targets, single / multi-turn,
+answer-only labels) and the tokenizer side of modeling/llm.py (offline BPE and WordPiece tokenizers,
+grounding tokens with mean-initialised rows, count checks)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from mllm_ris.modeling.llm import (
     load_tokenizer,
     train_bpe_tokenizer,
 )
-from mllm_ris.processing.conversation import (
+from mllm_ris.processing.processor import (
     IGNORE_INDEX,
     QUESTION_TEMPLATES,
     ChatTemplate,

@@ -15,7 +15,7 @@ from mllm_ris.modeling.llm import TokenCountError, train_bpe_tokenizer
 from mllm_ris.modeling.mllm import GroundingMLLM, MLLMConfig, build_grounding_mllm
 from mllm_ris.modeling.model_config import LoraSettings
 from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.processing.conversation import ChatTemplate, Turn, answer_text, collate_conversations
+from mllm_ris.processing.processor import ChatTemplate, Turn, answer_text, collate_conversations
 
 TEMPLATE = ChatTemplate(seed=0)
 

@@ -134,7 +134,7 @@ def test_reject_threshold_turns_a_seg_answer_into_rej() -> None:
     """The reject head's probability above ``reject_threshold`` gives the [REJ] answer and no mask;
     ``null`` leaves the LLM's text alone; the loss weights the no-target class."""
     from mllm_ris.modeling.losses import no_target_loss
-    from mllm_ris.processing.conversation import answer_text
+    from mllm_ris.processing.processor import answer_text
 
     model = _build("mllm", "direct").eval()
     prompts = _batch(model, answers=False)

@@ -31,8 +31,8 @@ from mllm_ris.inference import scenes as sc
 from mllm_ris.inference.inputs import InputError
 from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import Prediction, RISResult
-from mllm_ris.processing.conversation import Turn
 from mllm_ris.processing.masks import mask_to_box
+from mllm_ris.processing.processor import Turn
 
 rigged = pytest.mark.skipif(using_bundled(), reason="answer-specific: runs on the rigged tiny model only")
 

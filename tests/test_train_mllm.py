@@ -174,7 +174,7 @@ def test_prior_checkpoint_with_an_unused_pixel_side(tmp_path: Path, synthref: Pa
 def test_warm_start_in_another_prompt_layout(tmp_path: Path, synthref: Path) -> None:
     """``model.checkpoint`` fixes the architecture and weights; the run's ``mllm.image_position`` (a
     layout, no weight) applies to the continued model, its batches and the folder it writes."""
-    from mllm_ris.processing.conversation import IMAGE_TOKEN
+    from mllm_ris.processing.processor import IMAGE_TOKEN
 
     files = write_configs(tmp_path, synthref, llm=None, output_mode="prior", batch=2)
     pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true")

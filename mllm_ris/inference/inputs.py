@@ -15,7 +15,7 @@ exception. The rules (docs/inference.md, "Bad input"):
   refused; any script works (the tokenizers are byte-level BPE, or WordPiece with ``[UNK]``). The
   pipeline also removes the tokenizer's special tokens (``<image>``, ``[SEG]``, ``</s>`` …) from
   questions.
-* chat histories: a non-empty list of :class:`~mllm_ris.processing.conversation.Turn` or of
+* chat histories: a non-empty list of :class:`~mllm_ris.processing.processor.Turn` or of
   ``{"question": str, "answer": str | None}`` / ``{"role": "user" | "assistant", "content": str}``
   dicts; every turn but the last is answered, the last one is open.
 """
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mllm_ris.errors import MllmRisError
-from mllm_ris.processing.conversation import Turn
+from mllm_ris.processing.processor import Turn
 
 __all__ = [
     "MAX_IMAGE_PIXELS",

@@ -36,9 +36,8 @@ from mllm_ris.inference.results import Prediction, RISResult
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.model_io import DEFAULT_IMAGE_SIZE, check_model_folder, recorded_image_size
 from mllm_ris.modeling.predictor import ModelPrediction, RISPredictor
-from mllm_ris.processing.conversation import QUESTION_TEMPLATES, ChatTemplate, Turn
 from mllm_ris.processing.masks import encode_rle, mask_to_box
-from mllm_ris.processing.processor import MLLMBatch, RISBatch
+from mllm_ris.processing.processor import QUESTION_TEMPLATES, ChatTemplate, MLLMBatch, RISBatch, Turn
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",

@@ -37,7 +37,7 @@ Measured on 2 CPU cores (SmolLM2-135M, float32, after ~4 s of imports): the firs
 
 **The tokenizer.** Grounding tokens (``<image>``, ``[SEG]``, ``[REJ]``) and offline tokenizers.
 
-The three token strings belong to the chat format (:mod:`mllm_ris.processing.conversation`, which defines
+The three token strings belong to the chat format (:mod:`mllm_ris.processing.processor`, which defines
 them) and are re-exported here with the tokenizer helpers.
 
 * :func:`add_grounding_tokens` adds the three tokens to any HF tokenizer and resizes the model's
@@ -78,7 +78,7 @@ from transformers import (
 )
 
 from mllm_ris.errors import ConfigError, MllmRisError
-from mllm_ris.processing.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, template_corpus
+from mllm_ris.processing.processor import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, template_corpus
 
 __all__ = [
     "CACHE_ENV",

@@ -45,8 +45,15 @@ from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
 from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.processing.conversation import REJ_TOKEN, SEG_TOKEN, answer_text
-from mllm_ris.processing.processor import IMAGENET_MEAN, IMAGENET_STD, MLLMBatch, RISBatch
+from mllm_ris.processing.processor import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REJ_TOKEN,
+    SEG_TOKEN,
+    MLLMBatch,
+    RISBatch,
+    answer_text,
+)
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
 # the parts a model may not have (and the losses, for training) are imported where they are used
