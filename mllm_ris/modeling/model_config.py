@@ -19,7 +19,7 @@ from mllm_ris.config_tree import check
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.pointer import PointerConfig
 from mllm_ris.modeling.projector import ProjectorConfig
-from mllm_ris.modeling.superpixels import SuperpixelConfig
+from mllm_ris.processing.regions import SuperpixelConfig
 from s2rm_head.config import HeadConfig, PixelEncoderConfig, PromptConfig, SAMConfig, TextEncoderConfig
 
 if TYPE_CHECKING:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.superpixels import build_superpixel_generator
 from mllm_ris.processing.processor import (
     QUESTION_TEMPLATES,
     ChatTemplate,
@@ -35,6 +34,7 @@ from mllm_ris.processing.processor import (
     Sample,
     unletterbox,
 )
+from mllm_ris.processing.regions import build_superpixel_generator
 
 __all__ = ["FROM_CONFIG", "ModelPrediction", "RISPredictor", "build_processor"]
 
