@@ -13,9 +13,8 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
 from mllm_ris.modeling.model_build import build_parts
-from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
 from mllm_ris.modeling.predictor import build_processor
-from mllm_ris.modeling.projector import descriptor_features
+from mllm_ris.modeling.projector import MASKED_LOGIT, descriptor_features, paint_regions
 
 POINTER = "model.mllm.pointer_dim=16"
 

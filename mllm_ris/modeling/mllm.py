@@ -45,8 +45,7 @@ from mllm_ris.modeling.llm import (
 )
 from mllm_ris.modeling.model_config import MLLMConfig
 from mllm_ris.modeling.model_io import check_state_fits
-from mllm_ris.modeling.pointer import RegionPointer
-from mllm_ris.modeling.projector import VisualTokens
+from mllm_ris.modeling.projector import RegionPointer, VisualTokens
 
 if TYPE_CHECKING:  # peft and LoRA (lora.py) are imported where they are used (peft's import costs seconds)
     from peft import PeftModel

@@ -43,8 +43,7 @@ from torch import nn
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model_build import build_parts
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
-from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
-from mllm_ris.modeling.projector import VisualTokens
+from mllm_ris.modeling.projector import MASKED_LOGIT, RegionPointer, VisualTokens, paint_regions
 from mllm_ris.processing.processor import (
     IMAGENET_MEAN,
     IMAGENET_STD,

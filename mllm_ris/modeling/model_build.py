@@ -46,8 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.pointer import RegionPointer
-from mllm_ris.modeling.projector import VisualProjector, build_projector
+from mllm_ris.modeling.projector import RegionPointer, VisualProjector, build_projector
 
 # the parts a config may not use are imported where they are built
 if TYPE_CHECKING:

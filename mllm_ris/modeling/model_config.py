@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mllm_ris.config_tree import check
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.pointer import PointerConfig
-from mllm_ris.modeling.projector import ProjectorConfig
+from mllm_ris.modeling.projector import PointerConfig, ProjectorConfig
 from mllm_ris.processing.regions import SuperpixelConfig
 from s2rm_head.config import HeadConfig, PixelEncoderConfig, PromptConfig, SAMConfig, TextEncoderConfig
 
