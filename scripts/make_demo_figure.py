@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mllm_ris.inference.inputs import load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import RISPipeline, load_image
 from mllm_ris.inference.results import overlay
 from mllm_ris.inference.scenes import bundled_scenes, scene_references
 

@@ -22,8 +22,7 @@ from mllm_ris.cli import main
 from mllm_ris.errors import NotAvailableError
 from mllm_ris.inference import app as app_module
 from mllm_ris.inference import scenes as sc
-from mllm_ris.inference.inputs import InputError
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import InputError, RISPipeline
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver

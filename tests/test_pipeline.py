@@ -28,8 +28,7 @@ from test_pipeline_kit import (
 from mllm_ris.errors import CheckpointError, ConfigError, MllmRisError, NotAvailableError
 from mllm_ris.inference import pipeline as pl
 from mllm_ris.inference import scenes as sc
-from mllm_ris.inference.inputs import InputError
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import InputError, RISPipeline
 from mllm_ris.inference.results import Prediction, RISResult
 from mllm_ris.processing.masks import mask_to_box
 from mllm_ris.processing.processor import Turn

@@ -22,8 +22,14 @@ import lazy_loader
 
 if TYPE_CHECKING:
     from mllm_ris.inference.chat import ChatSession
-    from mllm_ris.inference.inputs import MAX_IMAGE_PIXELS, MAX_QUERY_CHARS, InputError, load_image
-    from mllm_ris.inference.pipeline import RISPipeline, default_model_path
+    from mllm_ris.inference.pipeline import (
+        MAX_IMAGE_PIXELS,
+        MAX_QUERY_CHARS,
+        InputError,
+        RISPipeline,
+        default_model_path,
+        load_image,
+    )
     from mllm_ris.inference.results import Prediction, RISResult
     from mllm_ris.inference.scenes import bundled_scenes, make_sample_scenes
 
@@ -46,8 +52,14 @@ __getattr__, __dir__, _ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "chat": ["ChatSession"],
-        "inputs": ["InputError", "MAX_IMAGE_PIXELS", "MAX_QUERY_CHARS", "load_image"],
-        "pipeline": ["RISPipeline", "default_model_path"],
+        "pipeline": [
+            "InputError",
+            "MAX_IMAGE_PIXELS",
+            "MAX_QUERY_CHARS",
+            "RISPipeline",
+            "default_model_path",
+            "load_image",
+        ],
         "results": ["Prediction", "RISResult"],
         "scenes": ["bundled_scenes", "make_sample_scenes"],
     },

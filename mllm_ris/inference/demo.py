@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mllm_ris.inference.chat import ChatSession
-from mllm_ris.inference.inputs import load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import RISPipeline, load_image
 from mllm_ris.inference.results import (
     GalleryItem,
     RISResult,
