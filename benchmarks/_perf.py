@@ -271,7 +271,7 @@ class ForcedAnswer:
     """
 
     def __init__(self, model: Any) -> None:
-        from mllm_ris.processing.conversation import answer_text
+        from mllm_ris.processing.processor import answer_text
 
         model.cfg.reject_threshold = None
         tok = model.mllm.tokenizer

@@ -11,7 +11,7 @@ from typing import Any
 from _perf import RunInfo, agg_pyplot, photo, query_sample, resized
 from _query import dims_overrides, loglog_slope, make_query_bench, measure_query
 
-from mllm_ris.modeling.superpixels import GridSuperpixels, SuperpixelConfig
+from mllm_ris.processing.regions import GridSuperpixels, SuperpixelConfig
 
 
 def _point(qb: Any, sample: Any, args: argparse.Namespace) -> dict[str, float]:

@@ -21,7 +21,7 @@ tokens, as it does into a trainable projector); the S2RM head / SAM are left out
 depend on the LLM). The LLM itself is passed in (``llm=``) rather than built from ``random_*``
 fields, because the random path sizes the vocabulary to the tokenizer (533 BPE tokens), while
 Llama-2 has 32000 rows, whose LM head is 2 % of the FLOPs and a large share of the activation
-memory. It is :func:`mllm_ris.modeling.lora.random_causal_lm`, the function the random path calls,
+memory. It is :func:`mllm_ris.modeling.llm.random_causal_lm`, the function the random path calls,
 built on the device in bf16. QLoRA goes through the project's loading path: the random bf16 model
 is saved to a temporary folder (~13.5 GB at 7B dims; bitsandbytes quantizes only weights it loads
 from a checkpoint, so a folder without the weights would leave them unquantized) and
@@ -106,7 +106,7 @@ def train_flops(d: dict[str, int], *, batch: int, seq: int, lora_params: int) ->
 
 
 def _mllm_config(args: argparse.Namespace, d: dict[str, int], gc_on: bool, folder: Path | None) -> Any:
-    from mllm_ris.modeling.lora import LoraSettings, MLLMConfig
+    from mllm_ris.modeling.model_config import LoraSettings, MLLMConfig
 
     return MLLMConfig(
         name_or_path=str(folder) if folder is not None else None,
@@ -125,7 +125,7 @@ def _mllm_config(args: argparse.Namespace, d: dict[str, int], gc_on: bool, folde
 
 
 def _random_llm(d: dict[str, int], device: str) -> Any:
-    from mllm_ris.modeling.lora import random_causal_lm
+    from mllm_ris.modeling.llm import random_causal_lm
 
     with torch.device(device):
         llm = random_causal_lm(
@@ -182,7 +182,7 @@ def make_batch(model: Any, args: argparse.Namespace, hidden: int) -> dict[str, A
     """``batch`` chats: BOS, random prompt tokens with one ``<image>``, the answer ``Sure, it is [SEG].``
     + eos as labels; ``visual`` random embeddings (requires grad) for the ``<image>``."""
     from mllm_ris.modeling.projector import VisualTokens
-    from mllm_ris.processing.conversation import answer_text
+    from mllm_ris.processing.processor import answer_text
 
     tok, ids = model.tokenizer, model.token_ids
     answer = [*tok(answer_text(1), add_special_tokens=False).input_ids, tok.eos_token_id]

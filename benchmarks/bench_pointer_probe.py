@@ -5,7 +5,7 @@ Same processing as the model (``configs/model/tiny-synth.yaml`` superpixels in t
 region descriptors: 16x16 shape crop, CIELAB colour, geometry; region targets = region ≥ 50 % inside the
 target), but the language side is a bidirectional GRU over the sentence's tokens (the project's BPE
 tokenizer, no chat template) and the region side an MLP over the descriptors; the score is
-:class:`~mllm_ris.modeling.pointer.RegionPointer` (``--layers`` mixing layers) trained with region BCE.
+:class:`~mllm_ris.modeling.projector.RegionPointer` (``--layers`` mixing layers) trained with region BCE.
 Everything is precomputed once, so a step costs milliseconds: this measures how many samples the
 grounding decision needs on these regions, free of the LLM's and the pixel side's cost.
 
@@ -47,11 +47,15 @@ from mllm_ris.config import load_config
 from mllm_ris.data.registry import build_dataset
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.modeling.pointer import RegionPointer, paint_regions, pointer_loss
 from mllm_ris.modeling.predictor import build_processor
-from mllm_ris.modeling.projector import VisualTokens, descriptor_features
-from mllm_ris.processing.memo import digest
-from mllm_ris.processing.regions import COLOR_DIM, SHAPE_SIZE, RegionDescriptorBatch
+from mllm_ris.modeling.projector import (
+    RegionPointer,
+    VisualTokens,
+    descriptor_features,
+    paint_regions,
+    pointer_loss,
+)
+from mllm_ris.processing.regions import COLOR_DIM, SHAPE_SIZE, RegionDescriptorBatch, digest
 
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_WORDS = 24

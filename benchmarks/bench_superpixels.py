@@ -41,9 +41,9 @@ from _perf import (
     write_json,
 )
 
-from mllm_ris.modeling.superpixel_cache import SuperpixelCache
-from mllm_ris.modeling.superpixels import (
+from mllm_ris.processing.regions import (
     SAMSuperpixels,
+    SuperpixelCache,
     SuperpixelConfig,
     build_superpixel_generator,
 )
@@ -112,8 +112,7 @@ def _count(masks: list[np.ndarray], into: list[int]) -> list[np.ndarray]:
 
 def _small(gen: SAMSuperpixels, image: np.ndarray) -> np.ndarray:
     """The RGB image the generator segments (downscaled to ``max_side``)."""
-    from mllm_ris.modeling.superpixels import _downscale
-    from mllm_ris.processing.labels import as_rgb
+    from mllm_ris.processing.regions import _downscale, as_rgb
 
     return _downscale(as_rgb(image), gen.cfg.max_side)
 

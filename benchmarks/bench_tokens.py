@@ -38,8 +38,8 @@ from _perf import (
     write_json,
 )
 
-from mllm_ris.modeling.superpixels import SuperpixelConfig, build_superpixel_generator
 from mllm_ris.processing.processor import RISTransform, letterbox_labels
+from mllm_ris.processing.regions import SuperpixelConfig, build_superpixel_generator
 
 # patch tokens per image of the vision towers the configs use
 PATCH_TOWERS = {

@@ -38,7 +38,7 @@ from _perf import (
 )
 
 from mllm_ris.modeling.predictor import build_processor
-from mllm_ris.modeling.superpixel_cache import SuperpixelCache
+from mllm_ris.processing.regions import SuperpixelCache
 
 SPEEDUP_TARGET = 3.0
 

@@ -364,7 +364,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from mllm_ris.inference.chat import run_chat
-    from mllm_ris.inference.inputs import load_image
+    from mllm_ris.inference.pipeline import load_image
 
     load_image(args.image)  # a bad image fails before the model loads
     return run_chat(

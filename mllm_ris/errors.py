@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "InputError",
     "MissingFileError",
     "MllmRisError",
     "NotAvailableError",
@@ -34,3 +35,7 @@ class DatasetError(MllmRisError):
 
 class NotAvailableError(MllmRisError):
     """A feature that is planned but not built yet."""
+
+
+class InputError(MllmRisError, ValueError):
+    """An image, query or chat history the pipeline cannot use (the message says which and why)."""

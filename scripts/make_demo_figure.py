@@ -1,7 +1,7 @@
 """Draw docs/img/default_model_demo.png: one bundled scene asked about each of its objects in turn.
 
 For every object of the scene one SynthRef expression that names it alone (the first SynthRef made,
-:func:`~mllm_ris.inference.default_model.scene_references`) plus the scene's negative query; each
+:func:`~mllm_ris.inference.scenes.scene_references`) plus the scene's negative query; each
 panel shows the model's mask over the image, the query and whether the mask overlaps its own
 target best ([right]) or another object ([wrong]). What a user sees in their first minute with the model.
 
@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mllm_ris.inference.default_model import bundled_scenes, scene_references
-from mllm_ris.inference.inputs import load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import RISPipeline, load_image
 from mllm_ris.inference.results import overlay
+from mllm_ris.inference.scenes import bundled_scenes, scene_references
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 2  # panels at 2x the 128-px scene

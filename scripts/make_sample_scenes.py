@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from mllm_ris.inference.default_model import ASSETS_DIR, make_sample_scenes
+from mllm_ris.inference.scenes import ASSETS_DIR, make_sample_scenes
 
 
 def main() -> None:

@@ -21,9 +21,8 @@ from test_pipeline_kit import scene_image, write_png
 from mllm_ris.cli import main
 from mllm_ris.errors import NotAvailableError
 from mllm_ris.inference import app as app_module
-from mllm_ris.inference import default_model as dm
-from mllm_ris.inference.inputs import InputError
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference import scenes as sc
+from mllm_ris.inference.pipeline import InputError, RISPipeline
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -143,8 +142,8 @@ def test_app_in_headless_chromium(served: str, tmp_path: Path) -> None:
             "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", overlay
         )
         assert size == [64, 48]  # the overlay is the uploaded image's size
-        if dm.bundled_scenes():
-            assert dm.bundled_scenes()[0].queries[0]["text"] in driver.page_source  # the examples
+        if sc.bundled_scenes():
+            assert sc.bundled_scenes()[0].queries[0]["text"] in driver.page_source  # the examples
         resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert [r for r in resources if not r.startswith(served)] == []  # nothing from the network
     finally:

@@ -14,8 +14,8 @@ from mllm_ris.config import load_config
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
-from mllm_ris.modeling.pointer import paint_regions
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
+from mllm_ris.modeling.projector import paint_regions
 from mllm_ris.training.artifacts import export_model, load_trained_model
 from mllm_ris.training.ris_task import RISTask
 from mllm_ris.training.trainer import Trainer

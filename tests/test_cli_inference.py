@@ -18,15 +18,16 @@ from PIL import Image
 from test_pipeline_kit import png_header, scene_image, write_png
 
 from mllm_ris.cli import main
-from mllm_ris.inference import default_model as dm
+from mllm_ris.inference import pipeline as pl
 from mllm_ris.inference import results
+from mllm_ris.inference import scenes as sc
 
 ERR = "mllm-ris: error: "
 
 
 @pytest.fixture(autouse=True)
 def _default_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(dm.DEFAULT_MODEL_ENV, str(model_dir))
+    monkeypatch.setenv(pl.DEFAULT_MODEL_ENV, str(model_dir))
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_segment_batch(image: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_demo_writes_overlays_and_gallery(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
-    scenes = dm.bundled_scenes()
+    scenes = sc.bundled_scenes()
     answers = sum(len(s.queries) + len(s.chat) for s in scenes)
     assert f"{answers} answers on the bundled scenes; open {out / 'index.html'}" in capsys.readouterr().out
     page = (out / "index.html").read_text(encoding="utf-8")
@@ -102,7 +103,7 @@ def test_demo_writes_overlays_and_gallery(tmp_path: Path, capsys: pytest.Capture
         assert f'src="{path.name}"' in page
     for scene in scenes:
         assert (out / scene.path.name).is_file() and scene.queries[0]["text"] in page
-    assert "http" not in page.replace(dm.default_model_path().as_posix(), "")  # self-contained
+    assert "http" not in page.replace(pl.default_model_path().as_posix(), "")  # self-contained
 
 
 def test_chat_reads_stdin_in_process(
@@ -131,7 +132,7 @@ def test_chat_reads_stdin_in_process(
 
 
 def test_chat_through_a_real_pipe(image: Path, tmp_path: Path, model_dir: Path) -> None:
-    env = {**os.environ, dm.DEFAULT_MODEL_ENV: str(model_dir)}
+    env = {**os.environ, pl.DEFAULT_MODEL_ENV: str(model_dir)}
     proc = subprocess.run(
         [sys.executable, "-m", "mllm_ris.cli", "chat", str(image), "--out", str(tmp_path / "c")],
         input="segment the red circle\nand the shape left of it?\n",  # EOF ends the session
@@ -189,8 +190,8 @@ def test_bad_input_is_one_line_exit_2_and_no_outputs(
         err = capsys.readouterr().err
         assert err.startswith(ERR) and err.count("\n") == 1 and fragment in err, (name, err)
         assert _files(out) == [], name
-    monkeypatch.setenv(dm.DEFAULT_MODEL_ENV, "")
-    monkeypatch.setattr(dm, "_MODEL_DIR", tmp_path / "not_installed")
+    monkeypatch.setenv(pl.DEFAULT_MODEL_ENV, "")
+    monkeypatch.setattr(pl, "_MODEL_DIR", tmp_path / "not_installed")
     assert main(["segment", str(image), "x", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith(f"{ERR}the bundled default model is not installed")
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2

@@ -1,5 +1,6 @@
-"""Chat template (answers for 0 / 1 / many targets, single / multi-turn, answer-only labels) and tokens.py
-(offline BPE and WordPiece tokenizers, grounding tokens with mean-initialised rows, count checks)."""
+"""The chat format of processing/processor.py (answers for 0 / 1 / many targets, single / multi-turn,
+answer-only labels) and the tokenizer side of modeling/llm.py (offline BPE and WordPiece tokenizers,
+grounding tokens with mean-initialised rows, count checks)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.tokens import (
+from mllm_ris.modeling.llm import (
     TokenCountError,
     add_grounding_tokens,
     check_token_counts,
@@ -18,7 +19,7 @@ from mllm_ris.modeling.tokens import (
     load_tokenizer,
     train_bpe_tokenizer,
 )
-from mllm_ris.processing.conversation import (
+from mllm_ris.processing.processor import (
     IGNORE_INDEX,
     QUESTION_TEMPLATES,
     ChatTemplate,
@@ -142,7 +143,7 @@ def test_collate_pads_right(bpe: PreTrainedTokenizerBase) -> None:
     assert torch.equal(labels[1], torch.tensor(encs[1].labels))
 
 
-# ------------------------------------------------------------------------------ tokens.py
+# ------------------------------------------------------------------------ grounding tokens (llm.py)
 
 
 def test_bpe_tokenizer_specials_and_save_load(bpe: PreTrainedTokenizerBase, tmp_path: Path) -> None:

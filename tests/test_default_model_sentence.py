@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from mllm_ris.eval.sentence import follows_pair
-from mllm_ris.inference.default_model import bundled_scenes, scene_references
 from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.scenes import bundled_scenes, scene_references
 
 FOLLOWS_AT_LEAST = 0.9  # issue 14's target
 ABOVE_TEXT_BLIND = 0.1  # a model that returns one mask per scene scores 0

@@ -17,7 +17,7 @@ from test_pipeline_kit import default_model_dir, scene_image
 from mllm_ris.errors import MllmRisError
 from mllm_ris.inference.pipeline import RISPipeline
 from mllm_ris.inference.results import RISResult
-from mllm_ris.processing.conversation import Turn
+from mllm_ris.processing.processor import Turn
 
 SEED = 1234
 

@@ -11,11 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.lora import LoraSettings, apply_lora, base_state_dict, load_causal_lm, random_causal_lm
+from mllm_ris.modeling.llm import add_grounding_tokens, load_causal_lm, random_causal_lm, train_bpe_tokenizer
+from mllm_ris.modeling.lora import apply_lora, base_state_dict
 from mllm_ris.modeling.mllm import GroundingMLLM, MLLMConfig, build_grounding_mllm
+from mllm_ris.modeling.model_config import LoraSettings
 from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.modeling.tokens import add_grounding_tokens, train_bpe_tokenizer
-from mllm_ris.processing.conversation import ChatTemplate, Turn, answer_text, collate_conversations
+from mllm_ris.processing.processor import ChatTemplate, Turn, answer_text, collate_conversations
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 # widths are multiples of 64, bitsandbytes' 4-bit block size (test_qlora_cpu_widths says why)

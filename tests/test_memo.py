@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_ris.processing.memo import LruMemo, digest
+from mllm_ris.processing.regions import LruMemo, digest
 
 
 def test_digest_depends_on_contents_and_order() -> None:

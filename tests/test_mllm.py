@@ -11,11 +11,11 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.llava import load_llava_checkpoint
-from mllm_ris.modeling.lora import LoraSettings
+from mllm_ris.modeling.llm import TokenCountError, train_bpe_tokenizer
 from mllm_ris.modeling.mllm import GroundingMLLM, MLLMConfig, build_grounding_mllm
+from mllm_ris.modeling.model_config import LoraSettings
 from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.modeling.tokens import TokenCountError, train_bpe_tokenizer
-from mllm_ris.processing.conversation import ChatTemplate, Turn, answer_text, collate_conversations
+from mllm_ris.processing.processor import ChatTemplate, Turn, answer_text, collate_conversations
 
 TEMPLATE = ChatTemplate(seed=0)
 

@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from mllm_ris.data.sample import RISSample
-from mllm_ris.modeling.tokens import SEG_TOKEN, add_grounding_tokens, load_tokenizer
-from mllm_ris.processing.conversation import IGNORE_INDEX
-from mllm_ris.processing.processor import Processor, RISTransform, letterbox_labels, letterbox_masks
+from mllm_ris.modeling.llm import SEG_TOKEN, add_grounding_tokens, load_tokenizer
+from mllm_ris.processing.processor import (
+    IGNORE_INDEX,
+    Processor,
+    RISTransform,
+    letterbox_labels,
+    letterbox_masks,
+)
 
 
 def _sample(h: int, w: int, boxes: list[tuple[int, int, int, int]], text: str = "the red box") -> RISSample:

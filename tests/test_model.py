@@ -12,10 +12,10 @@ from test_model_kit import SIZE, TEMPLATE, synth_samples, tiny_cfg
 
 from mllm_ris.errors import CheckpointError
 from mllm_ris.eval.evaluate import Predictor
+from mllm_ris.modeling.llm import TokenCountError
 from mllm_ris.modeling.losses import match_targets
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
-from mllm_ris.modeling.tokens import TokenCountError
 
 MODES = [(m, o) for m in ("classic", "mllm") for o in ("direct", "sam", "auto")]
 
@@ -134,7 +134,7 @@ def test_reject_threshold_turns_a_seg_answer_into_rej() -> None:
     """The reject head's probability above ``reject_threshold`` gives the [REJ] answer and no mask;
     ``null`` leaves the LLM's text alone; the loss weights the no-target class."""
     from mllm_ris.modeling.losses import no_target_loss
-    from mllm_ris.processing.conversation import answer_text
+    from mllm_ris.processing.processor import answer_text
 
     model = _build("mllm", "direct").eval()
     prompts = _batch(model, answers=False)
@@ -232,7 +232,7 @@ def test_each_config_is_saved_once_and_old_folders_load(tmp_path: Path) -> None:
     import json
 
     from mllm_ris.errors import ConfigError
-    from mllm_ris.inference.default_model import ASSETS_DIR
+    from mllm_ris.inference.scenes import ASSETS_DIR
     from mllm_ris.modeling.mllm import GroundingMLLM
 
     model = _build("mllm", "auto", seed=4).eval()

@@ -13,9 +13,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from mllm_ris.config import load_config
 from mllm_ris.errors import CheckpointError, ConfigError
+from mllm_ris.modeling.llm import train_bpe_tokenizer
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import build_processor
-from mllm_ris.modeling.tokens import train_bpe_tokenizer
 from s2rm_head.encoders.pixel import SAMViTEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"

@@ -7,7 +7,7 @@ import torch
 
 from mllm_ris.config import ModelConfig, load_config
 from mllm_ris.data.sample import RISSample
-from mllm_ris.processing.conversation import QUESTION_TEMPLATES, ChatTemplate
+from mllm_ris.processing.processor import QUESTION_TEMPLATES, ChatTemplate
 
 SIZE = 64  # canvas side S of every test batch
 TINY = [  # hidden 16-32, 2 layers, 64 px: every mode builds in well under a second

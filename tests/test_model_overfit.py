@@ -14,7 +14,7 @@ from test_model_kit import SIZE, TEMPLATE, synth_samples, target_iou, tiny_cfg
 from mllm_ris.eval.evaluate import evaluate
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
-from mllm_ris.processing.conversation import answer_text
+from mllm_ris.processing.processor import answer_text
 
 MAX_STEPS = 300
 

@@ -13,9 +13,8 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import PRIOR_CLAMP, RISModel, build_model
 from mllm_ris.modeling.model_build import build_parts
-from mllm_ris.modeling.pointer import MASKED_LOGIT, paint_regions
 from mllm_ris.modeling.predictor import build_processor
-from mllm_ris.modeling.projector import descriptor_features
+from mllm_ris.modeling.projector import MASKED_LOGIT, descriptor_features, paint_regions
 
 POINTER = "model.mllm.pointer_dim=16"
 
@@ -258,8 +257,8 @@ def test_prior_mode_builds_no_pixel_side_and_old_folders_still_load(tmp_path: Pa
     model, the extra files ignored."""
     from safetensors.torch import save_file
 
-    from mllm_ris.inference.default_model import default_model_path
-    from mllm_ris.inference.loading import check_model_folder
+    from mllm_ris.inference.pipeline import default_model_path
+    from mllm_ris.modeling.model_io import check_model_folder
 
     model = _build("prior").eval()
     assert model.pixel_encoder is None and model.head is None and model.sam_stage is None

@@ -26,12 +26,12 @@ from test_pipeline_kit import (
 )
 
 from mllm_ris.errors import CheckpointError, ConfigError, MllmRisError, NotAvailableError
-from mllm_ris.inference import default_model as dm
-from mllm_ris.inference.inputs import InputError
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference import pipeline as pl
+from mllm_ris.inference import scenes as sc
+from mllm_ris.inference.pipeline import InputError, RISPipeline
 from mllm_ris.inference.results import Prediction, RISResult
-from mllm_ris.processing.conversation import Turn
 from mllm_ris.processing.masks import mask_to_box
+from mllm_ris.processing.processor import Turn
 
 rigged = pytest.mark.skipif(using_bundled(), reason="answer-specific: runs on the rigged tiny model only")
 
@@ -214,23 +214,23 @@ def test_checkpoint_errors_are_one_line(model_dir: Path, tmp_path: Path) -> None
 
 
 def test_default_model_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_dir: Path) -> None:
-    monkeypatch.delenv(dm.DEFAULT_MODEL_ENV, raising=False)
-    monkeypatch.setattr(dm, "_MODEL_DIR", tmp_path / "nothing")
-    assert not dm.default_model_installed()
+    monkeypatch.delenv(pl.DEFAULT_MODEL_ENV, raising=False)
+    monkeypatch.setattr(pl, "_MODEL_DIR", tmp_path / "nothing")
+    assert not pl.default_model_installed()
     with pytest.raises(
         NotAvailableError, match=r"the bundled default model is not installed.*docs/default_model\.md"
     ):
         RISPipeline.from_pretrained(None)
-    monkeypatch.setenv(dm.DEFAULT_MODEL_ENV, str(tmp_path))
+    monkeypatch.setenv(pl.DEFAULT_MODEL_ENV, str(tmp_path))
     with pytest.raises(NotAvailableError, match="not a model folder"):
-        dm.default_model_path()
-    monkeypatch.setenv(dm.DEFAULT_MODEL_ENV, str(model_dir))
-    assert dm.default_model_path() == model_dir
+        pl.default_model_path()
+    monkeypatch.setenv(pl.DEFAULT_MODEL_ENV, str(model_dir))
+    assert pl.default_model_path() == model_dir
     assert RISPipeline.from_pretrained(None).source == str(model_dir)
 
 
 def test_bundled_scenes_are_valid() -> None:
-    scenes = dm.bundled_scenes()
+    scenes = sc.bundled_scenes()
     assert 4 <= len(scenes) <= 6
     for scene in scenes:
         with Image.open(scene.path) as im:
@@ -248,8 +248,8 @@ def test_bundled_scenes_are_valid() -> None:
 
 
 def test_make_sample_scenes_is_deterministic(tmp_path: Path) -> None:
-    a = dm.make_sample_scenes(tmp_path / "a", count=2, seed=3, size=64)
-    b = dm.make_sample_scenes(tmp_path / "b", count=2, seed=3, size=64)
+    a = sc.make_sample_scenes(tmp_path / "a", count=2, seed=3, size=64)
+    b = sc.make_sample_scenes(tmp_path / "b", count=2, seed=3, size=64)
     assert [s.queries for s in a] == [s.queries for s in b]
     assert all(x.path.read_bytes() == y.path.read_bytes() for x, y in zip(a, b, strict=True))
 
@@ -258,8 +258,8 @@ def test_pipeline_keeps_the_callers_config_and_caches_superpixels_when_asked(
     model_dir: Path, tmp_path: Path
 ) -> None:
     """The pipeline leaves ``model.cfg`` alone; its superpixel cache is the processor's, off by default."""
-    from mllm_ris.inference.loading import recorded_image_size
     from mllm_ris.modeling.model import RISModel
+    from mllm_ris.modeling.model_io import recorded_image_size
 
     model, size = RISModel.from_pretrained(model_dir), recorded_image_size(model_dir)
     cfg = model.cfg

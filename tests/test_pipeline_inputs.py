@@ -11,8 +11,8 @@ from PIL import Image
 from test_pipeline_kit import png_header
 
 from mllm_ris.errors import MllmRisError
-from mllm_ris.inference.inputs import MAX_QUERY_CHARS, InputError, check_query, load_image, to_turns
-from mllm_ris.processing.conversation import Turn
+from mllm_ris.inference.pipeline import MAX_QUERY_CHARS, InputError, check_query, load_image, to_turns
+from mllm_ris.processing.processor import Turn
 
 
 def _rgb(h: int = 20, w: int = 30) -> np.ndarray:

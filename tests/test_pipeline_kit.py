@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from test_model_kit import tiny_cfg
 
-from mllm_ris.inference.default_model import default_model_installed, default_model_path
+from mllm_ris.inference.pipeline import default_model_installed, default_model_path
 from mllm_ris.modeling.model import RISModel, build_model
-from mllm_ris.processing.conversation import answer_text
+from mllm_ris.processing.processor import answer_text
 
 TEST_SIZE = 64  # canvas side of the tiny test models (recorded as data.image_size)
 SEG_ANSWER = answer_text(1)

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm_ris.modeling.pointer import MASKED_LOGIT, PointerLosses, RegionPointer, paint_regions, pointer_loss
+from mllm_ris.modeling.projector import (
+    MASKED_LOGIT,
+    PointerLosses,
+    RegionPointer,
+    paint_regions,
+    pointer_loss,
+)
 
 
 def _random_labels(g: torch.Generator, b: int, k: int, h: int, w: int) -> torch.Tensor:

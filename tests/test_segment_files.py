@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_FILES = 35  # issue 15 (61, then 38 before the one input path); lower it, never raise it
+MAX_FILES = 25  # issue 15 (61, 38 before the one input path, 35 before the folds); lower it, never raise it
 
 
 def test_segment_executes_at_most_max_files() -> None:
@@ -37,6 +37,7 @@ def test_segment_executes_at_most_max_files() -> None:
     unused = {"s2rm_head/heads/fusion.py", "s2rm_head/encoders/pixel.py", "s2rm_head/sam/stage.py"}
     unused |= {f"s2rm_head/{sub}/__init__.py" for sub in ("heads", "encoders", "sam")}  # nor its subpackages
     unused |= {"mllm_ris/modeling/vision.py", "mllm_ris/data/registry.py", "mllm_ris/inference/chat.py"}
+    unused |= {"mllm_ris/modeling/lora.py", "mllm_ris/inference/scenes.py"}  # no adapter, no scenes
     assert not unused & set(files)
     # the pipeline prepares its inputs with processing's Processor: no dataset module runs
     assert not [f for f in files if f.startswith("mllm_ris/data/")]

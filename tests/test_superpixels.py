@@ -14,11 +14,11 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from mllm_ris.data.synthetic import SynthRefDataset, make_synthref
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.projector import PatchProjector, ProjectorConfig, SuperpixelProjector
-from mllm_ris.modeling.superpixel_cache import SuperpixelCache
-from mllm_ris.modeling.superpixels import (
+from mllm_ris.processing.regions import (
     GridSuperpixels,
     SAMSuperpixels,
     SLICSuperpixels,
+    SuperpixelCache,
     SuperpixelConfig,
     SuperpixelInputError,
     build_superpixel_generator,

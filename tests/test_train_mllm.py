@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 from mllm_ris.cli import main
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.lora import random_causal_lm
+from mllm_ris.modeling.llm import ensure_special_tokens, load_tokenizer, random_causal_lm
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.tokens import ensure_special_tokens, load_tokenizer
 from mllm_ris.training.checkpoint import consolidated_state_dict
 from mllm_ris.training.ris_task import RISTask, tie_all_parameters
 from mllm_ris.training.sampling import MixtureSampler, build_mixture
@@ -175,7 +174,7 @@ def test_prior_checkpoint_with_an_unused_pixel_side(tmp_path: Path, synthref: Pa
 def test_warm_start_in_another_prompt_layout(tmp_path: Path, synthref: Path) -> None:
     """``model.checkpoint`` fixes the architecture and weights; the run's ``mllm.image_position`` (a
     layout, no weight) applies to the continued model, its batches and the folder it writes."""
-    from mllm_ris.processing.conversation import IMAGE_TOKEN
+    from mllm_ris.processing.processor import IMAGE_TOKEN
 
     files = write_configs(tmp_path, synthref, llm=None, output_mode="prior", batch=2)
     pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true")

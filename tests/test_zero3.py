@@ -31,8 +31,10 @@ from _launch_kit import ROOT, TINY_CLASSIC_YAML, launch_cmd, launch_env
 from mllm_ris.config import Config, load_config
 from mllm_ris.data.synthetic import SynthRefDataset, make_synthref
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.lora import LoraSettings, apply_lora, random_causal_lm, zero3_external_parameters
+from mllm_ris.modeling.llm import random_causal_lm
+from mllm_ris.modeling.lora import apply_lora, zero3_external_parameters
 from mllm_ris.modeling.model import RISModel, build_model
+from mllm_ris.modeling.model_config import LoraSettings
 from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.processing.processor import RISTransform, collate_ris
 from mllm_ris.training.checkpoint import consolidated_state_dict

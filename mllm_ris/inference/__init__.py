@@ -22,10 +22,16 @@ import lazy_loader
 
 if TYPE_CHECKING:
     from mllm_ris.inference.chat import ChatSession
-    from mllm_ris.inference.default_model import bundled_scenes, default_model_path, make_sample_scenes
-    from mllm_ris.inference.inputs import MAX_IMAGE_PIXELS, MAX_QUERY_CHARS, InputError, load_image
-    from mllm_ris.inference.pipeline import RISPipeline
+    from mllm_ris.inference.pipeline import (
+        MAX_IMAGE_PIXELS,
+        MAX_QUERY_CHARS,
+        InputError,
+        RISPipeline,
+        default_model_path,
+        load_image,
+    )
     from mllm_ris.inference.results import Prediction, RISResult
+    from mllm_ris.inference.scenes import bundled_scenes, make_sample_scenes
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -46,9 +52,15 @@ __getattr__, __dir__, _ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "chat": ["ChatSession"],
-        "default_model": ["bundled_scenes", "default_model_path", "make_sample_scenes"],
-        "inputs": ["InputError", "MAX_IMAGE_PIXELS", "MAX_QUERY_CHARS", "load_image"],
-        "pipeline": ["RISPipeline"],
+        "pipeline": [
+            "InputError",
+            "MAX_IMAGE_PIXELS",
+            "MAX_QUERY_CHARS",
+            "RISPipeline",
+            "default_model_path",
+            "load_image",
+        ],
         "results": ["Prediction", "RISResult"],
+        "scenes": ["bundled_scenes", "make_sample_scenes"],
     },
 )

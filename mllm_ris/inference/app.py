@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mllm_ris.errors import MllmRisError, NotAvailableError
-from mllm_ris.inference.default_model import ASSETS_DIR, BundledScene, bundled_scenes
-from mllm_ris.inference.inputs import MAX_QUERY_CHARS, InputError, load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import MAX_QUERY_CHARS, InputError, RISPipeline, load_image
 from mllm_ris.inference.results import overlay
+from mllm_ris.inference.scenes import ASSETS_DIR, BundledScene, bundled_scenes
 from mllm_ris.inference.segment import summary_line
 
 if TYPE_CHECKING:

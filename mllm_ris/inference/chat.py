@@ -20,11 +20,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from mllm_ris.errors import MllmRisError
-from mllm_ris.inference.inputs import check_query, load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import RISPipeline, check_query, load_image
 from mllm_ris.inference.results import RISResult, ensure_out_dir, write_result_files
 from mllm_ris.inference.segment import summary_line
-from mllm_ris.processing.conversation import Turn
+from mllm_ris.processing.processor import Turn
 
 __all__ = ["ChatSession", "run_chat"]
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mllm_ris.inference.chat import ChatSession
-from mllm_ris.inference.default_model import BundledScene, bundled_scenes
-from mllm_ris.inference.inputs import load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import RISPipeline, load_image
 from mllm_ris.inference.results import (
     GalleryItem,
     RISResult,
@@ -24,6 +22,7 @@ from mllm_ris.inference.results import (
     write_atomic,
     write_result_files,
 )
+from mllm_ris.inference.scenes import BundledScene, bundled_scenes
 
 __all__ = ["DemoReport", "run_demo"]
 

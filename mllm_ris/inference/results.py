@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from mllm_ris.inference.inputs import InputError
-from mllm_ris.processing.conversation import Turn
+from mllm_ris.errors import InputError
+from mllm_ris.processing.processor import Turn
 
 __all__ = [
     "PALETTE",

@@ -19,8 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from mllm_ris.errors import MllmRisError
-from mllm_ris.inference.inputs import InputError, check_query, load_image
-from mllm_ris.inference.pipeline import RISPipeline
+from mllm_ris.inference.pipeline import InputError, RISPipeline, check_query, load_image
 from mllm_ris.inference.results import OutputFiles, RISResult, ensure_out_dir, write_result_files
 
 __all__ = ["BatchItem", "BatchReport", "read_batch_file", "segment_batch", "segment_image", "summary_line"]

@@ -24,8 +24,7 @@ from transformers import (
 )
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.lora import DTYPES
-from mllm_ris.modeling.tokens import has_tokenizer_files
+from mllm_ris.modeling.llm import DTYPES, has_tokenizer_files
 from mllm_ris.modeling.vision import VisionTower, default_image_stats
 
 __all__ = ["LlavaCheckpoint", "load_llava_checkpoint"]

