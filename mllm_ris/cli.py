@@ -322,7 +322,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"checkpoint: {summary.checkpoint}")
         if summary.interrupted:
             print(f"stopped by {summary.interrupted}; continue with --resume auto")
+    _end_process_group()
     return exit_code_for(summary.interrupted)
+
+
+def _end_process_group() -> None:
+    """Destroy the launched run's process group before the interpreter exits (every rank, after success).
+
+    Left to the interpreter's teardown, gloo's worker threads are destroyed while joinable and a rank
+    aborts ("terminate called without an active exception", SIGABRT) after the run finished and wrote
+    its model: the launcher then reports the whole run failed (pytorch/pytorch#190489).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
