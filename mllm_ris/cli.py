@@ -327,7 +327,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _end_process_group() -> None:
-    """Destroy the launched run's process group before the interpreter exits (every rank, after success).
+    """Destroy the launched run's process group before the interpreter exits.
+
+    Every rank calls it once ``train`` has returned (finished, or stopped by a signal at the same step on
+    all ranks). A rank that raised never gets here; the launcher then ends the others.
 
     Left to the interpreter's teardown, gloo's worker threads are destroyed while joinable and a rank
     aborts ("terminate called without an active exception", SIGABRT) after the run finished and wrote
