@@ -191,3 +191,55 @@ def test_bench_negative_forms_reports_n_acc_per_form(tmp_path: Path) -> None:
     negatives = {level for level in levels if level.startswith("negative")}
     assert negatives and negatives <= {"negative-attr", "negative-relational"}
     assert sum(m["samples"] for m in levels.values()) == 12
+
+
+def test_diag_answers_classifies_generated_answers(tmp_path: Path) -> None:
+    """Generated answers of a saved (random) pointer model with the presence query: class counts per
+    query form (from the build's own queries) and group instance rates, in one JSON; the classes
+    themselves on hand-made region sets."""
+    import torch
+    from test_model_kit import SIZE, tiny_cfg
+
+    from mllm_ris.data.synthetic import make_synthref
+    from mllm_ris.modeling.model import build_model
+
+    data = tmp_path / "synthref"
+    make_synthref(data, images=12, seed=3, size=SIZE, workers=1, progress=False)
+    torch.manual_seed(0)
+    overrides = (
+        "model.mllm.pointer_dim=16",
+        "model.mllm.reject_from=pointer",
+        "model.projector.descriptors=true",
+    )
+    build_model(tiny_cfg("mllm", "prior", *overrides)).save_pretrained(tmp_path / "m")
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("diag_answers")
+        out = tmp_path / "r" / "answers.json"
+        argv = ["--data", str(data), "--model", str(tmp_path / "m"), "--limit", "24", "--results", str(out)]
+        assert module.main([*argv, "--no-complete-groups"]) == 0
+        assert module.answer_class([{1, 2}], [{1}, {2}]) == "exact"
+        assert module.answer_class([{1}], [{1, 3}]) == "extra"
+        assert module.answer_class([{1}], [{2}]) == "wrong"
+        assert module.answer_class([], []) == "rejected" and module.answer_class([{1}], []) == "no_answer"
+        assert module.instances_found([{1}, {2, 3}], [{2, 3}, {2, 3}, {1}]) == 2
+    finally:
+        sys.path.remove(str(BENCH))
+    result = json.loads(out.read_text())
+    assert result["complete_groups"] is False and result["limit"] == 24
+    from mllm_ris.data.registry import build_dataset
+
+    assert sum(c["n"] for c in result["forms"].values()) == min(
+        24, len(build_dataset("synthref", data, "val"))
+    )
+    assert set(result["forms"]) <= {
+        "simple",
+        "multi",
+        "spatial:best",
+        "spatial:second",
+        "spatial:size",
+        "relational:1",
+        "relational:2",
+        "negative:attr",
+    }
+    assert 0.0 <= result["groups"]["instance_recall"] <= 1.0

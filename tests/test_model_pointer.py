@@ -399,3 +399,82 @@ def test_reject_from_pointer_learns_present_from_absent_on_one_image() -> None:
     labels = model.projector.region_labels(prompts.superpixels)
     coverage = region_coverage(labels[:1], batch.target_masks[:1], labels.max() + 1)[0, 0]  # (K,)
     assert coverage[presence[0, 0].argmax()] >= 0.5
+
+
+def _four_apart() -> torch.Tensor:
+    """A 5 x 5 label map of four regions (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)
+    that do not touch: row 2 and column 2 are ``-1``."""
+    labels = torch.full((5, 5), -1, dtype=torch.long)
+    labels[:2, :2], labels[:2, 3:], labels[3:, :2], labels[3:, 3:] = 0, 1, 2, 3
+    return labels
+
+
+def test_distinct_regions_gives_each_seg_its_own_object_and_drops_repeats() -> None:
+    """A group answer: each [SEG] gets a seed region of its own (greedy by logit); one whose best free
+    region scores <= 0 repeats another's object and is dropped; a region two kept [SEG]s select goes
+    to the one scoring it higher."""
+    from mllm_ris.modeling.model_build import _distinct_regions
+
+    real = torch.tensor([True, True, True, True, False])
+    # both [SEG]s point at region 0 (the second higher) and the first also likes region 1
+    logits = torch.tensor([[4.0, 3.0, -2.0, -5.0, 9.0], [6.0, 1.0, -3.0, -5.0, 9.0]])
+    out = _distinct_regions(logits, real)
+    assert [i for i, _ in out] == [0, 1]
+    assert out[0][1].tolist() == [False, True, False, False, False]  # 1: its seed
+    assert out[1][1].tolist() == [True, False, False, False, False]  # 0: the higher score
+    # a repeat: the second [SEG]'s best free region is not above 0
+    repeat = torch.tensor([[5.0, -1.0, -2.0, -2.0, 0.0], [4.0, -0.5, -2.0, -2.0, 0.0]])
+    out = _distinct_regions(repeat, real)
+    assert [i for i, _ in out] == [0] and out[0][1].tolist() == [True, False, False, False, False]
+    # the best pair stays even when nothing is above 0 (a [SEG] points at one region at least)
+    out = _distinct_regions(torch.full((2, 5), -3.0), real)
+    assert len(out) == 1 and int(out[0][1].sum()) == 1
+
+
+def test_connected_regions_groups_touching_regions() -> None:
+    from mllm_ris.modeling.model_build import _connected_regions
+
+    labels = _four_apart()
+    labels[2, :2] = 0  # region 0 now touches region 2 (rows 1 / 3 through row 2)
+    chosen = torch.tensor([True, True, True, False])
+    groups = [g.nonzero()[:, 0].tolist() for g in _connected_regions(chosen, labels)]
+    assert groups == [[0, 2], [1]]
+    assert _connected_regions(torch.zeros(4, dtype=torch.bool), labels) == []
+
+
+def test_complete_groups_drops_repeats_and_adds_what_the_presence_query_finds() -> None:
+    """mllm.complete_groups: row 0 names region 0 twice and misses regions 2 and 3, which the presence
+    query selects -> the repeat is dropped and two queries are added (the text says three); row 1 (one
+    [SEG]) and row 2 (a right pair) keep their queries and text."""
+    from mllm_ris.modeling.model_build import GroupAnswer, _complete_groups
+    from mllm_ris.processing.processor import answer_text
+
+    labels = _four_apart()[None].expand(3, 5, 5)
+    seg = torch.arange(3 * 2 * 2, dtype=torch.float32).reshape(3, 2, 2)
+    valid = torch.tensor([[True, True], [True, False], [True, True]])
+    logits = torch.tensor(
+        [
+            [[5.0, -3.0, -3.0, -3.0], [4.0, -2.0, -3.0, -3.0]],
+            [[5.0, -3.0, -3.0, -3.0], [0.0, 0.0, 0.0, 0.0]],
+            [[5.0, -1.0, -3.0, -3.0], [-1.0, 5.0, -3.0, -3.0]],
+        ]
+    )
+    presence = torch.tensor([[[3.0, -1.0, 2.0, 2.5]], [[3.0, -1.0, -1.0, -1.0]], [[3.0, 3.0, -1.0, -1.0]]])
+    embed = torch.full((3, 2), -7.0)
+    text = [answer_text(2), answer_text(1), answer_text(2)]
+    out = _complete_groups(
+        GroupAnswer(seg, valid, logits, text), presence, embed, labels, torch.ones(3, 4, dtype=torch.bool)
+    )
+    assert out.text == [answer_text(3), answer_text(1), answer_text(2)]
+    assert out.seg_valid.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    chosen = out.region_logits > 0  # (3, 3, 4)
+    assert chosen[0].tolist() == [
+        [True, False, False, False],
+        [False, False, True, False],
+        [False, False, False, True],
+    ]
+    torch.testing.assert_close(out.seg[0, 0], seg[0, 0])
+    torch.testing.assert_close(out.seg[0, 1:], embed[0].expand(2, 2))  # the presence query's embedding
+    assert out.region_logits[0, 2, 3] == 2.5  # the presence logits on its group
+    torch.testing.assert_close(out.region_logits[1, 0], logits[1, 0])
+    assert chosen[2, :2].tolist() == [[True, False, False, False], [False, True, False, False]]

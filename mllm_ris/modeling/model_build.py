@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
@@ -601,6 +601,17 @@ class LLMQueries:
                 text,
             )
         seg_valid, text = _apply_reject_threshold(reject_threshold, reject, seg_valid, text)
+        complete = self.mllm.cfg.complete_groups and gen.presence_embed is not None
+        if complete and region_logits is not None and gen.presence_logits is not None:
+            assert batch.superpixels is not None and gen.presence_embed is not None
+            labels = self.projector.region_labels(batch.superpixels)  # (B, S, S) token order
+            seg, seg_valid, region_logits, text = _complete_groups(
+                GroupAnswer(seg, seg_valid, region_logits, text),
+                gen.presence_logits,
+                gen.presence_embed,
+                labels,
+                vis.mask,
+            )
         q = self._queries(seg, seg_valid, gen.word_states, gen.word_mask)
         q.reject_logit, q.text, q.presence_logits = reject, text, gen.presence_logits
         if region_logits is not None:
@@ -686,6 +697,131 @@ def _answer_present(
         region_logits[rescue, 0] = presence[rescue, 0].to(region_logits.dtype)
     text = [answer_text(1) if r else t for r, t in zip(rescue.tolist(), text, strict=True)]
     return seg, seg_valid, region_logits, text
+
+
+class GroupAnswer(NamedTuple):
+    """The generated queries of a batch: ``seg (B, T, Dg)``, ``seg_valid (B, T)``, ``region_logits
+    (B, T, K)`` and the answers' ``text``."""
+
+    seg: torch.Tensor
+    seg_valid: torch.Tensor
+    region_logits: torch.Tensor
+    text: list[str]
+
+
+def _complete_groups(
+    answer: GroupAnswer,
+    presence: torch.Tensor,
+    presence_embed: torch.Tensor,
+    labels: torch.Tensor,
+    region_mask: torch.Tensor,
+) -> GroupAnswer:
+    """``mllm.complete_groups``: a row whose answer has two or more ``[SEG]`` (a group)
+    - drops a ``[SEG]`` whose regions (logit > 0, and its best one) earlier ones already name: the
+      tiny LLM repeats an object ("all crosses": the same cross twice);
+    - adds one query per connected group of regions (4-neighbours in ``labels (B, S, S)``) that the
+      presence query ``presence (B, 1, K)`` selects (logit > 0) and no ``[SEG]`` covers: the LLM's
+      count falls short on groups of three or more. Its embedding is ``presence_embed (B, Dg)`` and its
+      region logits the presence logits on the group (``MASKED_LOGIT`` elsewhere).
+    ``region_mask (B, K)``: the real regions. Other rows are unchanged; the text of a changed row is
+    :func:`answer_text` of its new count."""
+    seg, seg_valid, region_logits, text = answer
+    if region_logits.shape[-1] == 0:
+        return answer
+    entries: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row: (embedding, logits (K,))
+    text, changed = list(text), False
+    for b in range(seg.shape[0]):
+        slots = seg_valid[b].nonzero()[:, 0].tolist()
+        row = [(seg[b, t], region_logits[b, t]) for t in slots]
+        if len(slots) >= 2:
+            real = region_mask[b]
+            own = _distinct_regions(torch.stack([logits for _, logits in row]), real)  # (n, K)
+            kept = [(row[i][0], row[i][1].masked_fill(~regions, MASKED_LOGIT)) for i, regions in own]
+            covered = torch.zeros_like(real)
+            for _, regions in own:
+                covered |= regions
+            dropped = len(kept) < len(row)
+            groups = _connected_regions((presence[b, 0] > 0) & real & ~covered, labels[b])
+            for group in groups:
+                logits = presence[b, 0].masked_fill(~group, MASKED_LOGIT).to(region_logits.dtype)
+                kept.append((presence_embed[b].to(seg.dtype), logits))
+            changed = True
+            if dropped or groups:
+                text[b] = answer_text(len(kept))
+            row = kept
+        entries.append(row)
+    if not changed:
+        return answer
+    width = max(len(row) for row in entries)
+    new_seg = seg.new_zeros(seg.shape[0], width, seg.shape[2])
+    new_valid = seg_valid.new_zeros(seg.shape[0], width)
+    new_logits = region_logits.new_full((seg.shape[0], width, region_logits.shape[2]), MASKED_LOGIT)
+    for b, row in enumerate(entries):
+        for t, (emb, logits) in enumerate(row):
+            new_seg[b, t], new_logits[b, t], new_valid[b, t] = emb, logits, True
+    return GroupAnswer(new_seg, new_valid, new_logits, text)
+
+
+def _distinct_regions(logits: torch.Tensor, real: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The regions of each ``[SEG]`` of a group answer, ``logits (n, K)``, ``real (K,)``: every
+    ``[SEG]`` first gets a seed region of its own, greedily by logit over the pairs of a free
+    ``[SEG]`` and a free region; one whose seed scores <= 0 repeats an object another ``[SEG]`` names
+    and is dropped (the best pair always stays). Every other region a kept ``[SEG]`` selects (logit > 0)
+    goes to the kept one scoring it highest. Returns ``(index, regions (K,) bool)`` per kept ``[SEG]``,
+    in answer order."""
+    scores = logits.float().masked_fill(~real, float("-inf"))  # (n, K)
+    free = scores.clone()
+    seeds: dict[int, int] = {}
+    for _ in range(min(scores.shape)):
+        best = free.argmax()
+        i, k = divmod(int(best), scores.shape[1])
+        if free[i, k] == float("-inf") or (seeds and free[i, k] <= 0):
+            break
+        seeds[i] = k
+        free[i, :], free[:, k] = float("-inf"), float("-inf")
+    order = sorted(seeds)
+    mine = scores[order]  # (m, K)
+    owner = mine.argmax(0)  # (K,) the kept [SEG] scoring each region highest
+    shared = (mine > 0).any(0) & real
+    shared[list(seeds.values())] = False
+    out = []
+    for j, i in enumerate(order):
+        regions = shared & (owner == j)
+        regions[seeds[i]] = True
+        out.append((i, regions))
+    return out
+
+
+def _connected_regions(chosen: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """The connected groups ``(K,)`` bool of the regions ``chosen (K,)``, two regions being
+    connected when their pixels touch (4-neighbours) in ``labels (S, S)`` (ids, -1 = none); in
+    order of their first region."""
+    ids = chosen.nonzero()[:, 0].tolist()
+    if not ids:
+        return []
+    neighbours: dict[int, set[int]] = {k: set() for k in ids}
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        touch = (a != b) & (a >= 0) & (b >= 0)
+        for x, y in zip(a[touch].tolist(), b[touch].tolist(), strict=True):
+            if x in neighbours and y in neighbours:
+                neighbours[x].add(y)
+                neighbours[y].add(x)
+    groups, seen = [], set()
+    for start in ids:
+        if start in seen:
+            continue
+        stack, members = [start], []
+        seen.add(start)
+        while stack:
+            k = stack.pop()
+            members.append(k)
+            for n in neighbours[k] - seen:
+                seen.add(n)
+                stack.append(n)
+        group = torch.zeros_like(chosen)
+        group[members] = True
+        groups.append(group)
+    return groups
 
 
 def _apply_reject_threshold(

@@ -136,6 +136,15 @@ class MLLMConfig:
             "chance, docs/results.md)"
         },
     )
+    complete_groups: bool = field(
+        default=True,
+        metadata={
+            "help": "reject_from pointer, at generation: an answer with two or more [SEG] drops a [SEG] "
+            "whose regions earlier ones already name, and adds one [SEG] per connected group of regions the "
+            "presence query selects that no [SEG] covers (the LLM's count falls short on large groups, "
+            "docs/results.md)"
+        },
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "4bit", "8bit"] = field(
         default="none", metadata={"help": "bitsandbytes base weights (QLoRA with 4bit); needs name_or_path"}
