@@ -31,6 +31,23 @@ def _json(tmp_path: Path, name: str) -> dict:
     return json.loads((tmp_path / "results" / f"{name}.json").read_text(encoding="utf-8"))
 
 
+def _save_presence_model(folder: Path) -> None:
+    """A seeded random tiny mllm model, output mode prior, whose reject decision is the pointer's
+    presence query, saved to ``folder``."""
+    import torch
+    from test_model_kit import tiny_cfg
+
+    from mllm_ris.modeling.model import build_model
+
+    torch.manual_seed(0)
+    overrides = (
+        "model.mllm.pointer_dim=16",
+        "model.mllm.reject_from=pointer",
+        "model.projector.descriptors=true",
+    )
+    build_model(tiny_cfg("mllm", "prior", *overrides)).save_pretrained(folder)
+
+
 def test_bench_tokens(tmp_path: Path) -> None:
     text = _run("bench_tokens", tmp_path)
     assert "<!-- bench_tokens:begin -->" in text and "Visual tokens per image" in text
@@ -160,23 +177,15 @@ def test_pointer_bisect_trains_on_the_tasks_batches(tmp_path: Path) -> None:
 def test_bench_negative_forms_reports_n_acc_per_form(tmp_path: Path) -> None:
     """Negatives relabelled by form beside present expressions, evaluated with a saved (random) model
     whose reject decision is the pointer's; one results JSON with a level per negative form."""
-    import torch
-    from test_model_kit import SIZE, tiny_cfg
+    from test_model_kit import SIZE
 
     from mllm_ris.data.synthetic import make_synthref
-    from mllm_ris.modeling.model import build_model
 
     data = tmp_path / "synthref"
     make_synthref(
         data, images=16, seed=3, size=SIZE, workers=1, progress=False, negative_forms=["attr", "relational"]
     )
-    torch.manual_seed(0)
-    overrides = (
-        "model.mllm.pointer_dim=16",
-        "model.mllm.reject_from=pointer",
-        "model.projector.descriptors=true",
-    )
-    build_model(tiny_cfg("mllm", "prior", *overrides)).save_pretrained(tmp_path / "m")
+    _save_presence_model(tmp_path / "m")
     sys.path.insert(0, str(BENCH))
     try:
         module = importlib.import_module("bench_negative_forms")
@@ -197,21 +206,13 @@ def test_diag_answers_classifies_generated_answers(tmp_path: Path) -> None:
     """Generated answers of a saved (random) pointer model with the presence query: class counts per
     query form (from the build's own queries) and group instance rates, in one JSON; the classes
     themselves on hand-made region sets."""
-    import torch
-    from test_model_kit import SIZE, tiny_cfg
+    from test_model_kit import SIZE
 
     from mllm_ris.data.synthetic import make_synthref
-    from mllm_ris.modeling.model import build_model
 
     data = tmp_path / "synthref"
     make_synthref(data, images=12, seed=3, size=SIZE, workers=1, progress=False)
-    torch.manual_seed(0)
-    overrides = (
-        "model.mllm.pointer_dim=16",
-        "model.mllm.reject_from=pointer",
-        "model.projector.descriptors=true",
-    )
-    build_model(tiny_cfg("mllm", "prior", *overrides)).save_pretrained(tmp_path / "m")
+    _save_presence_model(tmp_path / "m")
     sys.path.insert(0, str(BENCH))
     try:
         module = importlib.import_module("diag_answers")
