@@ -244,3 +244,42 @@ def test_diag_answers_classifies_generated_answers(tmp_path: Path) -> None:
         "negative:attr",
     }
     assert 0.0 <= result["groups"]["instance_recall"] <= 1.0
+
+
+def test_calibrate_reject_sweeps_and_writes_the_threshold(tmp_path: Path) -> None:
+    """The sweep's rates on hand-made probabilities, the balanced choice (ties nearest 0.5), and a run
+    on a saved (random) model that writes its choice into config.json and nothing else."""
+    from test_model_kit import SIZE
+
+    from mllm_ris.data.synthetic import make_synthref
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("calibrate_reject")
+        rows = module.sweep([0.9, 0.3, 0.05, 0.6], [True, True, False, False], thresholds=(0.2, 0.5))
+        assert rows[0] == {"threshold": 0.2, "n_acc": 1.0, "t_acc": 0.5, "balanced": 0.75}
+        assert rows[1] == {"threshold": 0.5, "n_acc": 0.5, "t_acc": 0.5, "balanced": 0.5}
+        assert module.choose(rows) == 0.2
+        tie = [{"threshold": t, "n_acc": 1.0, "t_acc": 1.0, "balanced": 1.0} for t in (0.1, 0.4, 0.7)]
+        assert module.choose(tie) == 0.4
+        data = tmp_path / "synthref"
+        make_synthref(data, images=16, seed=3, size=SIZE, workers=1, progress=False)
+        _save_presence_model(tmp_path / "m")
+        before = json.loads((tmp_path / "m" / "config.json").read_text())
+        argv = [
+            "--data",
+            str(data),
+            "--model",
+            str(tmp_path / "m"),
+            "--write",
+            "--results",
+            str(tmp_path / "r.json"),
+        ]
+        assert module.main(argv) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    record = json.loads((tmp_path / "r.json").read_text())
+    after = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert after["model"].pop("reject_threshold") == record["chosen"] in module.THRESHOLDS
+    before["model"].pop("reject_threshold")
+    assert after == before
