@@ -66,8 +66,8 @@ def test_the_bundled_model_is_not_text_blind(follows: tuple[int, int, list[str]]
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 14 not done: the bundled model (1.68 M samples, ~6.4 CPU hours) follows the sentence on "
-    "168 of 223 pairs (75 %); the target is 90 % (docs/default_model.md)",
+    reason="issue 14 not done: the bundled model (2.08 M samples, ~8 CPU hours) follows the sentence on "
+    "189 of 223 pairs (85 %); the target is 90 % (docs/default_model.md)",
 )
 def test_queries_about_different_objects_get_their_own_masks(follows: tuple[int, int, list[str]]) -> None:
     pairs, followed, misses = follows
