@@ -430,22 +430,31 @@ def _project(projector: VisualProjector, feats: torch.Tensor | None, batch: MLLM
     return projector(feats, batch.superpixels)
 
 
+def _canvas_labels(projector: VisualProjector, batch: MLLMBatch) -> torch.Tensor:
+    """The batch's superpixels as region ids in token order ``(B, S, S)`` (-1 = none), on the canvas."""
+    assert batch.superpixels is not None
+    labels = projector.region_labels(batch.superpixels)
+    if labels.shape[-2:] != batch.images.shape[-2:]:
+        raise ValueError(
+            f"superpixels: {tuple(labels.shape[-2:])} label maps, but the canvas is "
+            f"{tuple(batch.images.shape[-2:])}: the prior is painted on the canvas"
+        )
+    return labels
+
+
 def _add_prior(
     q: Queries,
     projector: VisualProjector,
     batch: MLLMBatch,
     region_logits: torch.Tensor,
     region_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
 ) -> None:
     """Paint ``region_logits (B, T, K)`` through the batch's superpixels (in token order) into the
-    region prior ``(B, T, S, S)`` the head refines."""
-    assert batch.superpixels is not None
-    labels = projector.region_labels(batch.superpixels)  # (B, S, S) token order, -1 = none
-    if labels.shape[-2:] != batch.images.shape[-2:]:
-        raise ValueError(
-            f"superpixels: {tuple(labels.shape[-2:])} label maps, but the canvas is "
-            f"{tuple(batch.images.shape[-2:])}: the prior is painted on the canvas"
-        )
+    region prior ``(B, T, S, S)`` the head refines; ``labels``: :func:`_canvas_labels` when the caller
+    has them already."""
+    if labels is None:
+        labels = _canvas_labels(projector, batch)
     q.region_logits, q.region_mask, q.region_labels = region_logits, region_mask, labels
     q.prior = paint_regions(region_logits, labels).clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
 
@@ -601,21 +610,21 @@ class LLMQueries:
                 text,
             )
         seg_valid, text = _apply_reject_threshold(reject_threshold, reject, seg_valid, text)
-        complete = self.mllm.cfg.complete_groups and gen.presence_embed is not None
-        if complete and region_logits is not None and gen.presence_logits is not None:
-            assert batch.superpixels is not None and gen.presence_embed is not None
-            labels = self.projector.region_labels(batch.superpixels)  # (B, S, S) token order
+        labels = None if region_logits is None else _canvas_labels(self.projector, batch)  # (B, S, S)
+        presence, presence_embed = gen.presence_logits, gen.presence_embed
+        if self.mllm.cfg.complete_groups and presence is not None and presence_embed is not None:
+            assert region_logits is not None and labels is not None  # the presence query is the pointer's
             seg, seg_valid, region_logits, text = _complete_groups(
                 GroupAnswer(seg, seg_valid, region_logits, text),
-                gen.presence_logits,
-                gen.presence_embed,
+                presence,
+                presence_embed,
                 labels,
                 vis.mask,
             )
         q = self._queries(seg, seg_valid, gen.word_states, gen.word_mask)
         q.reject_logit, q.text, q.presence_logits = reject, text, gen.presence_logits
         if region_logits is not None:
-            _add_prior(q, self.projector, batch, region_logits, vis.mask)
+            _add_prior(q, self.projector, batch, region_logits, vis.mask, labels)
         return q
 
     @staticmethod
@@ -717,8 +726,8 @@ def _complete_groups(
     region_mask: torch.Tensor,
 ) -> GroupAnswer:
     """``mllm.complete_groups``: a row whose answer has two or more ``[SEG]`` (a group)
-    - drops a ``[SEG]`` whose regions (logit > 0, and its best one) earlier ones already name: the
-      tiny LLM repeats an object ("all crosses": the same cross twice);
+    - gives each ``[SEG]`` regions of its own (:func:`_distinct_regions`) and drops one that repeats
+      another's object: the tiny LLM repeats an object ("all crosses": the same cross twice);
     - adds one query per connected group of regions (4-neighbours in ``labels (B, S, S)``) that the
       presence query ``presence (B, 1, K)`` selects (logit > 0) and no ``[SEG]`` covers: the LLM's
       count falls short on groups of three or more. Its embedding is ``presence_embed (B, Dg)`` and its
@@ -737,9 +746,7 @@ def _complete_groups(
             real = region_mask[b]
             own = _distinct_regions(torch.stack([logits for _, logits in row]), real)  # (n, K)
             kept = [(row[i][0], row[i][1].masked_fill(~regions, MASKED_LOGIT)) for i, regions in own]
-            covered = torch.zeros_like(real)
-            for _, regions in own:
-                covered |= regions
+            covered = torch.stack([regions for _, regions in own]).any(0)  # (K,)
             dropped = len(kept) < len(row)
             groups = _connected_regions((presence[b, 0] > 0) & real & ~covered, labels[b])
             for group in groups:

@@ -139,10 +139,10 @@ class MLLMConfig:
     complete_groups: bool = field(
         default=True,
         metadata={
-            "help": "reject_from pointer, at generation: an answer with two or more [SEG] drops a [SEG] "
-            "whose regions earlier ones already name, and adds one [SEG] per connected group of regions the "
-            "presence query selects that no [SEG] covers (the LLM's count falls short on large groups, "
-            "docs/results.md)"
+            "help": "reject_from pointer, at generation: an answer with two or more [SEG] gives each [SEG] "
+            "regions of its own, drops a [SEG] that repeats another's object, and adds one [SEG] per "
+            "connected group of regions the presence query selects that no [SEG] covers (the LLM's count "
+            "falls short on large groups, docs/results.md)"
         },
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
