@@ -322,25 +322,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"checkpoint: {summary.checkpoint}")
         if summary.interrupted:
             print(f"stopped by {summary.interrupted}; continue with --resume auto")
-    _end_process_group()
-    return exit_code_for(summary.interrupted)
+    code = exit_code_for(summary.interrupted)
+    _end_launched_run(code)
+    return code
 
 
-def _end_process_group() -> None:
-    """Destroy the launched run's process group before the interpreter exits.
+def _end_launched_run(code: int) -> None:
+    """A launched rank (a process group is initialised) ends here with ``code``, without the
+    interpreter's teardown; a single-process run returns and exits as usual.
 
     Every rank calls it once ``train`` has returned (finished, or stopped by a signal at the same step on
-    all ranks). A rank that raised never gets here; the launcher then ends the others.
+    all ranks), its model, checkpoint and logs written and closed. A rank that raised never gets here;
+    the launcher then ends the others.
 
     Left to the interpreter's teardown, gloo's worker threads are destroyed while joinable and a rank
     aborts ("terminate called without an active exception", SIGABRT) after the run finished and wrote
-    its model: the launcher then reports the whole run failed (pytorch/pytorch#190489).
+    its model: the launcher then reports the whole run failed (pytorch/pytorch#190489). Destroying the
+    process group first made it rarer, not impossible: CI of 2026-12-07 saw rank 0 abort that way after
+    ``barrier`` + ``destroy_process_group``. So the rank flushes its output and leaves with
+    ``os._exit``: the C++ objects are never destructed, and nothing is left to write.
     """
+    import logging
+    import os
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
