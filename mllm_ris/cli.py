@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("source", metavar="CHECKPOINT_OR_RUN", help="a run folder, checkpoint or model folder")
     ex.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     ex.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    ex.add_argument(
+        "--adapter",
+        action="store_true",
+        help="keep LoRA unmerged: write the adapter, token rows and heads, not the base LLM "
+        "(rebuilt from mllm.name_or_path when loaded, e.g. smollm2-135m)",
+    )
     _add_inference_commands(sub)
     return parser
 
@@ -360,8 +366,9 @@ def _end_launched_run(code: int) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from mllm_ris.training.artifacts import export_model
 
-    loaded = export_model(args.source, args.out, overwrite=args.overwrite)
-    print(f"exported {loaded.source} -> {args.out} (RISModel.from_pretrained folder)")
+    loaded = export_model(args.source, args.out, overwrite=args.overwrite, adapter=args.adapter)
+    kind = "LoRA adapter over its base LLM" if args.adapter else "self-contained"
+    print(f"exported {loaded.source} -> {args.out} (RISModel.from_pretrained folder, {kind})")
     return 0
 
 

@@ -11,6 +11,7 @@ from test_pipeline_kit import default_model_dir
 
 from mllm_ris.data.synthetic import make_synthref
 from mllm_ris.inference import RISPipeline
+from mllm_ris.modeling.llm import ensure_special_tokens, load_tokenizer, random_causal_lm
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,6 +22,21 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as an HF folder: a base "from files", frozen under LoRA."""
+    out = tmp_path_factory.mktemp("llm")
+    tokenizer = ensure_special_tokens(load_tokenizer("bpe"))
+    torch.manual_seed(1)
+    llm = random_causal_lm(
+        arch="llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
+        intermediate_size=64, tie_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    llm.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from mllm_ris.cli import main
 from mllm_ris.config import load_config
 from mllm_ris.data.registry import build_dataset
 from mllm_ris.data.synthetic import make_synthref
-from mllm_ris.errors import CheckpointError
+from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.training import artifacts as export_module
@@ -65,6 +65,28 @@ def test_export_merges_lora_and_reproduces_the_trained_model(run: Path, tmp_path
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # merged weights: float rounding
         else:
             assert got == want
+
+
+def test_export_adapter_keeps_lora_over_a_base_read_from_its_path(
+    tmp_path: Path, synthref: Path, llm_dir: Path, run: Path
+) -> None:
+    """``--adapter``: the adapter, token rows and heads only; the base is read from name_or_path."""
+    files = write_configs(tmp_path / "cfg", synthref, llm=llm_dir, output_mode="direct", batch=2)
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "data.val=[]"]
+    Trainer(load_config(files, overrides), progress=False).fit()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--adapter"]) == 0
+    assert (tmp_path / "a" / "mllm" / "adapter").is_dir() and not (tmp_path / "a" / "mllm" / "llm").exists()
+    export_model(tmp_path / "run", tmp_path / "merged")
+    adapter, merged = RISModel.from_pretrained(tmp_path / "a"), RISModel.from_pretrained(tmp_path / "merged")
+    assert adapter.cfg.mllm.lora.enabled and not merged.cfg.mllm.lora.enabled
+    samples = [build_dataset("synthref", str(synthref), "val")[i] for i in range(2)]
+    for got, want in zip(_outputs(adapter, samples), _outputs(merged, samples), strict=True):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        else:
+            assert got == want
+    with pytest.raises(ConfigError, match="random base LLM that no path rebuilds"):
+        export_model(run, tmp_path / "b", adapter=True)
 
 
 def test_export_of_a_checkpoint_equals_the_final_model(run: Path, tmp_path: Path) -> None:

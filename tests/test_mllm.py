@@ -166,6 +166,26 @@ def test_variable_k_alone_equals_padded_batch(tok_dir: str) -> None:
     torch.testing.assert_close(left.loss, batch.loss, atol=1e-5, rtol=1e-4)
 
 
+def test_answer_logits_only_gives_the_same_loss_and_gradients(tok_dir: str) -> None:
+    """``answer_logits=True`` runs the LM head at the answer positions only: same loss, same grads."""
+    model = _build(tok_dir).train()
+    _perturb_adapters(model)
+    ids, mask, labels = _batch(model, [(["the red circle on the far left"], [1]), (["b"], [2])])
+    vis = _visual([3, 7], model.hidden_size)
+    grads, losses = [], []
+    for answer_logits in (False, True):
+        model.zero_grad()
+        out = model(ids, mask, vis, labels, answer_logits=answer_logits)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        losses.append(out.loss.detach())
+    assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), len(model.tokenizer))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_save_load_round_trip(tok_dir: str, tmp_path: Path, lora: bool) -> None:
     model = _build(tok_dir, lora=LoraSettings(enabled=lora, dropout=0.0))

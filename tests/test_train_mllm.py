@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from mllm_ris.cli import main
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.llm import ensure_special_tokens, load_tokenizer, random_causal_lm
 from mllm_ris.modeling.model import RISModel
 from mllm_ris.training.checkpoint import consolidated_state_dict
 from mllm_ris.training.ris_task import RISTask, tie_all_parameters
@@ -55,21 +54,6 @@ train:
 eval:
   limit: 4
 """
-
-
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama saved as an HF folder: a base "from files", frozen under LoRA."""
-    out = tmp_path_factory.mktemp("llm")
-    tokenizer = ensure_special_tokens(load_tokenizer("bpe"))
-    torch.manual_seed(1)
-    llm = random_causal_lm(
-        arch="llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
-        intermediate_size=64, tie_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    llm.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
 
 
 def write_configs(folder: Path, root: Path, *, llm: Path | None, output_mode: str, batch: int) -> list[Path]:

@@ -583,7 +583,9 @@ class LLMQueries:
                 "use generate() for prompts"
             )
         counts = batch.target_counts if batch.target_valid is not None else None
-        out = self.mllm(batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts)
+        out = self.mllm(
+            batch.input_ids, batch.attention_mask, vis, labels, target_counts=counts, answer_logits=True
+        )
         q = self._queries(out.seg_embeds, out.seg_valid, out.word_states, out.word_mask)
         q.reject_logit, q.lm_loss, q.presence_logits = out.reject_logit, out.loss, out.presence_logits
         if out.region_logits is not None:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from mllm_ris.config import Config, load_config
-from mllm_ris.errors import CheckpointError, NotAvailableError
+from mllm_ris.errors import CheckpointError, ConfigError, NotAvailableError
 from mllm_ris.modeling.model import RISModel, build_model, warm_start
 from mllm_ris.modeling.model_io import CONFIG_NAME, DEFAULT_IMAGE_SIZE, is_pixel_side, read_config_tree
 from mllm_ris.modeling.predictor import RISPredictor
@@ -175,12 +175,13 @@ def trained_predictor(path: str | Path, *, device: str = "cpu", batch_size: int 
     return RISPredictor(loaded.model, image_size=loaded.image_size, device=device, batch_size=batch_size)
 
 
-def _self_contained(model: RISModel) -> None:
-    """Merge LoRA and make SAM / a SAM-ViT pixel encoder saved in full (config updated to match); the
-    run's superpixel cache folder is dropped (``superpixels.cache_dir: null``)."""
+def _self_contained(model: RISModel, *, merge: bool = True) -> None:
+    """Merge LoRA (unless ``merge`` is False) and make SAM / a SAM-ViT pixel encoder saved in full
+    (config updated to match); the run's superpixel cache folder is dropped (``superpixels.cache_dir:
+    null``)."""
     cfg = model.cfg
     changes: dict[str, Any] = {}
-    if model.mllm is not None:
+    if model.mllm is not None and merge:
         model.mllm.merge_lora()
         m = dataclasses.replace(model.mllm.cfg, lora=dataclasses.replace(model.mllm.cfg.lora, enabled=False))
         model.mllm.cfg = m
@@ -194,13 +195,22 @@ def _self_contained(model: RISModel) -> None:
     model.cfg = dataclasses.replace(cfg, **changes)
 
 
-def export_model(path: str | Path, out: str | Path, *, overwrite: bool = False) -> TrainedModel:
+def export_model(
+    path: str | Path, out: str | Path, *, overwrite: bool = False, adapter: bool = False
+) -> TrainedModel:
     """Write ``path`` (any source) as a self-contained :meth:`RISModel.from_pretrained` folder ``out``.
+
+    Args:
+        adapter: keep LoRA unmerged and write only the adapter (+ token rows and heads) when the base
+            LLM can be rebuilt from ``mllm.name_or_path`` (e.g. ``smollm2-135m``: 8.6 MB instead of
+            172 MB with four SmolLM2 layers); the loader then needs that base. Default: LoRA merged
+            into a full copy of the LLM.
 
     Returns the loaded (and merged) model with ``source`` = where its weights came from.
 
     Raises:
         CheckpointError: ``out`` exists and is not empty (without ``overwrite``), or a bad source.
+        ConfigError: ``adapter`` for a model without LoRA or without a base to rebuild.
         NotAvailableError: a model folder with a quantized LLM base (export one of its training
             checkpoints: they are merged into a full-precision base).
     """
@@ -209,6 +219,12 @@ def export_model(path: str | Path, out: str | Path, *, overwrite: bool = False) 
         raise CheckpointError(f"--out {target}: exists and is not empty (pass --overwrite to replace it)")
     kind, folder = find_source(path)
     model_cfg = load_config(folder / CONFIG_NAME).model
+    if adapter and (model_cfg.mode != "mllm" or not model_cfg.mllm.lora.enabled):
+        raise ConfigError(f"export --adapter: {folder} has no LoRA adapter (mode mllm with LoRA only)")
+    if adapter and model_cfg.mllm.name_or_path is None and model_cfg.mllm.llava_path is None:
+        raise ConfigError(
+            f"export --adapter: {folder} has a random base LLM that no path rebuilds; export it merged"
+        )
     if kind == "model" and model_cfg.mllm.quantization != "none":
         raise NotAvailableError(
             f"export: {folder} has a quantized LLM base; export one of its training checkpoints "
@@ -216,7 +232,7 @@ def export_model(path: str | Path, out: str | Path, *, overwrite: bool = False) 
         )
     loaded = _load(kind, folder, device=None, full_precision=True)
     model = loaded.model
-    _self_contained(model)
+    _self_contained(model, merge=not adapter)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     umask = os.umask(0)
