@@ -283,3 +283,25 @@ def test_calibrate_reject_sweeps_and_writes_the_threshold(tmp_path: Path) -> Non
     assert after["model"].pop("reject_threshold") == record["chosen"] in module.THRESHOLDS
     before["model"].pop("reject_threshold")
     assert after == before
+
+
+def test_align_regions_writes_a_model_to_start_from(tmp_path: Path) -> None:
+    """The region encoder learns the captions' embeddings; the folder loads as a RISModel."""
+    from mllm_ris.data.synthetic import make_synthref
+    from mllm_ris.modeling.model import RISModel
+
+    data = tmp_path / "synthref"
+    make_synthref(data, images=12, seed=3, size=64, workers=1, progress=False)
+    root = BENCH.parent / "configs" / "model"
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("align_regions")
+        argv = ["--data", str(data), "--out", str(tmp_path / "aligned"), "--images", "6", "--val-images", "2"]
+        argv += ["--epochs", "5", "--image-size", "64", "--model", str(root / "tiny-synth.yaml")]
+        argv += ["--model", str(root / "tiny-synth-pointer.yaml")]
+        assert module.main(argv) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    record = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
+    assert record["regions"] > 6 and 0.0 <= record["after"]["all"] <= 1.0
+    assert RISModel.from_pretrained(tmp_path / "aligned").projector.desc_mlp is not None
