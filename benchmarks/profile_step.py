@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument(
         "--pointer-only", action="store_true", help="the pointer warm-up step (language side only)"
     )
+    parser.add_argument("--bf16", action="store_true", help="forward under torch.autocast (cpu, bfloat16)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config([args.model], args.set)
@@ -65,7 +66,8 @@ def main() -> None:
     for _ in range(args.steps):
         spent.clear()
         start = time.perf_counter()
-        out = model(batch, segment=not args.pointer_only)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(batch, segment=not args.pointer_only)
         forward = time.perf_counter() - start
         start = time.perf_counter()
         out.loss.backward()
