@@ -27,6 +27,7 @@ from pycocotools import mask as mask_utils
 
 from mllm_ris.config import config_to_dict, load_config
 from mllm_ris.data.registry import build_dataset
+from mllm_ris.modeling.losses import region_coverage
 from mllm_ris.modeling.model import RISModel, build_model
 from mllm_ris.modeling.predictor import build_processor
 from mllm_ris.modeling.projector import descriptor_features
@@ -75,18 +76,17 @@ def region_examples(
         labels = model.projector.region_labels(batch.superpixels)[0]  # (S, S) token order, -1 = none
         k = batch.regions.shape.shape[1]
         x = descriptor_features(batch.regions, k, torch.float32)[0]  # (K, F)
+        objects = captions[int(sample.image_id)]
+        masks = torch.stack([torch.from_numpy(mask_utils.decode(rle)) for _, rle in objects])  # (T, H, W)
+        if masks.shape[-2:] != labels.shape:  # letterboxed canvas of another size: not SynthRef's 128 px
+            raise SystemExit(
+                f"--data: scenes of {tuple(masks.shape[-2:])} px; use --image-size {masks.shape[-1]}"
+            )
+        inside = region_coverage(labels[None], masks[None].float(), k)[0] >= 0.5  # (T, K)
         region_text = [BACKGROUND] * k
-        for text, rle in captions[int(sample.image_id)]:
-            mask = torch.from_numpy(mask_utils.decode(rle).astype(bool))
-            if mask.shape != labels.shape:  # letterboxed canvas of another size: not SynthRef's 128 px
-                raise SystemExit(
-                    f"--data: scenes of {tuple(mask.shape)} px; use --image-size {mask.shape[0]}"
-                )
-            for r in range(k):
-                inside = labels == r
-                n = int(inside.sum())
-                if n and int((inside & mask).sum()) >= 0.5 * n:
-                    region_text[r] = text
+        for (text, _), regions in zip(objects, inside, strict=True):  # drawing order: the last one wins
+            for r in regions.nonzero().flatten().tolist():
+                region_text[r] = text
         feats.append(x)
         texts.extend(region_text)
     return torch.cat(feats), texts

@@ -492,11 +492,11 @@ class GroundingMLLM(nn.Module):
         if sp.labels is not None:
             shifted = sp.labels[:, 1:]  # logits at i predict the token at i + 1
             if keep is not None:  # logits (N, V) at the kept positions already
-                targets = sp.labels[:, 1:][keep[:, :-1]]  # (N,)
-                empty = out.logits.sum() * 0.0  # a batch without answer tokens
-                loss = F.cross_entropy(out.logits.float(), targets) if len(targets) else empty
-            elif (shifted != IGNORE_INDEX).any():
-                loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), shifted.flatten())
+                logits, targets = out.logits, shifted[keep[:, :-1]]  # (N, V), (N,)
+            else:
+                logits, targets = out.logits[:, :-1].flatten(0, 1), shifted.flatten()
+            if (targets != IGNORE_INDEX).any():
+                loss = F.cross_entropy(logits.float(), targets)
             else:
                 loss = out.logits.sum() * 0.0  # a batch without answer tokens
         seg_mask = sp.token_ids == self.token_ids.seg  # (B, L')

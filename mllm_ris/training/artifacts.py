@@ -198,11 +198,12 @@ def _self_contained(model: RISModel, *, merge: bool = True) -> None:
 def export_model(
     path: str | Path, out: str | Path, *, overwrite: bool = False, adapter: bool = False
 ) -> TrainedModel:
-    """Write ``path`` (any source) as a self-contained :meth:`RISModel.from_pretrained` folder ``out``.
+    """Write ``path`` (any source) as a :meth:`RISModel.from_pretrained` folder ``out``, self-contained
+    unless ``adapter``.
 
     Args:
         adapter: keep LoRA unmerged and write only the adapter (+ token rows and heads) when the base
-            LLM can be rebuilt from ``mllm.name_or_path`` (e.g. ``smollm2-135m``: 8.6 MB instead of
+            LLM can be rebuilt from ``mllm.name_or_path`` (e.g. ``smollm2-135m``: 12 MB instead of
             172 MB with four SmolLM2 layers); the loader then needs that base. Default: LoRA merged
             into a full copy of the LLM.
 
