@@ -95,6 +95,14 @@ class HeadConfig:
     coarse_level: int = field(
         default=3, metadata={"help": "CMSA self-attention / LTS localisation level (2 = 1/16, 3 = 1/32)"}
     )
+    prior_input: bool = field(
+        default=False,
+        metadata={
+            "help": "the head reads a region prior (B, T, H, W) as input (refining a region pointer's "
+            "painted prior): its sigmoid, pooled to each level, is embedded and added to the level's "
+            "features, and the head's logits start at 0 (a learned scale, ReZero-style)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.in_channels is not None:

@@ -122,6 +122,56 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     assert sum(p.grad.abs().sum().item() for p in head.parameters()) > 0
 
 
+def _prior(b: int = 2, t: int = 2, size: int = 64, seed: int = 2) -> torch.Tensor:
+    """Region-prior logits ``(B, T, size, size)``: a square per slot, +8 inside, -8 outside."""
+    g = torch.Generator().manual_seed(seed)
+    prior = torch.full((b, t, size, size), -8.0)
+    for i in range(b):
+        for j in range(t):
+            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            prior[i, j, y : y + size // 3, x : x + size // 3] = 8.0
+    return prior
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_a_refiner_reads_the_prior_and_starts_at_zero(name: str) -> None:
+    """``prior_input``: the residual is 0 at initialisation (the refined mask starts as the prior);
+    once its scale moves, the prior changes the logits, and every parameter gets a gradient."""
+    head = _head(name, prior_input=True).train()
+    pyramid, lang, prior = _pyramid(), _lang(t=2), _prior()
+    out = head(pyramid, lang, prior)
+    assert out.mask_logits.shape == (2, 2, SIZES[0], SIZES[0])
+    assert (out.mask_logits == 0).all()
+    with torch.no_grad():
+        head.prior_scale.fill_(1.0)
+    out = head(pyramid, lang, prior)
+    (out.mask_logits.sigmoid().mean() + out.iou_pred.pow(2).mean()).backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not missing, f"no gradient for {missing}"
+    head.eval()
+    with torch.no_grad():
+        moved = head(pyramid, lang, _prior(seed=3)).mask_logits - head(pyramid, lang, prior).mask_logits
+    assert moved.abs().amax() > 1e-3
+
+
+def test_a_refiner_needs_its_prior_and_a_plain_head_refuses_one() -> None:
+    with pytest.raises(ValueError, match="prior_input is True but a prior was not given"):
+        _head("s2rm", prior_input=True)(_pyramid(), _lang(t=2))
+    with pytest.raises(ValueError, match="prior_input is False but a prior was given"):
+        _head("s2rm")(_pyramid(), _lang(t=2), _prior())
+    with pytest.raises(ValueError, match=r"prior: shape \(2, 3, 64, 64\), expected \(B, T\) = \(2, 2\)"):
+        _head("lts", prior_input=True)(_pyramid(), _lang(t=2), _prior(t=3))
+
+
+def test_a_refiner_with_no_query_slots() -> None:
+    """``T = 0`` with a ``(B, 0, H, W)`` prior: empty outputs, every parameter in the graph."""
+    head = _head("s2rm", prior_input=True).train()
+    out = head(_pyramid(), _lang(t=0), _prior(t=0))
+    assert out.mask_logits.shape == (2, 0, 16, 16) and out.iou_pred.shape == (2, 0)
+    (out.mask_logits.sum() + out.iou_pred.sum()).backward()
+    assert not [n for n, p in head.named_parameters() if p.grad is None]
+
+
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_queries_give_different_masks(name: str) -> None:
     head = _head(name)

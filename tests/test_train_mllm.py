@@ -185,6 +185,59 @@ def test_warm_start_in_another_prompt_layout(tmp_path: Path, synthref: Path) -> 
     assert RISModel.from_pretrained(tmp_path / "after").mllm.cfg.image_position == "after_question"
 
 
+def test_refine_a_frozen_pointer_model_with_a_head_on_its_prior(tmp_path: Path, synthref: Path) -> None:
+    """``model.refine_from``: a prior-mode pointer model's language side is loaded and frozen (kept in
+    eval mode), a new pixel side (head reading the prior) is the only trainable part; the run's
+    folder and checkpoints rebuild the merged model, whose language side is the pointer model's."""
+    from mllm_ris.modeling.model_io import is_pixel_side
+    from mllm_ris.training.artifacts import load_trained_model
+
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="prior", batch=2)
+    pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true")
+    Trainer(_cfg(files, tmp_path / "pointer", "train.max_steps=1", *pointer), progress=False).fit()
+    refine = (
+        "model.mode=classic",  # the run's own mode / language side are replaced by the folder's
+        f"model.refine_from={tmp_path / 'pointer'}",
+        "model.output_mode=direct",
+        "model.head.prior_input=true",
+        "train.max_steps=2",
+        "train.save_every=2",
+    )
+    cfg = _cfg(files, tmp_path / "refined", *refine)
+    task = RISTask(cfg)
+    model = task.build_model()
+    assert model.mode == "mllm" and model.head is not None and model.head.cfg.prior_input
+    trainable = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"pixel_encoder", "head"}
+    model.train()
+    assert model.head.training and not model.mllm.training and not model.projector.training
+    Trainer(cfg, progress=False).fit()
+    base = RISModel.from_pretrained(tmp_path / "pointer").state_dict()
+    refined = RISModel.from_pretrained(tmp_path / "refined")
+    assert refined.cfg.output_mode == "direct" and refined.head is not None
+    state = refined.state_dict()
+    for key, value in base.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    assert any(is_pixel_side(k) for k in state)
+    assert refined.head.prior_scale.abs().item() > 0  # the head trained
+    ckpt = load_trained_model(tmp_path / "refined" / "checkpoints" / "step_000002").model.state_dict()
+    assert ckpt.keys() == state.keys() and all(torch.equal(ckpt[k], state[k]) for k in state)
+
+
+def test_refine_from_refuses_a_model_without_a_pointer_and_a_second_start(
+    tmp_path: Path, synthref: Path
+) -> None:
+    files = write_configs(tmp_path, synthref, llm=None, output_mode="direct", batch=2)
+    Trainer(_cfg(files, tmp_path / "plain", "train.max_steps=1"), progress=False).fit()
+    refine = (f"model.refine_from={tmp_path / 'plain'}", "model.head.prior_input=true")
+    with pytest.raises(ConfigError, match="has no region pointer"):
+        RISTask(_cfg(files, tmp_path / "out", *refine))
+    with pytest.raises(ConfigError, match="not both"):
+        _cfg(files, tmp_path / "out", *refine, f"model.checkpoint={tmp_path / 'plain'}")
+    with pytest.raises(ConfigError, match="needs a pixel side"):
+        _cfg(files, tmp_path / "out", *refine, "model.output_mode=prior")
+
+
 def test_train_command_with_two_config_files(
     tmp_path: Path, synthref: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

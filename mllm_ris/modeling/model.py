@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_ris.errors import ConfigError
+from mllm_ris.errors import CheckpointError, ConfigError
 from mllm_ris.modeling.model_build import (
     PRIOR_CLAMP,
     QUERY_PARTS,
@@ -51,7 +51,7 @@ from mllm_ris.modeling.model_build import (
     build_parts,
     tower_features,
 )
-from mllm_ris.modeling.model_io import load_parts, read_model_config, save_model
+from mllm_ris.modeling.model_io import is_pixel_side, load_parts, read_model_config, save_model
 from mllm_ris.modeling.projector import VisualTokens
 from mllm_ris.processing.processor import (
     IMAGENET_MEAN,
@@ -75,7 +75,15 @@ if TYPE_CHECKING:
     from s2rm_head.sam.prompts import PromptBuilder
     from s2rm_head.sam.stage import SAMStage
 
-__all__ = ["PRIOR_CLAMP", "RISModel", "RISOutput", "build_model", "warm_start"]
+__all__ = [
+    "PRIOR_CLAMP",
+    "RISModel",
+    "RISOutput",
+    "build_model",
+    "refine_config",
+    "refine_start",
+    "warm_start",
+]
 
 
 @dataclass
@@ -200,11 +208,22 @@ class RISModel(nn.Module):
         self.prompt_builder = prompt_builder
         self.share_sam_vit = share_sam_vit
         self.load_notes: list[str] = []  # what build_model loaded from pretrained files (one line each)
+        self.frozen_parts: tuple[str, ...] = ()  # parts kept in eval mode by train() (refine_start)
 
     @property
     def mode(self) -> str:
         """``classic`` or ``mllm``."""
         return self.cfg.mode
+
+    def train(self, mode: bool = True) -> RISModel:
+        """``nn.Module.train``; the :attr:`frozen_parts` (a refiner's language side) stay in eval mode
+        (no LoRA dropout: the prior they give the head is the one inference gives)."""
+        super().train(mode)
+        for name in self.frozen_parts:
+            part = getattr(self, name, None)
+            if part is not None:
+                part.eval()
+        return self
 
     # ------------------------------------------------------------------------------ language side
 
@@ -255,13 +274,15 @@ class RISModel(nn.Module):
             lang = pad_query_slot(lang)
         pyramid, sam_embed = self._pyramid(images)
         assert self.head is not None
-        head = self.head(pyramid, lang)  # mask_logits (B, Tq, h, w), iou_pred (B, Tq); Tq = max(T, 1)
+        if prior is not None:  # the padded slot's prior is 0: (B, T, S, S) -> (B, Tq, S, S), Tq = max(T, 1)
+            prior = F.pad(prior, (0, 0, 0, 0, 0, lang.queries.shape[1] - prior.shape[1]))
+        head_prior = prior if self.head.cfg.prior_input else None  # a refiner also reads it as input
+        head = self.head(pyramid, lang, head_prior)  # mask_logits (B, Tq, h, w), iou_pred (B, Tq)
         b, tq, h, w = head.mask_logits.shape
         mask_logits, head_up = head.mask_logits, head.mask_logits
         if (h, w) != (s, s):  # (B, Tq, h, w) -> (B, Tq, S, S)
             head_up = F.interpolate(head.mask_logits, (s, s), mode="bilinear", align_corners=False)
-        if prior is not None:  # the head refines the prior: residual logits (padded slot: prior 0)
-            prior = F.pad(prior, (0, 0, 0, 0, 0, tq - prior.shape[1]))  # (B, T, S, S) -> (B, Tq, S, S)
+        if prior is not None:  # the head refines the prior: residual logits
             head_up = head_up + prior
             mask_logits = mask_logits + F.adaptive_avg_pool2d(prior, (h, w))  # (B, Tq, h, w)
         seg = _Segmentation(
@@ -328,7 +349,10 @@ class RISModel(nn.Module):
 
     def _finish(self, batch: RISBatch, q: Queries, *, with_loss: bool, segment: bool = True) -> RISOutput:
         if segment:
-            seg = self._segment(batch.images, q.lang, q.prior)
+            prior = q.prior
+            if prior is not None and q.region_logits is not None and q.region_logits.shape[-1]:
+                prior = self.queries.prior_masks(q).to(prior.dtype)  # what output mode prior shows
+            seg = self._segment(batch.images, q.lang, prior)
         else:  # the prior is the mask; its score: the most confident region's probability (B, T)
             if q.prior is None or q.region_logits is None or q.region_labels is None:
                 raise ConfigError("output_mode prior needs a region pointer (mllm.pointer_dim, pointer.dim)")
@@ -455,6 +479,67 @@ def warm_start(model_cfg: ModelConfig) -> RISModel:
         position = model_cfg.mllm.image_position
         model.mllm.cfg = dataclasses.replace(model.mllm.cfg, image_position=position)
         model.cfg = dataclasses.replace(model.cfg, mllm=model.mllm.cfg)
+    return model
+
+
+def refine_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config of a run with ``model.refine_from``: the folder's model (language side, its
+    superpixels, reject threshold) with this config's pixel side (``output_mode``, ``pixel``, ``head``,
+    ``sam``, ``prompts``, ``loss``; ``superpixels.cache_dir`` too). Idempotent.
+
+    Raises:
+        CheckpointError: ``refine_from`` is not a model folder.
+        ConfigError: the folder's model has no region pointer (nothing to refine).
+    """
+    assert model_cfg.refine_from is not None
+    base = read_model_config(model_cfg.refine_from)
+    pointer = base.mllm.pointer_dim if base.mode == "mllm" else base.pointer.dim
+    if pointer is None:
+        raise ConfigError(
+            f"model.refine_from: {model_cfg.refine_from} has no region pointer (mllm.pointer_dim / "
+            "pointer.dim), so there is no prior to refine"
+        )
+    superpixels = dataclasses.replace(base.superpixels, cache_dir=model_cfg.superpixels.cache_dir)
+    return dataclasses.replace(
+        base,
+        output_mode=model_cfg.output_mode,
+        pixel=model_cfg.pixel,
+        head=dataclasses.replace(model_cfg.head, in_channels=None, lang_dim=None),
+        sam=model_cfg.sam,
+        prompts=dataclasses.replace(model_cfg.prompts, grounding_dim=None),
+        loss=model_cfg.loss,
+        superpixels=superpixels,
+        checkpoint=None,
+        refine_from=model_cfg.refine_from,
+    )
+
+
+def refine_start(model_cfg: ModelConfig) -> RISModel:
+    """A new pixel side on the frozen language side of ``model_cfg.refine_from`` (see
+    :func:`refine_config`): the folder's query parts (LLM, region encoder, pointer, reject head) are
+    loaded and frozen (kept in eval mode by :meth:`RISModel.train`); the pixel encoder, head and SAM
+    stage are built from ``model_cfg`` and are the only trainable parts.
+
+    Raises:
+        CheckpointError: not a model folder, or weights that do not fit.
+        ConfigError: the folder's model has no region pointer.
+    """
+    cfg = refine_config(model_cfg)
+    base = RISModel.from_pretrained(cfg.refine_from)  # frozen, eval mode
+    model = build_model(cfg, mllm=base.mllm)
+    language = {k: v for k, v in base.state_dict().items() if not is_pixel_side(k)}
+    missing = sorted(k for k in model.state_dict() if not is_pixel_side(k) and k not in language)
+    if missing:
+        raise CheckpointError(
+            f"model.refine_from: {cfg.refine_from} does not fit its own config: {len(missing)} missing "
+            f"keys (e.g. {missing[:3]})"
+        )
+    model.load_state_dict(language, strict=False)
+    for name in QUERY_PARTS:
+        part = getattr(model, name)
+        if part is not None:
+            part.requires_grad_(False)
+    model.frozen_parts = QUERY_PARTS
     return model
 
 

@@ -359,6 +359,15 @@ class ModelConfig:
         default=None,
         metadata={"help": "a model folder to start from (save_pretrained, a run or an export; same mode)"},
     )
+    refine_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a trained region-pointer model folder (e.g. output mode prior, the bundled model): "
+            "its language side (LLM, region encoder, pointer, reject head) and its superpixels are "
+            "loaded and frozen; this config's output_mode, pixel, head, sam, prompts and loss build a "
+            "pixel side that is trained to refine its prior (head.prior_input to feed the prior in)"
+        },
+    )
     reject_threshold: float | None = field(
         default=0.5,
         metadata={
@@ -383,3 +392,24 @@ class ModelConfig:
     def __post_init__(self) -> None:
         t = self.reject_threshold
         check(t is None or 0.0 < t < 1.0, "reject_threshold", f"must be in (0, 1) or null, got {t}")
+        check(
+            self.refine_from is None or self.checkpoint is None,
+            "refine_from",
+            "give model.refine_from (a new pixel side on a frozen pointer model) or model.checkpoint "
+            "(go on training a whole model), not both",
+        )
+        check(
+            self.refine_from is None or self.output_mode != "prior",
+            "refine_from",
+            "refining a prior needs a pixel side: set model.output_mode to direct, sam or auto",
+        )
+        pointer = self.mllm.pointer_dim if self.mode == "mllm" else self.pointer.dim
+        check(
+            not self.head.prior_input
+            or self.output_mode == "prior"
+            or pointer is not None
+            or self.refine_from is not None,  # checked again on the merged config (refine_config)
+            "head.prior_input",
+            "the head reads the region pointer's prior: needs mllm.pointer_dim (mllm) / pointer.dim "
+            "(classic)",
+        )

@@ -35,7 +35,7 @@ import torch
 
 from mllm_ris.config import Config, load_config
 from mllm_ris.errors import CheckpointError, ConfigError, NotAvailableError
-from mllm_ris.modeling.model import RISModel, build_model, warm_start
+from mllm_ris.modeling.model import RISModel, build_model, refine_start, warm_start
 from mllm_ris.modeling.model_io import CONFIG_NAME, DEFAULT_IMAGE_SIZE, is_pixel_side, read_config_tree
 from mllm_ris.modeling.predictor import RISPredictor
 from mllm_ris.training.checkpoint import (
@@ -131,7 +131,10 @@ def _from_checkpoint(folder: Path, *, full_precision: bool) -> RISModel:
     cfg = load_config(folder / CONFIG_NAME)
     cfg = _full_precision(cfg) if full_precision else cfg
     state = consolidated_state_dict(folder)
-    model = warm_start(cfg.model) if cfg.model.checkpoint is not None else build_model(cfg.model)
+    if cfg.model.refine_from is not None:  # its frozen language side is in the state as well
+        model = refine_start(cfg.model)
+    else:
+        model = warm_start(cfg.model) if cfg.model.checkpoint is not None else build_model(cfg.model)
     external = external_state_keys(model)
     expected = set(model.state_dict())
     if cfg.model.output_mode == "prior":  # written before prior mode stopped building the pixel side

@@ -36,6 +36,7 @@ and it is applied in every run, so one process and many follow the same optimize
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +50,7 @@ from torch.utils.data import ConcatDataset
 from mllm_ris.config import Config, config_to_dict
 from mllm_ris.data.sample import ReferringDataset, RISSample
 from mllm_ris.errors import ConfigError
-from mllm_ris.modeling.model import RISModel, build_model, warm_start
+from mllm_ris.modeling.model import RISModel, build_model, refine_config, refine_start, warm_start
 from mllm_ris.modeling.model_io import CONFIG_NAME, PARTS, owned_state
 from mllm_ris.modeling.predictor import RISPredictor, build_processor
 from mllm_ris.processing.processor import ChatTemplate, Processor, RISBatch
@@ -60,6 +61,7 @@ __all__ = [
     "RISTask",
     "batch_seed",
     "external_state_keys",
+    "resolve_refine",
     "tie_all_parameters",
     "write_model_folder",
 ]
@@ -95,6 +97,14 @@ def tie_all_parameters(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> to
     if not firsts:
         return loss
     return loss + 0.0 * torch.cat([f.to(loss.dtype) for f in firsts]).sum()
+
+
+def resolve_refine(cfg: Config) -> Config:
+    """``cfg`` with a ``model.refine_from`` run's model section merged (:func:`refine_config`): the run,
+    its checkpoints and its model folder then all describe the model that is trained. Idempotent."""
+    if cfg.model.refine_from is None:
+        return cfg
+    return dataclasses.replace(cfg, model=refine_config(cfg.model))
 
 
 def batch_seed(samples: Sequence[RISSample], seed: int) -> int:
@@ -136,6 +146,7 @@ class RISTask:
     name = "ris"
 
     def __init__(self, cfg: Config) -> None:
+        cfg = resolve_refine(cfg)
         self.name = cfg.model.mode
         pointer = cfg.model.mllm.pointer_dim if cfg.model.mode == "mllm" else cfg.model.pointer.dim
         if cfg.train.pointer_warmup_steps and pointer is None:
@@ -162,9 +173,12 @@ class RISTask:
         return None
 
     def build_model(self) -> RISModel:
-        """``build_model(cfg.model)``, or the ``model.checkpoint`` folder (its trainable parts trainable)."""
+        """``build_model(cfg.model)``, the ``model.checkpoint`` folder (its trainable parts trainable), or
+        a new pixel side on ``model.refine_from``'s frozen language side (:func:`refine_start`)."""
         checkpoint = self.cfg.model.checkpoint
-        if checkpoint is not None:
+        if self.cfg.model.refine_from is not None:
+            model = refine_start(self.cfg.model)
+        elif checkpoint is not None:
             model = warm_start(self.cfg.model)
             if model.mode != self.cfg.model.mode:
                 raise ConfigError(

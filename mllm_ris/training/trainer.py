@@ -51,7 +51,7 @@ from mllm_ris.training.checkpoint import (
 )
 from mllm_ris.training.faults import BadStepGuard, SkipReason, StopSignals
 from mllm_ris.training.optim import build_optimizer, build_scheduler, keep_config_schedule
-from mllm_ris.training.ris_task import RISTask
+from mllm_ris.training.ris_task import RISTask, resolve_refine
 from mllm_ris.training.sampling import mixture_loader
 from mllm_ris.training.summary import TrainSummary
 from mllm_ris.training.task import TrainTask
@@ -131,6 +131,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, task: TrainTask | None = None, *, progress: bool = True) -> None:
+        cfg = resolve_refine(cfg)  # a refine_from run trains (and checkpoints) the merged model
         self.cfg = cfg
         tc = cfg.train
         self.task = task if task is not None else RISTask(cfg)

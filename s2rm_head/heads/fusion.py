@@ -2,9 +2,17 @@
 
 Every head has the same contract (see ``s2rm_head/types.py``)::
 
-    head(pyramid: list[(B, C_i, H_i, W_i)] x 4, lang: LanguageFeatures) -> HeadOutput
+    head(pyramid: list[(B, C_i, H_i, W_i)] x 4, lang: LanguageFeatures, prior=None) -> HeadOutput
         mask_logits (B, T, H_0, W_0)   # H_0, W_0 = the stride-4 level's size
         iou_pred    (B, T)
+
+**A region prior as input** (``cfg.prior_input``; refining a region pointer's painted prior
+``(B, T, H, W)`` logits): every head, S²RM and the baselines alike, gets it the same way, in this
+base class. Its sigmoid is area-pooled to each level, embedded by a 1x1 conv ``1 -> dim`` and added
+to the pair's projected pixel features before :meth:`FusionHead.decode` (so S²RM distributes the
+language over features that already mark the chosen regions, and CASG's guidance and every decoder
+merge read them). The decoded logits are multiplied by a learned scale that starts at 0: the
+caller adds them to the prior as a residual, so a refiner starts exactly at the prior.
 
 **Targets are folded into the batch.** A sample with ``T`` queries is segmented ``T`` times: after
 the per-level input projection (done once per image), the real (image, query) pairs
@@ -25,6 +33,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from s2rm_head.config import HEAD_NAMES, NUM_LEVELS, HeadConfig, require_width
@@ -76,27 +85,40 @@ class FusionHead(nn.Module, ABC):
         self.token_proj: nn.Sequential | None = None
         if self.uses_words:
             self.token_proj = nn.Sequential(nn.Linear(lang_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.prior_embed: nn.ModuleList | None = None
+        self.prior_scale: nn.Parameter | None = None
+        if cfg.prior_input:  # per level: sigmoid(prior) (N, 1, H_i, W_i) -> (N, dim, H_i, W_i)
+            self.prior_embed = nn.ModuleList(nn.Conv2d(1, cfg.dim, kernel_size=1) for _ in in_channels)
+            # shape (1,), not 0-d (DeepSpeed views parameters as uint8, see TwoStageHead)
+            self.prior_scale = nn.Parameter(torch.zeros(1))
 
     @abstractmethod
     def decode(self, inputs: FoldedInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Fuse and decode folded inputs -> ``(mask_logits (N, 1, H_0, W_0), iou_pred (N,))``."""
 
-    def forward(self, pyramid: list[torch.Tensor], lang: LanguageFeatures) -> HeadOutput:
+    def forward(
+        self, pyramid: list[torch.Tensor], lang: LanguageFeatures, prior: torch.Tensor | None = None
+    ) -> HeadOutput:
         """Segment every query of every image.
 
         Args:
             pyramid: 4 maps ``(B, C_i, H_i, W_i)`` at strides 4, 8, 16, 32, finest first.
             lang: :class:`LanguageFeatures` with tokens ``(B, L, D)`` and queries ``(B, T, D)``.
+            prior: ``(B, T, H, W)`` region-prior logits, one map per query slot (any resolution);
+                required exactly when ``cfg.prior_input``.
 
         Returns:
-            :class:`HeadOutput`: ``mask_logits (B, T, H_0, W_0)``, ``iou_pred (B, T)``.
+            :class:`HeadOutput`: ``mask_logits (B, T, H_0, W_0)``, ``iou_pred (B, T)``; with a prior
+            input the logits are a residual to add to the prior (0 at initialisation).
         """
-        self._check_inputs(pyramid, lang)
+        self._check_inputs(pyramid, lang, prior)
         b, t = lang.queries.shape[:2]
         if t == 0:  # no query slot in the whole batch (e.g. every sample answered [REJ])
             # segment one padded slot and return none of it: every call runs the same modules (ZeRO-3
             # ranks must), and the empty outputs stay in the graph (zero gradients, not missing ones)
-            out = self.forward(pyramid, pad_query_slot(lang))
+            if prior is not None:  # (B, 0, H, W) -> (B, 1, H, W), the padded slot's prior: logit 0
+                prior = prior.new_zeros(b, 1, *prior.shape[-2:])
+            out = self.forward(pyramid, pad_query_slot(lang), prior)
             return HeadOutput(mask_logits=out.mask_logits[:, :0], iou_pred=out.iou_pred[:, :0])
         feats = [proj(x) for proj, x in zip(self.pixel_proj, pyramid, strict=True)]  # (B, dim, H_i, W_i)
         real = lang.query_mask.bool().flatten()  # (B*T,) sample-major
@@ -112,21 +134,38 @@ class FusionHead(nn.Module, ABC):
             tokens = queries.new_zeros(len(pairs), 0, self.cfg.dim)  # (N, 0, dim): this head reads no words
             token_mask = torch.zeros(len(pairs), 0, dtype=torch.bool, device=queries.device)
         # image features gathered once per pair: (B, dim, H, W) -> (N, dim, H, W)
-        folded = FoldedInputs(
-            feats=[f[image_of] for f in feats], tokens=tokens, token_mask=token_mask, queries=queries
-        )
+        pair_feats = [f[image_of] for f in feats]
+        if prior is not None and self.prior_embed is not None:
+            p = torch.sigmoid(prior.float()).to(feats[0].dtype).reshape(b * t, 1, *prior.shape[-2:])[pairs]
+            pair_feats = [  # (N, 1, H, W) area-pooled to (N, 1, H_i, W_i), embedded to (N, dim, H_i, W_i)
+                x + embed(F.adaptive_avg_pool2d(p, x.shape[-2:]))
+                for embed, x in zip(self.prior_embed, pair_feats, strict=True)
+            ]
+        folded = FoldedInputs(feats=pair_feats, tokens=tokens, token_mask=token_mask, queries=queries)
         logits, iou = self.decode(folded)  # (N, 1, H_0, W_0), (N,)
+        if self.prior_scale is not None:  # a refiner's residual starts at 0
+            logits = logits * self.prior_scale
         h0, w0 = logits.shape[-2:]
         if len(pairs) < b * t:  # scatter back; padded slots stay 0
             logits = logits.new_zeros(b * t, 1, h0, w0).index_copy(0, pairs, logits)
             iou = iou.new_zeros(b * t).index_copy(0, pairs, iou)
         return HeadOutput(mask_logits=logits.view(b, t, h0, w0), iou_pred=iou.view(b, t))
 
-    def _check_inputs(self, pyramid: list[torch.Tensor], lang: LanguageFeatures) -> None:
+    def _check_inputs(
+        self, pyramid: list[torch.Tensor], lang: LanguageFeatures, prior: torch.Tensor | None = None
+    ) -> None:
         """Fail loudly at the modality boundary (counts and shapes printed on both sides)."""
         if len(pyramid) != NUM_LEVELS:
             raise ValueError(f"pyramid: expected {NUM_LEVELS} levels, got {len(pyramid)}")
         b = lang.queries.shape[0]
+        if self.cfg.prior_input != (prior is not None):
+            raise ValueError(
+                f"prior: cfg.prior_input is {self.cfg.prior_input} but a prior was "
+                f"{'given' if prior is not None else 'not given'}"
+            )
+        want = tuple(lang.queries.shape[:2])
+        if prior is not None and (prior.dim() != 4 or tuple(prior.shape[:2]) != want):
+            raise ValueError(f"prior: shape {tuple(prior.shape)}, expected (B, T) = {want} + (H, W)")
         if lang.queries.shape[-1] != self.cfg.lang_dim:
             raise ValueError(f"lang: width D={lang.queries.shape[-1]} != cfg.lang_dim={self.cfg.lang_dim}")
         for i, (x, c) in enumerate(zip(pyramid, self.cfg.in_channels, strict=True)):
