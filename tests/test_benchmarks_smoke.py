@@ -305,3 +305,33 @@ def test_align_regions_writes_a_model_to_start_from(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
     assert record["regions"] > 6 and 0.0 <= record["after"]["all"] <= 1.0
     assert RISModel.from_pretrained(tmp_path / "aligned").projector.desc_mlp is not None
+
+
+def test_bench_refiners_compares_prior_refined_and_oracle(tmp_path: Path) -> None:
+    """A refiner at initialisation (residual scale 0) returns its prior exactly: ``refined`` equals
+    ``prior`` and ``oracle+head`` equals ``oracle`` (the superpixel ceiling, ≥ the prior); a model
+    without a head is refused in one line."""
+    import pytest
+    import torch
+    from test_model_kit import SIZE, tiny_cfg
+
+    from mllm_ris.data.synthetic import make_synthref
+    from mllm_ris.modeling.model import build_model
+
+    data = tmp_path / "synthref"
+    make_synthref(data, images=12, seed=3, size=SIZE, workers=1, progress=False)
+    torch.manual_seed(0)
+    pointer = ("model.mllm.pointer_dim=16", "model.projector.descriptors=true")
+    model = build_model(tiny_cfg("mllm", "direct", *pointer, "model.head.prior_input=true"))
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("bench_refiners")
+        gain = module.refine_gain(model, data, limit=8, image_size=SIZE)
+        assert gain["refined"] == gain["prior"] and gain["oracle+head"] == gain["oracle"]
+        assert gain["oracle"]["all"]["ciou"] >= gain["prior"]["all"]["ciou"] and gain["prior"]["all"]["n"] > 0
+        with pytest.raises(SystemExit, match="needs a region pointer and a head"):
+            module.refine_gain(
+                build_model(tiny_cfg("mllm", "prior", *pointer)), data, limit=2, image_size=SIZE
+            )
+    finally:
+        sys.path.remove(str(BENCH))

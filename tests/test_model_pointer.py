@@ -476,5 +476,30 @@ def test_complete_groups_drops_repeats_and_adds_what_the_presence_query_finds() 
     torch.testing.assert_close(out.seg[0, 0], seg[0, 0])
     torch.testing.assert_close(out.seg[0, 1:], embed[0].expand(2, 2))  # the presence query's embedding
     assert out.region_logits[0, 2, 3] == 2.5  # the presence logits on its group
+    # the added group queries are marked: a refining head leaves their prior alone
+    assert out.added is not None
+    assert out.added.tolist() == [[False, True, True], [False, False, False], [False, False, False]]
     torch.testing.assert_close(out.region_logits[1, 0], logits[1, 0])
     assert chosen[2, :2].tolist() == [[True, False, False, False], [False, True, False, False]]
+
+
+def test_a_refining_head_reads_the_prior_and_leaves_prior_only_queries_alone() -> None:
+    """``head.prior_input``: at initialisation the refined mask is the mask output mode prior shows
+    (each query's best region at least); once the residual moves, queries marked ``prior_only`` (the
+    group queries ``complete_groups`` adds) keep their prior exactly, the others change."""
+    torch.manual_seed(0)
+    model = _build("direct", "model.head.prior_input=true").eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        out = model(batch)
+        q = model.queries.teacher_forced(batch)
+        shown = model.queries.prior_masks(q)  # (B, T, S, S)
+        torch.testing.assert_close(out.masks, shown)
+        model.head.prior_scale.fill_(1.0)
+        real = q.lang.query_mask.nonzero().tolist()  # [(b, t), ...] the real query slots
+        assert len(real) >= 2
+        only = torch.zeros(shown.shape[:2], dtype=torch.bool)
+        only[tuple(real[0])] = True
+        seg = model._segment(batch.images, q.lang, shown, only)
+    torch.testing.assert_close(seg.head_up[tuple(real[0])], shown[tuple(real[0])])
+    assert (seg.head_up[tuple(real[1])] - shown[tuple(real[1])]).abs().amax() > 1e-4

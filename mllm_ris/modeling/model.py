@@ -257,7 +257,11 @@ class RISModel(nn.Module):
         return self.pixel_encoder(x), None
 
     def _segment(
-        self, images: torch.Tensor, lang: LanguageFeatures, prior: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        lang: LanguageFeatures,
+        prior: torch.Tensor | None = None,
+        prior_only: torch.Tensor | None = None,
     ) -> _Segmentation:
         """``images (B, 3, S, S)``, queries ``(B, T, D)`` → head (+ SAM) masks.
 
@@ -266,7 +270,8 @@ class RISModel(nn.Module):
         ZeRO-3's ranks gather parameters module by module and must all do the same), and the padded
         query comes from the ``[SEG]`` embeddings (empty), so the grounding MLP stays in the graph.
         With a region ``prior (B, T, S, S)`` the head's logits are a residual on it (the prior is
-        area-averaged to the head's grid for ``mask_logits``).
+        area-averaged to the head's grid for ``mask_logits``); ``prior_only (B, T)`` marks queries that
+        keep the prior alone (no residual: ``Queries.prior_only``).
         """
         s = images.shape[-1]
         t = lang.queries.shape[1]
@@ -283,6 +288,11 @@ class RISModel(nn.Module):
         if (h, w) != (s, s):  # (B, Tq, h, w) -> (B, Tq, S, S)
             head_up = F.interpolate(head.mask_logits, (s, s), mode="bilinear", align_corners=False)
         if prior is not None:  # the head refines the prior: residual logits
+            if prior_only is not None and prior_only.any():  # (B, T) -> (B, Tq, 1, 1): no residual there
+                keep = prior_only.new_zeros(b, tq)
+                keep[:, : prior_only.shape[1]] = prior_only
+                keep = keep[..., None, None]
+                head_up, mask_logits = head_up.masked_fill(keep, 0.0), mask_logits.masked_fill(keep, 0.0)
             head_up = head_up + prior
             mask_logits = mask_logits + F.adaptive_avg_pool2d(prior, (h, w))  # (B, Tq, h, w)
         seg = _Segmentation(
@@ -352,7 +362,7 @@ class RISModel(nn.Module):
             prior = q.prior
             if prior is not None and q.region_logits is not None and q.region_logits.shape[-1]:
                 prior = self.queries.prior_masks(q).to(prior.dtype)  # what output mode prior shows
-            seg = self._segment(batch.images, q.lang, prior)
+            seg = self._segment(batch.images, q.lang, prior, q.prior_only)
         else:  # the prior is the mask; its score: the most confident region's probability (B, T)
             if q.prior is None or q.region_logits is None or q.region_labels is None:
                 raise ConfigError("output_mode prior needs a region pointer (mllm.pointer_dim, pointer.dim)")

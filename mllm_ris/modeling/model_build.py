@@ -359,6 +359,9 @@ class Queries:
     region_labels: torch.Tensor | None = None  # (B, S, S) region id per pixel, -1 = none
     prior: torch.Tensor | None = None  # (B, T, S, S) clamped painted scores
     presence_logits: torch.Tensor | None = None  # (B, 1, K) mllm.reject_from pointer: the reject query
+    # (B, T) bool: queries whose mask is the prior alone, no head residual (the group queries that
+    # mllm.complete_groups adds carry the presence query's embedding, which no head trained on)
+    prior_only: torch.Tensor | None = None
 
 
 @dataclass
@@ -614,9 +617,10 @@ class LLMQueries:
         seg_valid, text = _apply_reject_threshold(reject_threshold, reject, seg_valid, text)
         labels = None if region_logits is None else _canvas_labels(self.projector, batch)  # (B, S, S)
         presence, presence_embed = gen.presence_logits, gen.presence_embed
+        added = None
         if self.mllm.cfg.complete_groups and presence is not None and presence_embed is not None:
             assert region_logits is not None and labels is not None  # the presence query is the pointer's
-            seg, seg_valid, region_logits, text = _complete_groups(
+            seg, seg_valid, region_logits, text, added = _complete_groups(
                 GroupAnswer(seg, seg_valid, region_logits, text),
                 presence,
                 presence_embed,
@@ -625,6 +629,7 @@ class LLMQueries:
             )
         q = self._queries(seg, seg_valid, gen.word_states, gen.word_mask)
         q.reject_logit, q.text, q.presence_logits = reject, text, gen.presence_logits
+        q.prior_only = added
         if region_logits is not None:
             _add_prior(q, self.projector, batch, region_logits, vis.mask, labels)
         return q
@@ -718,6 +723,7 @@ class GroupAnswer(NamedTuple):
     seg_valid: torch.Tensor
     region_logits: torch.Tensor
     text: list[str]
+    added: torch.Tensor | None = None  # (B, T) bool: a query _complete_groups added (not a [SEG])
 
 
 def _complete_groups(
@@ -736,14 +742,16 @@ def _complete_groups(
       region logits the presence logits on the group (``MASKED_LOGIT`` elsewhere).
     ``region_mask (B, K)``: the real regions. Other rows are unchanged; the text of a changed row is
     :func:`answer_text` of its new count."""
-    seg, seg_valid, region_logits, text = answer
+    seg, seg_valid, region_logits, text, _ = answer
     if region_logits.shape[-1] == 0:
         return answer
     entries: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row: (embedding, logits (K,))
+    added: list[int] = []  # per row: how many group queries were appended
     text, changed = list(text), False
     for b in range(seg.shape[0]):
         slots = seg_valid[b].nonzero()[:, 0].tolist()
         row = [(seg[b, t], region_logits[b, t]) for t in slots]
+        added.append(0)
         if len(slots) >= 2:
             real = region_mask[b]
             own = _distinct_regions(torch.stack([logits for _, logits in row]), real)  # (n, K)
@@ -754,6 +762,7 @@ def _complete_groups(
             for group in groups:
                 logits = presence[b, 0].masked_fill(~group, MASKED_LOGIT).to(region_logits.dtype)
                 kept.append((presence_embed[b].to(seg.dtype), logits))
+                added[b] += 1
             changed = True
             if dropped or groups:
                 text[b] = answer_text(len(kept))
@@ -765,10 +774,12 @@ def _complete_groups(
     new_seg = seg.new_zeros(seg.shape[0], width, seg.shape[2])
     new_valid = seg_valid.new_zeros(seg.shape[0], width)
     new_logits = region_logits.new_full((seg.shape[0], width, region_logits.shape[2]), MASKED_LOGIT)
+    new_added = seg_valid.new_zeros(seg.shape[0], width)
     for b, row in enumerate(entries):
         for t, (emb, logits) in enumerate(row):
             new_seg[b, t], new_logits[b, t], new_valid[b, t] = emb, logits, True
-    return GroupAnswer(new_seg, new_valid, new_logits, text)
+        new_added[b, len(row) - added[b] : len(row)] = True  # the group queries come last
+    return GroupAnswer(new_seg, new_valid, new_logits, text, new_added)
 
 
 def _distinct_regions(logits: torch.Tensor, real: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
