@@ -629,6 +629,11 @@ class LLMQueries:
             )
         q = self._queries(seg, seg_valid, gen.word_states, gen.word_mask)
         q.reject_logit, q.text, q.presence_logits = reject, text, gen.presence_logits
+        if added is not None and added.any():  # nor are they words a head reads (B, L = L_words + T)
+            t = added.shape[1]
+            mask = q.lang.mask.clone()
+            mask[:, -t:] &= ~added
+            q.lang = q.lang._replace(mask=mask)
         q.prior_only = added
         if region_logits is not None:
             _add_prior(q, self.projector, batch, region_logits, vis.mask, labels)
