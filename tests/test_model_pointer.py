@@ -446,7 +446,7 @@ def test_complete_groups_drops_repeats_and_adds_what_the_presence_query_finds() 
     """mllm.complete_groups: row 0 names region 0 twice and misses regions 2 and 3, which the presence
     query selects -> the repeat is dropped and two queries are added (the text says three); row 1 (one
     [SEG]) and row 2 (a right pair) keep their queries and text."""
-    from mllm_ris.modeling.model_build import GroupAnswer, _complete_groups
+    from mllm_ris.modeling.model_build import GroupAnswer, _complete_groups, group_queries
     from mllm_ris.processing.processor import answer_text
 
     labels = _four_apart()[None].expand(3, 5, 5)
@@ -479,6 +479,9 @@ def test_complete_groups_drops_repeats_and_adds_what_the_presence_query_finds() 
     # the added group queries are marked: a refining head leaves their prior alone
     assert out.added is not None
     assert out.added.tolist() == [[False, True, True], [False, False, False], [False, False, False]]
+    # and every query of a group answer keeps its prior (LLMQueries.decode's Queries.prior_only)
+    groups = group_queries(out.seg_valid).tolist()
+    assert groups == [[True, True, True], [False, False, False], [True, True, False]]
     torch.testing.assert_close(out.region_logits[1, 0], logits[1, 0])
     assert chosen[2, :2].tolist() == [[True, False, False, False], [False, True, False, False]]
 

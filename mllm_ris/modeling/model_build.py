@@ -359,8 +359,8 @@ class Queries:
     region_labels: torch.Tensor | None = None  # (B, S, S) region id per pixel, -1 = none
     prior: torch.Tensor | None = None  # (B, T, S, S) clamped painted scores
     presence_logits: torch.Tensor | None = None  # (B, 1, K) mllm.reject_from pointer: the reject query
-    # (B, T) bool: queries whose mask is the prior alone, no head residual (the group queries that
-    # mllm.complete_groups adds carry the presence query's embedding, which no head trained on)
+    # (B, T) bool: queries whose mask is the prior alone, no head residual: with mllm.complete_groups
+    # the queries of group answers, whose regions that rule shares out (LLMQueries.decode)
     prior_only: torch.Tensor | None = None
 
 
@@ -634,7 +634,10 @@ class LLMQueries:
             mask = q.lang.mask.clone()
             mask[:, -t:] &= ~added
             q.lang = q.lang._replace(mask=mask)
-        q.prior_only = added
+        if added is not None:  # a group answer (two or more queries after completion) keeps its prior:
+            # its regions were shared out by _complete_groups, while a head trained with one target per
+            # [SEG] cuts a query's prior down to one object, and the objects it drops go missing
+            q.prior_only = group_queries(seg_valid)
         if region_logits is not None:
             _add_prior(q, self.projector, batch, region_logits, vis.mask, labels)
         return q
@@ -729,6 +732,11 @@ class GroupAnswer(NamedTuple):
     region_logits: torch.Tensor
     text: list[str]
     added: torch.Tensor | None = None  # (B, T) bool: a query _complete_groups added (not a [SEG])
+
+
+def group_queries(seg_valid: torch.Tensor) -> torch.Tensor:
+    """``seg_valid (B, T)`` → ``(B, T)`` bool: the real queries of rows with two or more of them."""
+    return seg_valid & (seg_valid.sum(1, keepdim=True) >= 2)
 
 
 def _complete_groups(
