@@ -281,6 +281,8 @@ class RISModel(nn.Module):
         assert self.head is not None
         if prior is not None:  # the padded slot's prior is 0: (B, T, S, S) -> (B, Tq, S, S), Tq = max(T, 1)
             prior = F.pad(prior, (0, 0, 0, 0, 0, lang.queries.shape[1] - prior.shape[1]))
+        if prior is not None and self.cfg.prior_gain != 1.0:  # what the head adds to and reads
+            prior = prior * self.cfg.prior_gain
         head_prior = prior if self.head.cfg.prior_input else None  # a refiner also reads it as input
         head = self.head(pyramid, lang, head_prior)  # mask_logits (B, Tq, h, w), iou_pred (B, Tq)
         b, tq, h, w = head.mask_logits.shape
@@ -495,7 +497,7 @@ def warm_start(model_cfg: ModelConfig) -> RISModel:
 def refine_config(model_cfg: ModelConfig) -> ModelConfig:
     """The model config of a run with ``model.refine_from``: the folder's model (language side, its
     superpixels, reject threshold) with this config's pixel side (``output_mode``, ``pixel``, ``head``,
-    ``sam``, ``prompts``, ``loss``; ``superpixels.cache_dir`` too). Idempotent.
+    ``sam``, ``prompts``, ``loss``, ``prior_gain``; ``superpixels.cache_dir`` too). Idempotent.
 
     Raises:
         CheckpointError: ``refine_from`` is not a model folder.
@@ -519,6 +521,7 @@ def refine_config(model_cfg: ModelConfig) -> ModelConfig:
         prompts=dataclasses.replace(model_cfg.prompts, grounding_dim=None),
         loss=model_cfg.loss,
         superpixels=superpixels,
+        prior_gain=model_cfg.prior_gain,
         checkpoint=None,
         refine_from=model_cfg.refine_from,
     )

@@ -368,6 +368,14 @@ class ModelConfig:
             "pixel side that is trained to refine its prior (head.prior_input to feed the prior in)"
         },
     )
+    prior_gain: float = field(
+        default=1.0,
+        metadata={
+            "help": "region pointer + head: the painted prior is multiplied by this before the head's "
+            "residual is added (its logits reach +-20; a refiner's residual moves edges only where "
+            "the scaled prior is small, e.g. 0.1)"
+        },
+    )
     reject_threshold: float | None = field(
         default=0.5,
         metadata={
@@ -392,6 +400,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         t = self.reject_threshold
         check(t is None or 0.0 < t < 1.0, "reject_threshold", f"must be in (0, 1) or null, got {t}")
+        check(self.prior_gain > 0, "prior_gain", f"must be > 0, got {self.prior_gain}")
         check(
             self.refine_from is None or self.checkpoint is None,
             "refine_from",
