@@ -506,3 +506,18 @@ def test_a_refining_head_reads_the_prior_and_leaves_prior_only_queries_alone() -
         seg = model._segment(batch.images, q.lang, shown, only)
     torch.testing.assert_close(seg.head_up[tuple(real[0])], shown[tuple(real[0])])
     assert (seg.head_up[tuple(real[1])] - shown[tuple(real[1])]).abs().amax() > 1e-4
+
+
+def test_prior_gain_scales_the_prior_a_refiner_reads_and_adds_to() -> None:
+    """``model.prior_gain``: with the residual at 0 the refined logits are ``gain * prior`` (the same
+    mask, softer logits a residual can move)."""
+    torch.manual_seed(0)
+    model = _build("direct", "model.head.prior_input=true", "model.prior_gain=0.1").eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        q = model.queries.teacher_forced(batch)
+        shown = model.queries.prior_masks(q)
+        seg = model._segment(batch.images, q.lang, shown)
+    torch.testing.assert_close(seg.head_up, 0.1 * shown)
+    with pytest.raises(ConfigError, match="prior_gain: must be > 0"):
+        tiny_cfg("mllm", "direct", POINTER, "model.prior_gain=0")
