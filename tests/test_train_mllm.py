@@ -185,10 +185,14 @@ def test_warm_start_in_another_prompt_layout(tmp_path: Path, synthref: Path) -> 
     assert RISModel.from_pretrained(tmp_path / "after").mllm.cfg.image_position == "after_question"
 
 
-def test_refine_a_frozen_pointer_model_with_a_head_on_its_prior(tmp_path: Path, synthref: Path) -> None:
+@pytest.mark.parametrize("output_mode", ["direct", "auto"])
+def test_refine_a_frozen_pointer_model_with_a_head_on_its_prior(
+    tmp_path: Path, synthref: Path, output_mode: str
+) -> None:
     """``model.refine_from``: a prior-mode pointer model's language side is loaded and frozen (kept in
-    eval mode), a new pixel side (head reading the prior) is the only trainable part; the run's
-    folder and checkpoints rebuild the merged model, whose language side is the pointer model's."""
+    eval mode), a new pixel side (head reading the prior; with ``auto`` the tiny SAM too) is the only
+    trainable part; the run's folder and checkpoints rebuild the merged model, whose language side is
+    the pointer model's."""
     from mllm_ris.modeling.model_io import is_pixel_side
     from mllm_ris.training.artifacts import load_trained_model
 
@@ -198,7 +202,7 @@ def test_refine_a_frozen_pointer_model_with_a_head_on_its_prior(tmp_path: Path, 
     refine = (
         "model.mode=classic",  # the run's own mode / language side are replaced by the folder's
         f"model.refine_from={tmp_path / 'pointer'}",
-        "model.output_mode=direct",
+        f"model.output_mode={output_mode}",
         "model.head.prior_input=true",
         "train.max_steps=2",
         "train.save_every=2",
@@ -208,13 +212,15 @@ def test_refine_a_frozen_pointer_model_with_a_head_on_its_prior(tmp_path: Path, 
     model = task.build_model()
     assert model.mode == "mllm" and model.head is not None and model.head.cfg.prior_input
     trainable = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"pixel_encoder", "head"}
+    assert trainable == (
+        {"pixel_encoder", "head"} | ({"sam_stage", "prompt_builder"} if output_mode == "auto" else set())
+    )
     model.train()
     assert model.head.training and not model.mllm.training and not model.projector.training
     Trainer(cfg, progress=False).fit()
     base = RISModel.from_pretrained(tmp_path / "pointer").state_dict()
     refined = RISModel.from_pretrained(tmp_path / "refined")
-    assert refined.cfg.output_mode == "direct" and refined.head is not None
+    assert refined.cfg.output_mode == output_mode and refined.head is not None
     state = refined.state_dict()
     for key, value in base.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
