@@ -505,8 +505,7 @@ def refine_config(model_cfg: ModelConfig) -> ModelConfig:
     """
     assert model_cfg.refine_from is not None
     base = read_model_config(model_cfg.refine_from)
-    pointer = base.mllm.pointer_dim if base.mode == "mllm" else base.pointer.dim
-    if pointer is None:
+    if base.pointer_dim is None:
         raise ConfigError(
             f"model.refine_from: {model_cfg.refine_from} has no region pointer (mllm.pointer_dim / "
             "pointer.dim), so there is no prior to refine"

@@ -397,6 +397,12 @@ class ModelConfig:
     sam: SAMConfig = field(default_factory=SAMConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
 
+    @property
+    def pointer_dim(self) -> int | None:
+        """The region pointer's width in this mode (``mllm.pointer_dim`` / classic ``pointer.dim``);
+        None without a pointer."""
+        return self.mllm.pointer_dim if self.mode == "mllm" else self.pointer.dim
+
     def __post_init__(self) -> None:
         t = self.reject_threshold
         check(t is None or 0.0 < t < 1.0, "reject_threshold", f"must be in (0, 1) or null, got {t}")
@@ -412,11 +418,10 @@ class ModelConfig:
             "refine_from",
             "refining a prior needs a pixel side: set model.output_mode to direct, sam or auto",
         )
-        pointer = self.mllm.pointer_dim if self.mode == "mllm" else self.pointer.dim
         check(
             not self.head.prior_input
             or self.output_mode == "prior"
-            or pointer is not None
+            or self.pointer_dim is not None
             or self.refine_from is not None,  # checked again on the merged config (refine_config)
             "head.prior_input",
             "the head reads the region pointer's prior: needs mllm.pointer_dim (mllm) / pointer.dim "

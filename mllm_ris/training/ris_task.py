@@ -148,8 +148,7 @@ class RISTask:
     def __init__(self, cfg: Config) -> None:
         cfg = resolve_refine(cfg)
         self.name = cfg.model.mode
-        pointer = cfg.model.mllm.pointer_dim if cfg.model.mode == "mllm" else cfg.model.pointer.dim
-        if cfg.train.pointer_warmup_steps and pointer is None:
+        if cfg.train.pointer_warmup_steps and cfg.model.pointer_dim is None:
             raise ConfigError(
                 "train.pointer_warmup_steps: needs the region pointer (model.mllm.pointer_dim / pointer.dim)"
             )
