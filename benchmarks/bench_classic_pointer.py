@@ -53,7 +53,7 @@ CONFIGS = [
     ROOT / "configs" / "model" / "tiny-synth-classic-pointer.yaml",
     ROOT / "configs" / "train" / "synthref-classic-pointer.yaml",
 ]
-Prepared = dict[str, Any]  # desc [(K_i, F)], labels [(S, S) int8], target [(S, S) bool], text, diff, hidden
+Prepared = dict[str, Any]  # desc [(K_i, F)], labels [(S, S) int16], target [(S, S) bool], text, diff, hidden
 
 
 def build(data: Path, overrides: list[str], out: Path) -> tuple[Config, RISTask]:
@@ -85,7 +85,7 @@ def prepare(args: argparse.Namespace) -> None:
         for j in range(len(samples)):
             k = int(batch.regions.mask[j].sum())
             out["desc"].append(feats[j, :k].clone())
-            out["labels"].append(labels[j].to(torch.int8).clone())
+            out["labels"].append(labels[j].to(torch.int16).clone())  # ids up to max_regions
             out["target"].append(batch.targets[j].bool().clone())
             out["text"].append(batch.texts[j])
             out["diff"].append(batch.difficulty[j])
@@ -96,7 +96,7 @@ def prepare(args: argparse.Namespace) -> None:
     hidden: dict[str, torch.Tensor] = {}
     for start in range(0, len(texts), 256):  # the frozen MiniLM's states, (L_i, 384) per sentence
         chunk = texts[start : start + 256]
-        states, mask = model.text_encoder._memo_hidden(chunk, "cpu")
+        states, mask = model.text_encoder._memo_hidden(chunk, "cpu")  # the states encode() projects
         hidden |= {t: h[m].clone() for t, h, m in zip(chunk, states, mask.bool(), strict=True)}
         model.text_encoder._memo.clear()
     out["hidden"] = hidden
