@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from _common import ROOT, machine
 from torch import nn
+from torch.nn import functional as F
 
 from mllm_ris.config import Config, load_config
 from mllm_ris.modeling.losses import region_coverage
@@ -151,6 +152,10 @@ class Runner:
         )
         if self.gru is not None:
             self.model.add_module("gru_text", self.gru)
+        # --presence: "no target" decided apart from the regions, from their detached (max, logsumexp)
+        self.presence = nn.Linear(2, 1) if args.presence else None
+        if self.presence is not None:
+            self.model.add_module("presence", self.presence)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0)
         steps = args.samples // args.batch
@@ -200,7 +205,10 @@ class Runner:
         for start in range(0, n, 100):
             idx = list(range(start, min(n, start + 100)))
             hidden, word_mask, desc, region_mask, labels, target = self.batch(d, idx)
-            pred = paint_regions(self.logits(d, idx, hidden, word_mask, desc, region_mask), labels)[:, 0] > 0
+            logits = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
+            pred = paint_regions(logits, labels)[:, 0] > 0  # (B, S, S)
+            if self.presence is not None:  # no target: an empty mask whatever the regions score
+                pred &= (self.presence_logit(logits, region_mask) > 0)[:, None, None]
             for j, i in enumerate(idx):
                 s = stats.setdefault(d["diff"][i] or "none", [0, 0, 0, 0])
                 gt = target[j, 0] > 0
@@ -217,6 +225,13 @@ class Runner:
         out["N-acc"] = round(100 * neg[2] / neg[3], 1) if neg else None
         return out
 
+    def presence_logit(self, logits: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` "something is named" logit of ``--presence`` from the ``(B, 1, K)`` region logits."""
+        assert self.presence is not None
+        masked = logits[:, 0].masked_fill(~region_mask, float("-inf"))  # (B, K)
+        feats = torch.stack([masked.amax(-1), torch.logsumexp(masked, -1)], -1)  # (B, 2)
+        return self.presence(feats).squeeze(-1)
+
     def step(self, idx: list[int]) -> float:
         """One optimiser step on the training samples ``idx``; returns the loss."""
         d = self.train_data
@@ -224,10 +239,16 @@ class Runner:
         logits = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
         region_targets = (region_coverage(labels, target, logits.shape[-1]) >= 0.5).float()
         valid = torch.ones(len(idx), 1, dtype=torch.bool)  # a negative's regions are all negatives
+        has = target.flatten(1).amax(1) > 0  # (B,) the sentence names something
+        if self.presence is not None:  # regions learn from the positives only
+            valid = has[:, None]
         bce, dice = pointer_loss(
             logits, region_targets, region_mask, valid, labels, target, dice_weight=self.args.dice
         )
         loss = bce + dice
+        if self.presence is not None:
+            presence = self.presence_logit(logits.detach(), region_mask)
+            loss = loss + F.binary_cross_entropy_with_logits(presence, has.float())
         if self.args.ce:  # softmax over the regions: -log of the probability mass on the target's
             pos = region_targets[:, 0].sum(-1) > 0  # (B,)
             if bool(pos.any()):
@@ -303,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--norm", action="store_true", help="standardise the descriptor features")
     t.add_argument("--dice", type=float, default=1.0, help="weight of the painted prior's Dice")
     t.add_argument("--ce", type=float, default=0.0, help="weight of a softmax-over-regions loss")
+    t.add_argument("--presence", action="store_true", help="no-target decided apart; regions on positives")
     t.add_argument("--only", default=None, help="train on these difficulties only (comma-separated)")
     t.add_argument("--text", choices=("minilm", "gru"), default="minilm", help="gru: text side from scratch")
     t.add_argument("--set", action="append", default=[], help="config override, e.g. model.pointer.layers=4")

@@ -359,7 +359,7 @@ def test_bench_classic_pointer_prepares_and_trains(tmp_path: Path) -> None:
             str(data),
         ]
         common += ["--samples", "16", "--eval-every", "8", "--batch", "4", "--results", str(tmp_path / "res")]
-        for name, extra in (("minilm", []), ("gru", ["--text", "gru", "--norm", "--ce", "1"])):
+        for name, extra in (("minilm", []), ("gru", ["--text", "gru", "--norm", "--ce", "1", "--presence"])):
             assert module.main(["train", name, *common, *extra]) == 0
             record = json.loads(
                 (tmp_path / "res" / f"classic_pointer_{name}.json").read_text(encoding="utf-8")
