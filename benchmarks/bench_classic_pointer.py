@@ -9,8 +9,9 @@ This script asks what limits it, at a fixed number of *samples* rather than minu
 region labels in token order, the union target) and the frozen MiniLM over every sentence, and
 saves the tensors. ``train`` then trains the same model parts (``text_encoder`` projections,
 ``projector.desc_mlp``, ``pointer``; built by :class:`~mllm_ris.training.ris_task.RISTask` from the
-same configs) with the same losses (:func:`~mllm_ris.modeling.projector.pointer_loss`: region BCE +
-Dice of the painted prior, targets = regions >= 50 % inside the target) and evaluates the painted
+same configs) with the same losses (:func:`~mllm_ris.modeling.losses.region_losses` under the
+config's ``model.loss``: region BCE + Dice of the painted prior, targets = regions at least
+``region_threshold`` inside the target) and evaluates the painted
 masks on the prepared val split every ``--eval-every`` samples: cIoU per difficulty, overall cIoU,
 N-acc (empty mask for a negative) and the overall cIoU on 800 training samples (over- or
 under-fitting). Nothing is decoded or re-read per step, so a run sees ~3.5x the samples per second
@@ -31,6 +32,7 @@ Results: one JSON line per evaluation on stdout, and ``--results DIR/classic_poi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -45,8 +47,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mllm_ris.config import Config, load_config
-from mllm_ris.modeling.losses import region_coverage
-from mllm_ris.modeling.projector import descriptor_features, paint_regions, pointer_loss
+from mllm_ris.modeling.losses import region_coverage, region_losses
+from mllm_ris.modeling.projector import descriptor_features, paint_regions
 from mllm_ris.training.ris_task import RISTask
 
 CONFIGS = [
@@ -97,9 +99,11 @@ def prepare(args: argparse.Namespace) -> None:
     hidden: dict[str, torch.Tensor] = {}
     for start in range(0, len(texts), 256):  # the frozen MiniLM's states, (L_i, 384) per sentence
         chunk = texts[start : start + 256]
-        states, mask = model.text_encoder._memo_hidden(chunk, "cpu")  # the states encode() projects
-        hidden |= {t: h[m].clone() for t, h, m in zip(chunk, states, mask.bool(), strict=True)}
-        model.text_encoder._memo.clear()
+        batch = model.text_encoder.tokenize(chunk)
+        with torch.no_grad():  # the states TextEncoder.encode projects
+            states = model.text_encoder.model(**batch).last_hidden_state  # (N, L, H)
+        mask = batch["attention_mask"].bool()
+        hidden |= {t: h[m].clone() for t, h, m in zip(chunk, states, mask, strict=True)}
     out["hidden"] = hidden
     torch.save(out, args.out)
     print(f"wrote {args.out}: {n} samples, {len(texts)} sentences, {time.perf_counter() - t0:.0f} s")
@@ -135,8 +139,9 @@ class Runner:
     """The model parts, optimiser and the prepared data of one ``train`` run."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        _, task = build(args.data, args.set, Path(args.results) / "runs")
+        cfg, task = build(args.data, args.set, Path(args.results) / "runs")
         self.args = args
+        self.loss_cfg = dataclasses.replace(cfg.model.loss, region_dice=args.dice)  # the model's losses
         self.model = task.build_model().train()
         self.train_data: Prepared = torch.load(args.train)
         self.val_data: Prepared = torch.load(args.val)
@@ -159,7 +164,9 @@ class Runner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0)
         steps = args.samples // args.batch
-        warm = min(100, max(1, steps // 10))  # bench_mllm's warm-up, then cosine to 0 (the trainer's)
+        # bench_mllm's warm-up length; a linear warm-up factor times a cosine to 0 over the whole run
+        # (close to, not the same as, training/optim.py's lr_factor: the recorded curves used this one)
+        warm = min(100, max(1, steps // 10))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
             lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
@@ -237,24 +244,22 @@ class Runner:
         d = self.train_data
         hidden, word_mask, desc, region_mask, labels, target = self.batch(d, idx)
         logits = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
-        region_targets = (region_coverage(labels, target, logits.shape[-1]) >= 0.5).float()
         valid = torch.ones(len(idx), 1, dtype=torch.bool)  # a negative's regions are all negatives
         has = target.flatten(1).amax(1) > 0  # (B,) the sentence names something
         if self.presence is not None:  # regions learn from the positives only
             valid = has[:, None]
-        bce, dice = pointer_loss(
-            logits, region_targets, region_mask, valid, labels, target, dice_weight=self.args.dice
-        )
-        loss = bce + dice
+        terms = region_losses(logits, region_mask, labels, target, valid, self.loss_cfg)
+        loss = terms["region_bce"] + terms["region_dice"]
         if self.presence is not None:
             presence = self.presence_logit(logits.detach(), region_mask)
             loss = loss + F.binary_cross_entropy_with_logits(presence, has.float())
         if self.args.ce:  # softmax over the regions: -log of the probability mass on the target's
+            region_targets = (
+                region_coverage(labels, target, logits.shape[-1]) >= self.loss_cfg.region_threshold
+            )
             pos = region_targets[:, 0].sum(-1) > 0  # (B,)
             if bool(pos.any()):
-                log_p = torch.log_softmax(logits[:, 0].float(), -1).masked_fill(
-                    region_targets[:, 0] == 0, -1e4
-                )
+                log_p = torch.log_softmax(logits[:, 0].float(), -1).masked_fill(~region_targets[:, 0], -1e4)
                 loss = loss + self.args.ce * -torch.logsumexp(log_p, -1)[pos].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,9 +301,8 @@ def train(args: argparse.Namespace) -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     shown_args = [a for i, a in enumerate(args.argv) if "--results" not in args.argv[max(i - 1, 0) : i + 1]]
-    command = "python benchmarks/bench_classic_pointer.py train " + " ".join(
-        shown_args
-    )  # where it wrote: not shown
+    # where it wrote is not part of the command shown
+    command = "python benchmarks/bench_classic_pointer.py train " + " ".join(shown_args)
     payload = {"name": args.name, "command": command, "machine": machine(), "curve": records}
     (results / f"classic_pointer_{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
