@@ -25,6 +25,11 @@ image, the same size for SynthRef).
     python benchmarks/bench_classic_pointer.py train base --train runs/cp/train.pt --val runs/cp/val.pt
     python benchmarks/bench_classic_pointer.py train lr3 --train runs/cp/train.pt --val runs/cp/val.pt \
         --lr 3e-3
+    python benchmarks/bench_classic_pointer.py train conv --train runs/cp/train.pt --val runs/cp/val.pt \
+        --set model.projector.descriptor_encoder=conv
+
+Model options go through ``--set`` (the shape CNN above; ``model.pointer.presence=true``: "no target"
+from the pointer's presence logit, the regions trained on targeted expressions only).
 
 Results: one JSON line per evaluation on stdout, and ``--results DIR/classic_pointer_<name>.json``.
 """
@@ -135,6 +140,13 @@ class GRUText(nn.Module):
         return words, mask, query[:, None]
 
 
+class Detach(nn.Module):
+    """``--presence-detach``: the identity forward, no gradient backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+
 class Runner:
     """The model parts, optimiser and the prepared data of one ``train`` run."""
 
@@ -161,6 +173,8 @@ class Runner:
         self.presence = nn.Linear(2, 1) if args.presence else None
         if self.presence is not None:
             self.model.add_module("presence", self.presence)
+        if args.presence_detach:  # the presence head reads the mixed states, its loss stops there
+            self.model.pointer.presence.insert(0, Detach())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0)
         steps = args.samples // args.batch
@@ -194,14 +208,17 @@ class Runner:
         word_mask: torch.Tensor,
         desc: torch.Tensor,
         region_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """``(B, 1, K)`` region logits: the model's projections and pointer on the prepared inputs."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 1, K)`` region logits and (``model.pointer.presence``) ``(B, 1)`` presence logits: the
+        model's projections and pointer on the prepared inputs."""
         regions = self.model.projector.desc_mlp(desc) * region_mask[..., None]  # (B, K, D)
         if self.gru is not None:
             words, mask, query = self.gru([d["text"][i] for i in idx])
-            return self.model.pointer(query, regions, region_mask, words=words, word_mask=mask)
+            return self.model.pointer.scores(query, regions, region_mask, words=words, word_mask=mask)
         lang = self.model.text_encoder(None, word_mask, hidden=hidden)
-        return self.model.pointer(lang.queries, regions, region_mask, words=lang.tokens, word_mask=lang.mask)
+        return self.model.pointer.scores(
+            lang.queries, regions, region_mask, words=lang.tokens, word_mask=lang.mask
+        )
 
     @torch.no_grad()
     def evaluate(self, d: Prepared, limit: int | None = None) -> dict[str, float | None]:
@@ -212,10 +229,12 @@ class Runner:
         for start in range(0, n, 100):
             idx = list(range(start, min(n, start + 100)))
             hidden, word_mask, desc, region_mask, labels, target = self.batch(d, idx)
-            logits = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
+            logits, found = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
             pred = paint_regions(logits, labels)[:, 0] > 0  # (B, S, S)
             if self.presence is not None:  # no target: an empty mask whatever the regions score
                 pred &= (self.presence_logit(logits, region_mask) > 0)[:, None, None]
+            if found is not None:  # the presence logit can veto the regions (TextQueries.prior_masks)
+                pred &= (found[:, 0] > 0)[:, None, None]
             for j, i in enumerate(idx):
                 s = stats.setdefault(d["diff"][i] or "none", [0, 0, 0, 0])
                 gt = target[j, 0] > 0
@@ -243,13 +262,17 @@ class Runner:
         """One optimiser step on the training samples ``idx``; returns the loss."""
         d = self.train_data
         hidden, word_mask, desc, region_mask, labels, target = self.batch(d, idx)
-        logits = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
+        logits, found = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
         valid = torch.ones(len(idx), 1, dtype=torch.bool)  # a negative's regions are all negatives
         has = target.flatten(1).amax(1) > 0  # (B,) the sentence names something
-        if self.presence is not None:  # regions learn from the positives only
+        if self.presence is not None or found is not None:  # regions learn from the positives only
             valid = has[:, None]
         terms = region_losses(logits, region_mask, labels, target, valid, self.loss_cfg)
         loss = terms["region_bce"] + terms["region_dice"]
+        if found is not None:
+            loss = loss + self.loss_cfg.no_target * F.binary_cross_entropy_with_logits(
+                found[:, 0], has.float()
+            )
         if self.presence is not None:
             presence = self.presence_logit(logits.detach(), region_mask)
             loss = loss + F.binary_cross_entropy_with_logits(presence, has.float())
@@ -329,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dice", type=float, default=1.0, help="weight of the painted prior's Dice")
     t.add_argument("--ce", type=float, default=0.0, help="weight of a softmax-over-regions loss")
     t.add_argument("--presence", action="store_true", help="no-target decided apart; regions on positives")
+    t.add_argument(
+        "--presence-detach",
+        action="store_true",
+        help="with model.pointer.presence=true: its loss does not reach the mixing layers",
+    )
     t.add_argument("--only", default=None, help="train on these difficulties only (comma-separated)")
     t.add_argument("--text", choices=("minilm", "gru"), default="minilm", help="gru: text side from scratch")
     t.add_argument("--set", action="append", default=[], help="config override, e.g. model.pointer.layers=4")

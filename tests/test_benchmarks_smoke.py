@@ -338,8 +338,9 @@ def test_bench_refiners_compares_prior_refined_and_oracle(tmp_path: Path) -> Non
 
 
 def test_bench_classic_pointer_prepares_and_trains(tmp_path: Path) -> None:
-    """``prepare`` saves the pointer's inputs of a split; ``train`` (MiniLM words, and the GRU text
-    side from scratch) evaluates them into a learning curve of cIoU / N-acc in [0, 100]."""
+    """``prepare`` saves the pointer's inputs of a split; ``train`` (MiniLM words, the GRU text side from
+    scratch, the pointer's presence head with the shape CNN) evaluates them into a learning curve of
+    cIoU / N-acc in [0, 100]."""
     from mllm_ris.data.synthetic import make_synthref
 
     data = tmp_path / "synthref"
@@ -359,7 +360,13 @@ def test_bench_classic_pointer_prepares_and_trains(tmp_path: Path) -> None:
             str(data),
         ]
         common += ["--samples", "16", "--eval-every", "8", "--batch", "4", "--results", str(tmp_path / "res")]
-        for name, extra in (("minilm", []), ("gru", ["--text", "gru", "--norm", "--ce", "1", "--presence"])):
+        head = ["--set", "model.pointer.presence=true", "--set", "model.projector.descriptor_encoder=conv"]
+        variants = (
+            ("minilm", []),
+            ("gru", ["--text", "gru", "--norm", "--ce", "1", "--presence"]),
+            ("head", [*head, "--presence-detach"]),
+        )
+        for name, extra in variants:
             assert module.main(["train", name, *common, *extra]) == 0
             record = json.loads(
                 (tmp_path / "res" / f"classic_pointer_{name}.json").read_text(encoding="utf-8")

@@ -84,6 +84,35 @@ def test_classic_pointer_learns_the_sentence_and_rejects_from_the_pointer() -> N
     assert predictions[2].no_target_prob > 0.5 > predictions[0].no_target_prob
 
 
+def test_classic_pointer_presence_decides_no_target() -> None:
+    """``pointer.presence``: a no-target sentence trains the presence logit (``no_target``), not its
+    regions; after overfitting the absent object's answer is "no target" whatever its regions score."""
+    shapes = [("disc", RED, 20, 22, 12), ("square", BLUE, 44, 44, 10), ("disc", GREEN, 46, 14, 8)]
+    texts = ((0, "the red circle"), (1, "the blue square"), (None, "the yellow star"))
+    samples = [scene(7, [(*s, i == t) for i, s in enumerate(shapes)], text) for t, text in texts]
+    model = _build("prior", "model.pointer.presence=true").train()
+    batch = build_processor(model, image_size=SIZE)(samples)
+    out = model(batch)
+    assert "no_target" in out.loss_terms and out.loss_terms["no_target"] > 0
+    region_terms = out.loss_terms["region_bce"] + out.loss_terms["region_dice"]
+    (grad,) = torch.autograd.grad(region_terms, out.region_logits, retain_graph=True)  # (3, 1, K)
+    assert grad[:2].abs().sum() > 0 and not grad[2].any()  # the negative's regions: no gradient
+    out.loss_terms["no_target"].backward()
+    assert model.pointer.presence[0].weight.grad.abs().sum() > 0
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    for _ in range(200):
+        out = model(batch)
+        if (out.no_target_prob[:2] < 0.2).all() and out.no_target_prob[2] > 0.8:
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    predictions = RISPredictor(model, image_size=SIZE).predict(samples)
+    assert [len(p.masks) for p in predictions] == [1, 1, 0]
+    assert predictions[2].no_target_prob > 0.5 > predictions[0].no_target_prob
+
+
 def test_classic_pointer_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"pointer\.dim: classic mode's pointer reads region tokens"):
         build_model(tiny_cfg("classic", "prior", "model.pointer.dim=16", "model.projector.descriptors=true"))

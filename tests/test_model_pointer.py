@@ -204,10 +204,13 @@ def test_pointer_regions_tokens_scores_the_visual_tokens(monkeypatch: pytest.Mon
         tiny_cfg("mllm", "direct", POINTER, "model.mllm.pointer_regions=pixels")
 
 
-def test_tokens_from_descriptors_alone_build_and_run_no_tower() -> None:
+@pytest.mark.parametrize("encoder", ["mlp", "conv"])
+def test_tokens_from_descriptors_alone_build_and_run_no_tower(encoder: str) -> None:
     """projector.tower false: no vision tower is built or run, every visual token is the region encoder's
-    embedding of its descriptors, and the model trains, saves and loads as usual."""
-    model = _build("prior", "model.projector.descriptors=true", "model.projector.tower=false").train()
+    embedding of its descriptors (an MLP, or a shape CNN + MLP), and the model trains as usual."""
+    extra = ("model.projector.descriptors=true", "model.projector.tower=false")
+    model = _build("prior", *extra, f"model.projector.descriptor_encoder={encoder}").train()
+    assert hasattr(model.projector.desc_mlp, "conv") == (encoder == "conv")
     assert model.vision is None and model.projector.attn is None and model.projector.pos_mlp is None
     assert not hasattr(model.projector, "mlp")
     batch = _batch(model)
@@ -224,7 +227,10 @@ def test_tokens_from_descriptors_alone_build_and_run_no_tower() -> None:
 def test_tower_off_needs_descriptors_and_round_trips(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"tower: false builds tokens from the descriptors alone"):
         tiny_cfg("mllm", "direct", "model.projector.tower=false")
-    model = _build("prior", "model.projector.descriptors=true", "model.projector.tower=false").eval()
+    with pytest.raises(ConfigError, match=r"descriptor_encoder: must be one of"):
+        tiny_cfg("mllm", "direct", "model.projector.descriptor_encoder=gnn")
+    extra = ("model.projector.descriptors=true", "model.projector.tower=false")
+    model = _build("prior", *extra, "model.projector.descriptor_encoder=conv").eval()
     model.save_pretrained(tmp_path / "m")
     loaded = RISModel.from_pretrained(tmp_path / "m").eval()
     assert loaded.vision is None and not (tmp_path / "m" / "vision.safetensors").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mllm_ris.errors import ConfigError
 from mllm_ris.modeling.projector import (
     MASKED_LOGIT,
     PointerLosses,
@@ -81,6 +82,29 @@ def test_pointer_layers_read_words() -> None:
         pointer(queries, regions, mask)
     with pytest.raises(ValueError, match="set layers > 0"):
         RegionPointer(query_dim=8, region_dim=8, dim=8, word_dim=4)
+
+
+def test_pointer_presence_reads_query_and_regions_not_padding() -> None:
+    """``presence``: one logit per query from the mixed query state and the max-pool of the mixed
+    region states; padded regions change nothing, real ones do, and an image without regions is finite."""
+    torch.manual_seed(0)
+    pointer = RegionPointer(query_dim=8, region_dim=12, dim=16, layers=1, presence=True).eval()
+    queries, regions = torch.randn(2, 3, 8), torch.randn(2, 5, 12)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    logits, found = pointer.scores(queries, regions, mask)
+    assert logits.shape == (2, 3, 5) and found.shape == (2, 3)
+    torch.testing.assert_close(logits, pointer(queries, regions, mask))  # forward = scores()[0]
+    moved = regions.clone()
+    moved[0, 3:] += 100.0  # padding of image 0
+    torch.testing.assert_close(pointer.scores(queries, moved, mask)[1], found)
+    moved[1, 0] += 1.0  # a real region of image 1
+    assert not torch.allclose(pointer.scores(queries, moved, mask)[1][1], found[1])
+    none = torch.zeros(2, 5, dtype=torch.bool)
+    assert torch.isfinite(pointer.scores(queries, regions, none)[1]).all()
+    plain = RegionPointer(query_dim=8, region_dim=12, dim=16, layers=1)
+    assert plain.scores(queries, regions, mask)[1] is None
+    with pytest.raises(ConfigError, match="presence: read from the mixing layers"):
+        RegionPointer(query_dim=8, region_dim=12, dim=16, presence=True)
 
 
 def test_pointer_matches_its_formula() -> None:

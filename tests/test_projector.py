@@ -195,3 +195,20 @@ def test_modality_boundary_errors(sp: SuperpixelProjector) -> None:
         sp(torch.randn(2, 64, CV + 1), labels.expand(2, -1, -1))
     with pytest.raises(ValueError, match=r"N=64 patches, but cfg.grid=4x6 gives 24"):
         build_projector(_cfg(kind="patch", grid=(4, 6)))(feats)
+
+
+def test_conv_descriptor_encoder_ignores_padding_and_reads_the_crop() -> None:
+    """``descriptor_encoder: conv``: a region's token does not depend on how many padding rows its image
+    has; padding rows get no shape features; the shape crop reaches every conv weight."""
+    from mllm_ris.modeling.projector import ConvDescriptorEncoder
+
+    torch.manual_seed(0)
+    width = 16 * 16 + 17
+    enc = ConvDescriptorEncoder(width, D)
+    feats = torch.rand(2, 3, width)
+    padded = torch.cat([feats, torch.zeros(2, 4, width)], 1)  # 4 padding rows (zeros)
+    torch.testing.assert_close(enc(padded)[:, :3], enc(feats))
+    base = enc.mlp(torch.cat([torch.zeros(1, 1, width), torch.zeros(1, 1, D)], -1))
+    torch.testing.assert_close(enc(padded)[:, 3:], base.expand(2, 4, D))
+    enc(feats).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.conv.parameters())

@@ -230,6 +230,7 @@ def _classic_pointer(cfg: ModelConfig, text_dim: int) -> RegionPointer:
         dim=ptr.dim,
         layers=ptr.layers,
         word_dim=text_dim if ptr.words else None,
+        presence=ptr.presence,
     )
 
 
@@ -466,8 +467,10 @@ class TextQueries:
     """Classic mode: one expression per image (``T = 1``) through the text encoder; with the region
     pointer (``pointer.dim``, a descriptor-only ``projector``) also its scores of the batch's regions.
 
-    A multi-target expression is trained on the union of its targets, a no-target one on an empty mask,
-    and an empty predicted mask means "no target"."""
+    A multi-target expression is trained on the union of its targets. Without ``pointer.presence`` a
+    no-target one is trained on an empty mask (all its regions negatives) and an empty predicted mask
+    means "no target"; with it the pointer's presence logit decides "no target" (``reject_logit``, the
+    ``no_target`` loss) and the regions and masks train on targeted expressions only."""
 
     mode = "classic"
 
@@ -511,7 +514,11 @@ class TextQueries:
             )
         vis = self.visual_tokens(batch)  # embeds (B, K, D), mask (B, K)
         lang = q.lang
-        logits = self.pointer(lang.queries, vis.embeds, vis.mask, words=lang.tokens, word_mask=lang.mask)
+        logits, found = self.pointer.scores(
+            lang.queries, vis.embeds, vis.mask, words=lang.tokens, word_mask=lang.mask
+        )  # (B, 1, K), (B, 1) or None
+        if found is not None:
+            q.reject_logit = -found[:, 0]  # (B,) > 0: nothing named is here
         _add_prior(q, self.projector, batch, logits, vis.mask)  # (B, 1, K) -> prior (B, 1, S, S)
         return q
 
@@ -522,24 +529,42 @@ class TextQueries:
     def pair_targets(
         self, batch: RISBatch, q: Queries, mask_logits: torch.Tensor | None, loss: LossConfig
     ) -> PairTargets:
-        """One query per expression, trained on the union (empty for no-target); no terms of its own
-        (a no-target expression's regions are all negatives of the pointer's losses)."""
+        """One query per expression, trained on the union. Without a presence logit: no-target ones on
+        an empty mask (their regions all negatives of the pointer's losses), no terms of its own; with
+        it: targeted ones only, and the ``no_target`` term on the presence logit."""
+        has = batch.has_target[:, None]  # (B, 1)
+        if q.reject_logit is None:
+            terms, valid = {}, torch.ones_like(has)
+        else:
+            from mllm_ris.modeling.losses import no_target_loss
+
+            reject = q.reject_logit
+            term = no_target_loss(reject, batch.has_target, loss.no_target, loss.no_target_pos_weight)
+            terms, valid = {"no_target": term}, has
         return PairTargets(
             targets=batch.targets[:, None],  # (B, S, S) -> (B, 1, S, S)
-            pair_valid=torch.ones_like(batch.has_target)[:, None],  # (B, 1)
-            has_target=batch.has_target[:, None],  # (B, 1)
-            terms={},
+            pair_valid=valid,  # (B, 1)
+            has_target=has,
+            terms=terms,
         )
 
     def prior_masks(self, q: Queries) -> torch.Tensor:
-        """The prior itself: no region above 0 means no target."""
+        """The prior itself (no region above 0 means no target); with a presence logit also nothing
+        where it finds no target (``reject_logit > 0``)."""
         assert q.prior is not None
-        return q.prior
+        if q.reject_logit is None:
+            return q.prior
+        return q.prior.masked_fill((q.reject_logit > 0)[:, None, None, None], -PRIOR_CLAMP)
 
     def no_target_prob(self, q: Queries, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``1 - sigmoid(max valid logit of masks)``: > 0.5 exactly when the mask is empty."""
+        """``1 - sigmoid(max valid logit of masks)``, > 0.5 exactly when the mask is empty; with a
+        presence logit the larger of that and ``sigmoid(reject_logit)`` (the predictor then answers "no
+        target" above 0.5: an empty mask or the presence logit)."""
         best = masks[:, 0].masked_fill(~valid, float("-inf")).flatten(1).amax(1)  # (B,)
-        return 1.0 - torch.sigmoid(best.float())
+        empty = 1.0 - torch.sigmoid(best.float())
+        if q.reject_logit is None:
+            return empty
+        return torch.maximum(empty, torch.sigmoid(q.reject_logit.float()))
 
 
 class LLMQueries:

@@ -238,7 +238,9 @@ class LossConfig:
     dice: float = field(default=1.0, metadata={"help": "soft Dice, on samples that have a target"})
     iou: float = field(default=1.0, metadata={"help": "MSE of the predicted IoU against the measured one"})
     lm: float = field(default=1.0, metadata={"help": "LM cross-entropy on the answer tokens (mllm mode)"})
-    no_target: float = field(default=1.0, metadata={"help": "BCE of the reject logit (mllm mode)"})
+    no_target: float = field(
+        default=1.0, metadata={"help": "BCE of the reject logit (mllm mode; classic with pointer.presence)"}
+    )
     no_target_pos_weight: float = field(
         default=1.0,
         metadata={

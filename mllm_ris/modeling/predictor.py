@@ -167,7 +167,7 @@ class RISPredictor:
             scores = out.scores[b, :n].float().cpu().numpy()
             if text is not None and self.model.rejected(text):
                 masks, scores = masks[:0], scores[:0]  # [REJ] or no [SEG]: no target
-            elif text is None and not masks.any():
-                masks, scores = masks[:0], scores[:0]  # classic: an empty mask means "no target"
+            elif text is None and (not masks.any() or float(out.no_target_prob[b]) > 0.5):
+                masks, scores = masks[:0], scores[:0]  # classic: an empty mask or the presence logit
             results.append(ModelPrediction(masks, scores, float(out.no_target_prob[b]), text))
         return results

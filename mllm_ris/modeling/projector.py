@@ -167,6 +167,13 @@ class ProjectorConfig:
             "F -> 2D -> D straight into the LLM width"
         },
     )
+    descriptor_encoder: Literal["mlp", "conv"] = field(
+        default="mlp",
+        metadata={
+            "help": "superpixel with descriptors: mlp = the MLP over all descriptor features; conv = a "
+            "small CNN over the shape crop first, its features joining the MLP's input"
+        },
+    )
     tower: bool = field(
         default=True,
         metadata={
@@ -194,6 +201,8 @@ class ProjectorConfig:
             raise ConfigError(
                 "descriptors: need kind superpixel and max_tokens null (descriptors cover every region)"
             )
+        if self.descriptor_encoder not in ("mlp", "conv"):
+            raise ConfigError(f"descriptor_encoder: must be mlp or conv, got {self.descriptor_encoder!r}")
         if not self.tower and not (self.kind == "superpixel" and self.descriptors):
             raise ConfigError("tower: false builds tokens from the descriptors alone; set descriptors: true")
         if (
@@ -314,10 +323,13 @@ class SuperpixelProjector(VisualProjector):
         self.pos_mlp: nn.Sequential | None = None
         if cfg.pos_embed and cfg.tower:
             self.pos_mlp = nn.Sequential(nn.Linear(len(GEOMETRY_FEATURES), c), nn.GELU(), nn.Linear(c, c))
-        self.desc_mlp: nn.Sequential | None = None
+        self.desc_mlp: nn.Module | None = None
         if cfg.descriptors:  # the region encoder: descriptors -> the LLM width, beside the tower path
             width, d = SHAPE_SIZE * SHAPE_SIZE + COLOR_DIM + GEOMETRY_DIM, cfg.llm_dim
-            self.desc_mlp = nn.Sequential(nn.Linear(width, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            if cfg.descriptor_encoder == "conv":
+                self.desc_mlp = ConvDescriptorEncoder(width, d)
+            else:
+                self.desc_mlp = nn.Sequential(nn.Linear(width, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def num_regions(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` distinct non-negative labels per label map ``(B, H', W')`` (before the cap)."""
@@ -360,7 +372,8 @@ class SuperpixelProjector(VisualProjector):
         else:
             b = superpixels.shape[0] if isinstance(superpixels, torch.Tensor) and superpixels.dim() else 0
             assert self.desc_mlp is not None  # ProjectorConfig: tower false needs descriptors
-            device, dtype = self.desc_mlp[0].weight.device, self.desc_mlp[0].weight.dtype
+            weight = next(self.desc_mlp.parameters())
+            device, dtype = weight.device, weight.dtype
         self._check_labels(superpixels, b)
         assert isinstance(superpixels, torch.Tensor)
         # region statistics for the whole batch at once, on the maps' device (CPU from a DataLoader)
@@ -431,6 +444,39 @@ class SuperpixelProjector(VisualProjector):
         bias = log_cov * self.bias_scale.to(log_cov.dtype).view(1, h, 1, 1)  # (B, h, K, N)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=bias)  # (B, h, K, d)
         return self.attn["out"](out.transpose(1, 2).reshape(b, k, c))  # (B, h, K, d) -> (B, K, C)
+
+
+class ConvDescriptorEncoder(nn.Module):
+    """Region encoder with a shape CNN (``projector.descriptor_encoder: conv``): ``(B, K, F) -> (B, K, D)``.
+
+    Two stride-2 3x3 convolutions read each region's ``16 x 16`` shape crop (the first ``SHAPE_SIZE ** 2``
+    of the ``F`` features of :func:`descriptor_features`) into ``D`` features, which join the raw
+    features in the MLP ``F + D -> 2D -> D``: a shape seen shifted or scaled within its crop shares
+    filters that an MLP over the flat crop learns pixel by pixel. Only real regions are convolved
+    (padding rows, all zero in :func:`descriptor_features`, get zero shape features).
+    """
+
+    def __init__(self, width: int, dim: int, channels: int = 32) -> None:
+        super().__init__()
+        cells = (SHAPE_SIZE // 4) ** 2
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels // 2, 3, stride=2, padding=1),  # 16 -> 8
+            nn.GELU(),
+            nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1),  # 8 -> 4
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(channels * cells, dim),
+        )
+        self.mlp = nn.Sequential(nn.Linear(width + dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats (B, K, F)`` → ``(B, K, D)``."""
+        b, k, _ = feats.shape
+        real = feats.detach().abs().amax(-1) > 0  # (B, K) rows of real regions
+        crops = feats[real][:, : SHAPE_SIZE * SHAPE_SIZE].reshape(-1, 1, SHAPE_SIZE, SHAPE_SIZE)
+        shape = feats.new_zeros(b, k, self.mlp[0].in_features - feats.shape[-1])  # (B, K, D)
+        shape[real] = self.conv(crops)  # (R, 1, 16, 16) -> (R, D)
+        return self.mlp(torch.cat([feats, shape], -1))
 
 
 def descriptor_features(
@@ -535,12 +581,21 @@ class PointerConfig:
     )
     layers: int = field(default=2, metadata={"help": "transformer layers over query, words and regions"})
     words: bool = field(default=True, metadata={"help": "the text encoder's word states join those layers"})
+    presence: bool = field(
+        default=False,
+        metadata={
+            "help": "decide 'no target' with a presence logit of its own (regions then train on "
+            "targeted expressions only); false = no region above 0"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dim is not None and (self.dim < 4 or self.dim % 4):
             raise ConfigError(f"dim: must be a multiple of 4 (>= 4) or null, got {self.dim}")
         if self.layers < 0 or (self.words and self.layers == 0):
             raise ConfigError(f"layers: must be >= 0, and >= 1 with words: true; got {self.layers}")
+        if self.presence and self.layers == 0:
+            raise ConfigError("presence: read from the mixing layers; needs layers >= 1")
 
 
 class RegionPointer(nn.Module):
@@ -558,6 +613,9 @@ class RegionPointer(nn.Module):
             query before the score; 0 = the bilinear score alone. ``dim`` must be divisible by 4.
         word_dim: width of word states that join the layers' sequence (``[q, words, regions + q]``),
             given to :meth:`forward` as ``words``; None = no words. Needs ``layers > 0``.
+        presence: a "the sentence names something here" logit per query (:meth:`scores`) from the
+            mixed query state and the max-pool of the mixed region states, apart from the region
+            scores, so those can be trained on positives alone. Needs ``layers > 0``.
     """
 
     def __init__(
@@ -571,6 +629,7 @@ class RegionPointer(nn.Module):
         bias_init: float = 0.0,
         layers: int = 0,
         word_dim: int | None = None,
+        presence: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("query_dim", query_dim), ("region_dim", region_dim), ("dim", dim)):
@@ -592,6 +651,12 @@ class RegionPointer(nn.Module):
             self.score = nn.Linear(dim, 1)  # each region's mixed state -> its score
         if word_dim is not None and not layers:
             raise ConfigError("word_dim: words are read by the mixing layers; set layers > 0")
+        if presence and not layers:
+            raise ConfigError("presence: read from the mixing layers' states; set layers > 0")
+        # [mixed query state, max over the mixed region states] -> one logit
+        self.presence = (
+            nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1)) if presence else None
+        )
         self.word_proj = nn.Linear(word_dim, dim) if word_dim is not None else None
         self.query_proj = nn.Linear(query_dim, dim)
         self.region_proj = nn.Linear(region_dim, dim)
@@ -627,6 +692,18 @@ class RegionPointer(nn.Module):
         Returns:
             ``(B, T, K)`` logits; ``MASKED_LOGIT`` where ``region_mask`` is False.
         """
+        return self.scores(queries, regions, region_mask, words, word_mask)[0]
+
+    def scores(
+        self,
+        queries: torch.Tensor,
+        regions: torch.Tensor,
+        region_mask: torch.Tensor,
+        words: torch.Tensor | None = None,
+        word_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Region logits ``(B, T, K)`` (as :meth:`forward`) and, built with ``presence``, the
+        presence logits ``(B, T)`` (> 0: the query names something among the regions), else None."""
         if queries.dim() != 3 or regions.dim() != 3:
             raise ValueError(
                 f"queries (B, T, Dq) and regions (B, K, Dr) must be 3-d, got {tuple(queries.shape)} "
@@ -641,6 +718,7 @@ class RegionPointer(nn.Module):
             )
         q = self.query_proj(queries)  # (B, T, D)
         r = self.region_proj(regions)  # (B, K, D)
+        presence = None
         if self.mix is None:
             logits = torch.einsum("btd,bkd->btk", q, r) / math.sqrt(self.dim)  # (B, T, K)
         else:
@@ -651,10 +729,10 @@ class RegionPointer(nn.Module):
                         "words: this pointer was built with word_dim and needs words + word_mask"
                     )
                 w = (self.word_proj(words), word_mask.bool())  # (B, W, D), (B, W)
-            logits = self._mixed_scores(q, r, region_mask.bool(), w)
+            logits, presence = self._mixed_scores(q, r, region_mask.bool(), w)
         logits = logits * self.log_scale.exp() + self.bias
         # (B, K) -> (B, 1, K): the same regions are masked for every query
-        return logits.masked_fill(~region_mask.bool()[:, None, :], MASKED_LOGIT)
+        return logits.masked_fill(~region_mask.bool()[:, None, :], MASKED_LOGIT), presence
 
     def _mixed_scores(
         self,
@@ -664,13 +742,15 @@ class RegionPointer(nn.Module):
         words: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``q (B, T, D)``, ``r (B, K, D)``, ``region_mask (B, K)`` (+ projected words ``(B, W, D)`` and
-        their ``(B, W)`` mask) → ``(B, T, K)`` mixed scores."""
+        their ``(B, W)`` mask) → ``(B, T, K)`` mixed scores and, with ``presence``, ``(B, T)`` presence
+        logits (else None)."""
         assert self.mix is not None
         b, t, d = q.shape
         k = r.shape[1]
         if t == 0 or k == 0:  # nothing to mix; zeros keep the graph
             zero = (q.sum() + r.sum() + (words[0].sum() if words is not None else 0.0)) * 0.0
-            return q.new_zeros(b, t, k) + zero
+            found = None if self.presence is None else q.new_full((b, t), MASKED_LOGIT) + zero
+            return q.new_zeros(b, t, k) + zero, found
         w, w_mask = words if words is not None else (q.new_zeros(b, 0, d), region_mask.new_zeros(b, 0))
         n = w.shape[1]
         # per query: [q, words, regions + q]: (B, T, 1 + W + K, D) -> (B*T, 1 + W + K, D)
@@ -680,7 +760,14 @@ class RegionPointer(nn.Module):
         keep = torch.cat([region_mask.new_ones(b, 1), w_mask, region_mask], dim=1)  # (B, 1 + W + K)
         pad = ~keep[:, None].expand(b, t, 1 + n + k).flatten(0, 1)  # (B*T, 1 + W + K), True = ignored
         x = self.mix(x, src_key_padding_mask=pad).view(b, t, 1 + n + k, d)
-        return self.score(x[:, :, 1 + n :]).squeeze(-1)  # (B, T, K, D) -> (B, T, K)
+        states = x[:, :, 1 + n :]  # (B, T, K, D) the mixed region states
+        scores = self.score(states).squeeze(-1)  # (B, T, K, D) -> (B, T, K)
+        if self.presence is None:
+            return scores, None
+        real = region_mask[:, None, :, None]  # (B, 1, K, 1)
+        pooled = states.masked_fill(~real, MASKED_LOGIT).amax(2)  # (B, T, D)
+        pooled = pooled * real.any(2).to(pooled.dtype)  # an image without regions pools zeros
+        return scores, self.presence(torch.cat([x[:, :, 0], pooled], -1)).squeeze(-1)  # (B, T)
 
 
 def paint_regions(region_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
