@@ -28,7 +28,8 @@ image, the same size for SynthRef).
     python benchmarks/bench_classic_pointer.py train conv --train runs/cp/train.pt --val runs/cp/val.pt \
         --set model.projector.descriptor_encoder=conv
 
-Model options go through ``--set`` (the shape CNN above; ``model.pointer.presence=true``: "no target"
+Model options go through ``--set`` (the shape CNN above; ``model.projector.image_encoder=cnn``: a CNN
+over the image pooled per region; ``model.pointer.presence=true``: "no target"
 from the pointer's presence logit, the regions trained on targeted expressions only).
 
 Results: one JSON line per evaluation on stdout, and ``--results DIR/classic_pointer_<name>.json``.
@@ -61,7 +62,8 @@ CONFIGS = [
     ROOT / "configs" / "model" / "tiny-synth-classic-pointer.yaml",
     ROOT / "configs" / "train" / "synthref-classic-pointer.yaml",
 ]
-Prepared = dict[str, Any]  # desc [(K_i, F)], labels [(S, S) int16], target [(S, S) bool], text, diff, hidden
+Prepared = dict[str, Any]
+# desc [(K_i, F)], labels [(S, S) int16], target [(S, S) bool], image [(3, S, S) uint8], text, diff, hidden
 
 
 def build(data: Path, overrides: list[str], out: Path) -> tuple[Config, RISTask]:
@@ -83,7 +85,7 @@ def prepare(args: argparse.Namespace) -> None:
     model = task.build_model()
     dataset = task.train_data()[0] if args.split == "train" else next(iter(task.val_data().values()))
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    out: Prepared = {"desc": [], "labels": [], "target": [], "text": [], "diff": []}
+    out: Prepared = {"desc": [], "labels": [], "target": [], "text": [], "diff": [], "image": []}
     t0 = time.perf_counter()
     for start in range(0, n, 64):
         samples = [dataset[j] for j in range(start, min(n, start + 64))]
@@ -95,6 +97,7 @@ def prepare(args: argparse.Namespace) -> None:
             out["desc"].append(feats[j, :k].clone())
             out["labels"].append(labels[j].to(torch.int16).clone())  # ids up to max_regions
             out["target"].append(batch.targets[j].bool().clone())
+            out["image"].append((batch.images[j] * 255).round().to(torch.uint8).clone())  # (3, S, S)
             out["text"].append(batch.texts[j])
             out["diff"].append(batch.difficulty[j])
         print(
@@ -208,10 +211,18 @@ class Runner:
         word_mask: torch.Tensor,
         desc: torch.Tensor,
         region_mask: torch.Tensor,
+        labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, 1, K)`` region logits and (``model.pointer.presence``) ``(B, 1)`` presence logits: the
-        model's projections and pointer on the prepared inputs."""
-        regions = self.model.projector.desc_mlp(desc) * region_mask[..., None]  # (B, K, D)
+        model's projections and pointer on the prepared inputs (``labels (B, S, S)``: token order)."""
+        projector = self.model.projector
+        regions = projector.desc_mlp(desc)  # (B, K, D)
+        if projector.image_cnn is not None:  # the image's CNN features averaged over each region
+            if "image" not in d:
+                raise SystemExit("model.projector.image_encoder: re-run prepare (this file has no images)")
+            images = torch.stack([d["image"][i] for i in idx]).float() / 255  # (B, 3, S, S)
+            regions = regions + projector.image_cnn(images, labels, desc.shape[1])
+        regions = regions * region_mask[..., None]
         if self.gru is not None:
             words, mask, query = self.gru([d["text"][i] for i in idx])
             return self.model.pointer.scores(query, regions, region_mask, words=words, word_mask=mask)
@@ -229,7 +240,7 @@ class Runner:
         for start in range(0, n, 100):
             idx = list(range(start, min(n, start + 100)))
             hidden, word_mask, desc, region_mask, labels, target = self.batch(d, idx)
-            logits, found = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
+            logits, found = self.logits(d, idx, hidden, word_mask, desc, region_mask, labels)  # (B, 1, K)
             pred = paint_regions(logits, labels)[:, 0] > 0  # (B, S, S)
             if self.presence is not None:  # no target: an empty mask whatever the regions score
                 pred &= (self.presence_logit(logits, region_mask) > 0)[:, None, None]
@@ -262,7 +273,7 @@ class Runner:
         """One optimiser step on the training samples ``idx``; returns the loss."""
         d = self.train_data
         hidden, word_mask, desc, region_mask, labels, target = self.batch(d, idx)
-        logits, found = self.logits(d, idx, hidden, word_mask, desc, region_mask)  # (B, 1, K)
+        logits, found = self.logits(d, idx, hidden, word_mask, desc, region_mask, labels)  # (B, 1, K)
         valid = torch.ones(len(idx), 1, dtype=torch.bool)  # a negative's regions are all negatives
         has = target.flatten(1).amax(1) > 0  # (B,) the sentence names something
         if self.presence is not None or found is not None:  # regions learn from the positives only

@@ -339,7 +339,7 @@ def test_bench_refiners_compares_prior_refined_and_oracle(tmp_path: Path) -> Non
 
 def test_bench_classic_pointer_prepares_and_trains(tmp_path: Path) -> None:
     """``prepare`` saves the pointer's inputs of a split; ``train`` (MiniLM words, the GRU text side from
-    scratch, the pointer's presence head with the shape CNN) evaluates them into a learning curve of
+    scratch, the pointer's presence head with the shape and image CNNs) evaluates them into a learning curve of
     cIoU / N-acc in [0, 100]."""
     from mllm_ris.data.synthetic import make_synthref
 
@@ -361,6 +361,7 @@ def test_bench_classic_pointer_prepares_and_trains(tmp_path: Path) -> None:
         ]
         common += ["--samples", "16", "--eval-every", "8", "--batch", "4", "--results", str(tmp_path / "res")]
         head = ["--set", "model.pointer.presence=true", "--set", "model.projector.descriptor_encoder=conv"]
+        head += ["--set", "model.projector.image_encoder=cnn"]  # the image CNN reads the prepared images
         variants = (
             ("minilm", []),
             ("gru", ["--text", "gru", "--norm", "--ce", "1", "--presence"]),

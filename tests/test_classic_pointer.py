@@ -56,14 +56,18 @@ def test_classic_pointer_prior_losses_and_gradients(output_mode: str) -> None:
         assert model.head is None and model.pixel_encoder is None
 
 
-def test_classic_pointer_learns_the_sentence_and_rejects_from_the_pointer() -> None:
+@pytest.mark.parametrize(
+    "extra", [(), ("model.projector.image_encoder=cnn",)], ids=["descriptors", "image_cnn"]
+)
+def test_classic_pointer_learns_the_sentence_and_rejects_from_the_pointer(extra: tuple[str, ...]) -> None:
     """Overfit three sentences about one image: two name different objects, one names none. Each named
     object's query then points inside its own target, and the absent one paints nothing (no region
-    above 0), which the predictor reports as "no target"."""
+    above 0), which the predictor reports as "no target". The same with the image CNN's region
+    features (``projector.image_encoder: cnn``), which training and the predictor both feed."""
     shapes = [("disc", RED, 20, 22, 12), ("square", BLUE, 44, 44, 10), ("disc", GREEN, 46, 14, 8)]
     texts = ((0, "the red circle"), (1, "the blue square"), (None, "the yellow star"))
     samples = [scene(7, [(*s, i == t) for i, s in enumerate(shapes)], text) for t, text in texts]
-    model = _build("prior").train()
+    model = _build("prior", *extra).train()
     batch = build_processor(model, image_size=SIZE)(samples)
     labels = model.projector.region_labels(batch.superpixels)
     coverage = region_coverage(labels, batch.targets[:, None], int(labels.max()) + 1)[:, 0]  # (3, K)

@@ -204,13 +204,19 @@ def test_pointer_regions_tokens_scores_the_visual_tokens(monkeypatch: pytest.Mon
         tiny_cfg("mllm", "direct", POINTER, "model.mllm.pointer_regions=pixels")
 
 
-@pytest.mark.parametrize("encoder", ["mlp", "conv"])
+@pytest.mark.parametrize("encoder", ["mlp", "conv", "image"])
 def test_tokens_from_descriptors_alone_build_and_run_no_tower(encoder: str) -> None:
     """projector.tower false: no vision tower is built or run, every visual token is the region encoder's
-    embedding of its descriptors (an MLP, or a shape CNN + MLP), and the model trains as usual."""
+    embedding of its descriptors (an MLP, or a shape CNN + MLP), plus with ``image_encoder: cnn`` the
+    image CNN's features pooled per region, and the model trains as usual."""
     extra = ("model.projector.descriptors=true", "model.projector.tower=false")
-    model = _build("prior", *extra, f"model.projector.descriptor_encoder={encoder}").train()
+    if encoder == "image":
+        extra += ("model.projector.image_encoder=cnn",)
+    else:
+        extra += (f"model.projector.descriptor_encoder={encoder}",)
+    model = _build("prior", *extra).train()
     assert hasattr(model.projector.desc_mlp, "conv") == (encoder == "conv")
+    assert (model.projector.image_cnn is not None) == (encoder == "image")
     assert model.vision is None and model.projector.attn is None and model.projector.pos_mlp is None
     assert not hasattr(model.projector, "mlp")
     batch = _batch(model)
@@ -218,10 +224,15 @@ def test_tokens_from_descriptors_alone_build_and_run_no_tower(encoder: str) -> N
     k = int(model.projector.num_tokens(batch.superpixels).max())
     assert vis.embeds.shape == (3, k, model.mllm.hidden_size)
     expected = model.projector.desc_mlp(descriptor_features(batch.regions, k, torch.float32))
+    if encoder == "image":
+        labels = model.projector.region_labels(batch.superpixels)  # (B, S, S) token order
+        expected = expected + model.projector.image_cnn(batch.images, labels, k)
     torch.testing.assert_close(vis.embeds, expected * vis.mask[..., None])
     out = model(batch, segment=False)  # the language side trains through the region encoder
     out.loss.backward()
     assert all(p.grad is not None for p in model.projector.desc_mlp.parameters())
+    if encoder == "image":
+        assert all(p.grad is not None for p in model.projector.image_cnn.parameters())
 
 
 def test_tower_off_needs_descriptors_and_round_trips(tmp_path: Path) -> None:

@@ -429,8 +429,10 @@ def _project(projector: VisualProjector, feats: torch.Tensor | None, batch: MLLM
     """Tower features ``(B, N, Cv)`` (None: descriptors alone) → ``VisualTokens (B, K, D)``."""
     if projector.cfg.kind == "superpixel" and batch.superpixels is None:
         raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
-    if projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors)
-        return projector(feats, batch.superpixels, batch.regions)  # embeds (B, K, D), mask (B, K)
+    if projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors; the image
+        # for projector.image_encoder)
+        images = batch.images if projector.cfg.image_encoder != "none" else None
+        return projector(feats, batch.superpixels, batch.regions, images)  # embeds (B, K, D), mask (B, K)
     return projector(feats, batch.superpixels)
 
 
@@ -491,8 +493,8 @@ class TextQueries:
         return {name: part for name, part in found.items() if part is not None}
 
     def visual_tokens(self, batch: MLLMBatch) -> VisualTokens:
-        """The pointer's region tokens ``(B, K, pointer.dim)`` from the descriptors alone (no tower), in
-        the projector's dtype."""
+        """The pointer's region tokens ``(B, K, pointer.dim)`` from the descriptors (and the image CNN's
+        pooled features, ``projector.image_encoder``; no tower), in the projector's dtype."""
         assert self.projector is not None
         return _project(self.projector, None, batch)
 

@@ -174,6 +174,14 @@ class ProjectorConfig:
             "small CNN over the shape crop first, its features joining the MLP's input"
         },
     )
+    image_encoder: Literal["none", "cnn"] = field(
+        default="none",
+        metadata={
+            "help": "superpixel with descriptors and no tower: cnn = a small CNN trained with the model "
+            "reads the letterboxed image (receptive field ~50 px, across region borders) and its "
+            "features, averaged over each region, join the region's token; none = descriptors alone"
+        },
+    )
     tower: bool = field(
         default=True,
         metadata={
@@ -203,6 +211,12 @@ class ProjectorConfig:
             )
         if self.descriptor_encoder not in ("mlp", "conv"):
             raise ConfigError(f"descriptor_encoder: must be mlp or conv, got {self.descriptor_encoder!r}")
+        if self.image_encoder not in ("none", "cnn"):
+            raise ConfigError(f"image_encoder: must be none or cnn, got {self.image_encoder!r}")
+        if self.image_encoder != "none" and (self.tower or not self.descriptors):
+            raise ConfigError(
+                "image_encoder: cnn needs tower: false and descriptors: true (it replaces the tower)"
+            )
         if not self.tower and not (self.kind == "superpixel" and self.descriptors):
             raise ConfigError("tower: false builds tokens from the descriptors alone; set descriptors: true")
         if (
@@ -330,6 +344,9 @@ class SuperpixelProjector(VisualProjector):
                 self.desc_mlp = ConvDescriptorEncoder(width, d)
             else:
                 self.desc_mlp = nn.Sequential(nn.Linear(width, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.image_cnn: ImageRegionEncoder | None = (
+            ImageRegionEncoder(cfg.llm_dim) if cfg.image_encoder == "cnn" else None
+        )
 
     def num_regions(self, superpixels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` distinct non-negative labels per label map ``(B, H', W')`` (before the cap)."""
@@ -351,6 +368,7 @@ class SuperpixelProjector(VisualProjector):
         patch_feats: torch.Tensor | None,
         superpixels: torch.Tensor | None = None,
         descriptors: RegionDescriptorBatch | None = None,
+        images: torch.Tensor | None = None,
     ) -> VisualTokens:
         """Pool patch features (and / or encode descriptors) into one token per superpixel.
 
@@ -359,10 +377,13 @@ class SuperpixelProjector(VisualProjector):
                 ``cfg.tower`` false (tokens from the descriptors alone).
             superpixels: ``(B, H', W')`` integer label maps of the same images (any size).
             descriptors: the regions' descriptors ``(B, K, ...)`` in token order (``cfg.descriptors``).
+            images: ``(B, 3, S, S)`` [0, 1] RGB letterboxes (``cfg.image_encoder: cnn``).
 
         Returns:
             ``VisualTokens(embeds (B, K, D), mask (B, K))``, ``K`` = most regions in the batch.
         """
+        if self.image_cnn is not None and images is None:
+            raise ValueError("images: None, but projector.image_encoder is cnn (B, 3, S, S) needed")
         if self.cfg.tower:
             if patch_feats is None:
                 raise ValueError("patch_feats: None, but projector.tower is on (B, N, Cv features needed)")
@@ -395,6 +416,9 @@ class SuperpixelProjector(VisualProjector):
             embeds = self.mlp(self._pooled(patch_feats, dense, mask, k))  # (B, K, Cv) -> (B, K, D)
         if self.desc_mlp is not None:
             embeds = embeds + self.desc_mlp(descriptor_features(descriptors, k, dtype))  # (B, K, D)
+        if self.image_cnn is not None:
+            assert images is not None
+            embeds = embeds + self.image_cnn(images.to(device=device, dtype=dtype), dense, k)  # (B, K, D)
         return VisualTokens(embeds=embeds * mask[..., None].to(dtype), mask=mask)  # padding zeroed
 
     def _check_labels(self, superpixels: torch.Tensor | None, b: int) -> None:
@@ -477,6 +501,42 @@ class ConvDescriptorEncoder(nn.Module):
         shape = feats.new_zeros(b, k, self.mlp[0].in_features - feats.shape[-1])  # (B, K, D)
         shape[real] = self.conv(crops)  # (R, 1, 16, 16) -> (R, D)
         return self.mlp(torch.cat([feats, shape], -1))
+
+
+class ImageRegionEncoder(nn.Module):
+    """Image features pooled per region (``projector.image_encoder: cnn``): ``(B, 3, S, S) -> (B, K, D)``.
+
+    Four 3x3 convolutions (two of stride 2, then dilations 2 and 4: a receptive field of ~50 pixels of
+    the canvas) give ``(B, C, S/4, S/4)`` features that see across region borders: what lies next to a
+    region, what covers it. Each region averages them over the feature cells it covers (the
+    superpixel projector's coverage, as the tower path pools patch features), then a linear layer
+    maps ``C -> D``. Trained with the model from scratch; regions without a cell get zeros.
+    """
+
+    def __init__(self, dim: int, channels: int = 32) -> None:
+        super().__init__()
+        c = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, c // 2, 3, stride=2, padding=1),  # S -> S/2
+            nn.GELU(),
+            nn.Conv2d(c // 2, c, 3, stride=2, padding=1),  # S/2 -> S/4
+            nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=2, dilation=2),
+            nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=4, dilation=4),
+            nn.GELU(),
+        )
+        self.out = nn.Linear(c, dim)
+
+    def forward(self, images: torch.Tensor, dense: torch.Tensor, k: int) -> torch.Tensor:
+        """``images (B, 3, S, S)`` in [0, 1], ``dense (B, H', W')`` region ids 0..K-1 (-1 = none) →
+        ``(B, K, D)``."""
+        feats = self.conv(images * 2 - 1)  # (B, C, h, w)
+        gh, gw = feats.shape[-2:]
+        coverage = _coverage(dense, k, gh, gw).to(device=feats.device, dtype=feats.dtype)  # (B, K, h*w)
+        weights = coverage / coverage.sum(-1, keepdim=True).clamp_min(1e-6)
+        pooled = weights @ feats.flatten(2).transpose(1, 2)  # (B, K, h*w) @ (B, h*w, C) -> (B, K, C)
+        return self.out(pooled) * (coverage.sum(-1, keepdim=True) > 0)
 
 
 def descriptor_features(
