@@ -339,8 +339,8 @@ def test_bench_refiners_compares_prior_refined_and_oracle(tmp_path: Path) -> Non
 
 def test_bench_classic_pointer_prepares_and_trains(tmp_path: Path) -> None:
     """``prepare`` saves the pointer's inputs of a split; ``train`` (MiniLM words, the GRU text side from
-    scratch, the pointer's presence head with the shape and image CNNs) evaluates them into a learning curve of
-    cIoU / N-acc in [0, 100]."""
+    scratch, the pointer's presence head with the shape and image CNNs) evaluates them into a learning
+    curve of cIoU / N-acc in [0, 100]."""
     from mllm_ris.data.synthetic import make_synthref
 
     data = tmp_path / "synthref"
