@@ -92,7 +92,8 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         )
 
     seg = sub.add_parser(
-        "segment", help="segment an image from a query: <stem>_mask.png, _overlay.png, .json"
+        "segment",
+        help="segment an image from a query: <stem>_mask.png, _overlay.png, .json (<stem>_2 … if taken)",
     )
     seg.add_argument("image", nargs="?", help="an image file")
     seg.add_argument("query", nargs="?", help='the referring expression, e.g. "the red circle"')

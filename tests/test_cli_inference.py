@@ -59,6 +59,17 @@ def test_segment_writes_mask_overlay_and_json(
         assert overlay.size == (64, 48) and overlay.mode == "RGB"
 
 
+def test_segment_twice_into_one_folder_keeps_both(image: Path, tmp_path: Path) -> None:
+    """A second query about the same image writes ``scene_2_*``: the first answer's files stay."""
+    out = tmp_path / "out"
+    assert main(["segment", str(image), "the red circle", "--out", str(out)]) == 0
+    assert main(["segment", str(image), "the blue square", "--out", str(out)]) == 0
+    stems = ("scene", "scene_2")
+    assert _files(out) == sorted(f"{s}{x}" for s in stems for x in (".json", "_mask.png", "_overlay.png"))
+    queries = [json.loads((out / f"{s}.json").read_text(encoding="utf-8"))["query"] for s in stems]
+    assert queries == ["the red circle", "the blue square"]
+
+
 def test_segment_batch(image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     other = write_png(tmp_path / "other.png", scene_image(30, 70, seed=3))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

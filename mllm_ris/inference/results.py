@@ -284,6 +284,18 @@ def result_record(result: RISResult, **extra: Any) -> dict[str, Any]:
     return {**extra, **result.to_json()}
 
 
+def free_stem(out_dir: Path, stem: str) -> str:
+    """``stem``, or ``stem_2``, ``stem_3`` … : the first whose three result files are all absent from
+    ``out_dir``, so a second query about the same image keeps the first one's files."""
+    candidate, n = stem, 1
+    while any(
+        (out_dir / f"{candidate}{suffix}").exists() for suffix in ("_mask.png", "_overlay.png", ".json")
+    ):
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
+
+
 def write_result_files(
     out_dir: Path, stem: str, pixels: np.ndarray, result: RISResult, record: Mapping[str, Any] | None = None
 ) -> OutputFiles:

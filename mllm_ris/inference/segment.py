@@ -20,7 +20,13 @@ import numpy as np
 
 from mllm_ris.errors import MllmRisError
 from mllm_ris.inference.pipeline import InputError, RISPipeline, check_query, load_image
-from mllm_ris.inference.results import OutputFiles, RISResult, ensure_out_dir, write_result_files
+from mllm_ris.inference.results import (
+    OutputFiles,
+    RISResult,
+    ensure_out_dir,
+    free_stem,
+    write_result_files,
+)
 
 __all__ = ["BatchItem", "BatchReport", "read_batch_file", "segment_batch", "segment_image", "summary_line"]
 
@@ -46,9 +52,9 @@ def segment_image(
     stdout: TextIO | None = None,
 ) -> tuple[RISResult, OutputFiles]:
     """Segment ``image`` from ``query`` and write ``<stem>_mask.png``, ``<stem>_overlay.png``,
-    ``<stem>.json`` into ``out_dir``. The image and query are checked here, once, before the model is
-    built (``pipeline`` may be a factory), so bad input fails fast and writes nothing; the pipeline
-    takes them as checked.
+    ``<stem>.json`` into ``out_dir`` (``<stem>_2`` … when that result exists: nothing is overwritten).
+    The image and query are checked here, once, before the model is built (``pipeline`` may be a
+    factory), so bad input fails fast and writes nothing; the pipeline takes them as checked.
 
     Raises:
         InputError: a bad image / query / output folder; CheckpointError / NotAvailableError from loading.
@@ -59,7 +65,8 @@ def segment_image(
     out = ensure_out_dir(out_dir)
     pipe = pipeline() if callable(pipeline) and not isinstance(pipeline, RISPipeline) else pipeline
     result = pipe.predict([array], [text], checked=True)[0]
-    files = write_result_files(out, path.stem, array, result, _record_extra(path, text, pipe))
+    stem = free_stem(out, path.stem)  # a second query about the image keeps the first one's files
+    files = write_result_files(out, stem, array, result, _record_extra(path, text, pipe))
     if stdout is not None:
         print(summary_line(result), file=stdout)
         print(f"wrote {files.mask}, {files.overlay}, {files.json}", file=stdout)
