@@ -178,7 +178,7 @@ class ProjectorConfig:
         default="none",
         metadata={
             "help": "superpixel with descriptors and no tower: cnn = a small CNN trained with the model "
-            "reads the letterboxed image (receptive field ~50 px, across region borders) and its "
+            "reads the letterboxed image (receptive field 55 px, across region borders) and its "
             "features, averaged over each region, join the region's token; none = descriptors alone"
         },
     )
@@ -506,7 +506,7 @@ class ConvDescriptorEncoder(nn.Module):
 class ImageRegionEncoder(nn.Module):
     """Image features pooled per region (``projector.image_encoder: cnn``): ``(B, 3, S, S) -> (B, K, D)``.
 
-    Four 3x3 convolutions (two of stride 2, then dilations 2 and 4: a receptive field of ~50 pixels of
+    Four 3x3 convolutions (two of stride 2, then dilations 2 and 4: a receptive field of 55 pixels of
     the canvas) give ``(B, C, S/4, S/4)`` features that see across region borders: what lies next to a
     region, what covers it. Each region averages them over the feature cells it covers (the
     superpixel projector's coverage, as the tower path pools patch features), then a linear layer
