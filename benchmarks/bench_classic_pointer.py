@@ -215,14 +215,12 @@ class Runner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, 1, K)`` region logits and (``model.pointer.presence``) ``(B, 1)`` presence logits: the
         model's projections and pointer on the prepared inputs (``labels (B, S, S)``: token order)."""
-        projector = self.model.projector
-        regions = projector.desc_mlp(desc)  # (B, K, D)
+        projector, images = self.model.projector, None
         if projector.image_cnn is not None:  # the image's CNN features averaged over each region
             if "image" not in d:
                 raise SystemExit("model.projector.image_encoder: re-run prepare (this file has no images)")
             images = torch.stack([d["image"][i] for i in idx]).float() / 255  # (B, 3, S, S)
-            regions = regions + projector.image_cnn(images, labels, desc.shape[1])
-        regions = regions * region_mask[..., None]
+        regions = projector.encode_regions(desc, labels, images) * region_mask[..., None]  # (B, K, D)
         if self.gru is not None:
             words, mask, query = self.gru([d["text"][i] for i in idx])
             return self.model.pointer.scores(query, regions, region_mask, words=words, word_mask=mask)

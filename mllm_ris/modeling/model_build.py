@@ -429,10 +429,8 @@ def _project(projector: VisualProjector, feats: torch.Tensor | None, batch: MLLM
     """Tower features ``(B, N, Cv)`` (None: descriptors alone) → ``VisualTokens (B, K, D)``."""
     if projector.cfg.kind == "superpixel" and batch.superpixels is None:
         raise ValueError("superpixels: the batch has none, but projector.kind is superpixel")
-    if projector.cfg.kind == "superpixel":  # (+ region descriptors, projector.descriptors; the image
-        # for projector.image_encoder)
-        images = batch.images if projector.cfg.image_encoder != "none" else None
-        return projector(feats, batch.superpixels, batch.regions, images)  # embeds (B, K, D), mask (B, K)
+    if projector.cfg.kind == "superpixel":  # + region descriptors, and the image image_encoder reads
+        return projector(feats, batch.superpixels, batch.regions, batch.images)  # (B, K, D), (B, K)
     return projector(feats, batch.superpixels)
 
 

@@ -414,12 +414,25 @@ class SuperpixelProjector(VisualProjector):
         if self.cfg.tower:
             assert patch_feats is not None
             embeds = self.mlp(self._pooled(patch_feats, dense, mask, k))  # (B, K, Cv) -> (B, K, D)
-        if self.desc_mlp is not None:
-            embeds = embeds + self.desc_mlp(descriptor_features(descriptors, k, dtype))  # (B, K, D)
-        if self.image_cnn is not None:
-            assert images is not None
-            embeds = embeds + self.image_cnn(images.to(device=device, dtype=dtype), dense, k)  # (B, K, D)
+        if self.desc_mlp is not None:  # (B, K, D)
+            embeds = embeds + self.encode_regions(descriptor_features(descriptors, k, dtype), dense, images)
         return VisualTokens(embeds=embeds * mask[..., None].to(dtype), mask=mask)  # padding zeroed
+
+    def encode_regions(
+        self, feats: torch.Tensor, dense: torch.Tensor, images: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The region encoder: descriptor features ``(B, K, F)`` (:func:`descriptor_features`), plus with
+        ``image_encoder: cnn`` the image CNN's features of ``images (B, 3, S, S)`` pooled over the
+        regions of ``dense (B, H', W')`` (ids ``0..K-1`` in token order, -1 = none) → ``(B, K, D)``."""
+        assert self.desc_mlp is not None  # cfg.descriptors
+        out = self.desc_mlp(feats)
+        if self.image_cnn is not None:
+            if images is None:
+                raise ValueError("images: None, but projector.image_encoder is cnn (B, 3, S, S) needed")
+            out = out + self.image_cnn(
+                images.to(device=feats.device, dtype=feats.dtype), dense, feats.shape[1]
+            )
+        return out
 
     def _check_labels(self, superpixels: torch.Tensor | None, b: int) -> None:
         """Raise ValueError unless ``superpixels`` is an integer ``(B, H', W')`` tensor."""
@@ -443,8 +456,7 @@ class SuperpixelProjector(VisualProjector):
         gh, gw = self.grid_for(patch_feats.shape[1])
         device, dtype = patch_feats.device, patch_feats.dtype
         coverage = _coverage(dense, k, gh, gw).to(device=device, dtype=dtype)  # (B, K, N)
-        weights = coverage / coverage.sum(-1, keepdim=True).clamp_min(1e-6)  # (B, K, N), rows sum to 1
-        pooled = weights @ patch_feats  # (B, K, N) @ (B, N, Cv) -> (B, K, Cv)
+        pooled = _region_mean(coverage, patch_feats)  # (B, K, Cv)
         x = pooled
         if self.attn is not None:
             x = x + self._aggregate(pooled, patch_feats, coverage)
@@ -483,6 +495,7 @@ class ConvDescriptorEncoder(nn.Module):
     def __init__(self, width: int, dim: int, channels: int = 32) -> None:
         super().__init__()
         cells = (SHAPE_SIZE // 4) ** 2
+        self.dim = dim
         self.conv = nn.Sequential(
             nn.Conv2d(1, channels // 2, 3, stride=2, padding=1),  # 16 -> 8
             nn.GELU(),
@@ -498,7 +511,7 @@ class ConvDescriptorEncoder(nn.Module):
         b, k, _ = feats.shape
         real = feats.detach().abs().amax(-1) > 0  # (B, K) rows of real regions
         crops = feats[real][:, : SHAPE_SIZE * SHAPE_SIZE].reshape(-1, 1, SHAPE_SIZE, SHAPE_SIZE)
-        shape = feats.new_zeros(b, k, self.mlp[0].in_features - feats.shape[-1])  # (B, K, D)
+        shape = feats.new_zeros(b, k, self.dim)  # (B, K, D)
         shape[real] = self.conv(crops)  # (R, 1, 16, 16) -> (R, D)
         return self.mlp(torch.cat([feats, shape], -1))
 
@@ -534,8 +547,7 @@ class ImageRegionEncoder(nn.Module):
         feats = self.conv(images * 2 - 1)  # (B, C, h, w)
         gh, gw = feats.shape[-2:]
         coverage = _coverage(dense, k, gh, gw).to(device=feats.device, dtype=feats.dtype)  # (B, K, h*w)
-        weights = coverage / coverage.sum(-1, keepdim=True).clamp_min(1e-6)
-        pooled = weights @ feats.flatten(2).transpose(1, 2)  # (B, K, h*w) @ (B, h*w, C) -> (B, K, C)
+        pooled = _region_mean(coverage, feats.flatten(2).transpose(1, 2))  # (B, K, C)
         return self.out(pooled) * (coverage.sum(-1, keepdim=True) > 0)
 
 
@@ -554,6 +566,13 @@ def descriptor_features(
     shape = descriptors.shape.flatten(2)  # (B, K, 16, 16) -> (B, K, 256)
     feats = torch.cat([shape, descriptors.color, descriptors.geometry], dim=-1)  # (B, K, 256 + 6 + G)
     return feats.to(dtype) * descriptors.mask[..., None].to(dtype)
+
+
+def _region_mean(coverage: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Each region's mean of ``feats (B, N, C)`` weighted by its ``coverage (B, K, N)`` (a region that
+    covers no cell gets zeros) → ``(B, K, C)``."""
+    weights = coverage / coverage.sum(-1, keepdim=True).clamp_min(1e-6)  # (B, K, N), rows sum to 1
+    return weights @ feats  # (B, K, N) @ (B, N, C) -> (B, K, C)
 
 
 def _coverage(dense: torch.Tensor, k: int, gh: int, gw: int) -> torch.Tensor:
@@ -800,7 +819,7 @@ class RegionPointer(nn.Module):
         r: torch.Tensor,
         region_mask: torch.Tensor,
         words: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``q (B, T, D)``, ``r (B, K, D)``, ``region_mask (B, K)`` (+ projected words ``(B, W, D)`` and
         their ``(B, W)`` mask) → ``(B, T, K)`` mixed scores and, with ``presence``, ``(B, T)`` presence
         logits (else None)."""
